@@ -1,0 +1,26 @@
+"""agw-persist-cache: one warm, encrypted SQLite store of SAP Agent Gateway tokens per host.
+
+Every process on the host (gunicorn/uvicorn workers, celery children, restarted
+agents) shares the tokens; per-key file locks make exactly one process fetch a
+missing token while the others wait and read it.
+"""
+
+from ._cache import CachedToken, CacheStats, EntryInfo, PersistentTokenCache
+from ._config import CacheConfig
+from ._errors import CacheConfigError, CacheError, FetchBackoffError, TokenFetchError
+from ._expiry import TokenData
+from ._version import __version__
+
+__all__ = [
+    "CacheConfig",
+    "CacheConfigError",
+    "CacheError",
+    "CacheStats",
+    "CachedToken",
+    "EntryInfo",
+    "FetchBackoffError",
+    "PersistentTokenCache",
+    "TokenData",
+    "TokenFetchError",
+    "__version__",
+]

@@ -1,0 +1,126 @@
+"""CacheConfig: every knob of the cache, validated once, with the env vars it reads.
+
+Names shared with sap-cloud-sdk's ``ClientConfig`` keep its meaning
+(``token_expiry_buffer_seconds``, ``fallback_token_ttl_seconds``,
+``max_system_token_cache_size``, ``max_user_token_cache_size``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._errors import CacheConfigError
+
+ENV_PATH = "AGW_CACHE_PATH"
+ENV_KEY = "AGW_CACHE_KEY"
+DEFAULT_FILENAME = "tokens.db"
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/agw-persist-cache`` (default ``~/.cache/agw-persist-cache``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "agw-persist-cache"
+
+
+def resolve_path(path: str | os.PathLike[str] | None) -> Path:
+    """The database path: the argument, else ``$AGW_CACHE_PATH``, else the user cache dir."""
+    if path is None:
+        env = os.environ.get(ENV_PATH)
+        if env:
+            path = env
+    if path is None:
+        return default_cache_dir() / DEFAULT_FILENAME
+    resolved = Path(os.fspath(path)).expanduser()
+    if str(resolved) in ("", ".") or resolved.name == "":
+        raise CacheConfigError(f"cache path {os.fspath(path)!r} does not name a file")
+    return resolved
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Settings of a :class:`PersistentTokenCache`. Invalid values raise ``CacheConfigError``
+    (a ``ValueError``) naming the field."""
+
+    path: str | os.PathLike[str] | None = None
+    """Database file; default ``$AGW_CACHE_PATH`` or ``~/.cache/agw-persist-cache/tokens.db``."""
+    keys: Sequence[str | bytes] | None = None
+    """AES-256 keys (32 raw bytes or urlsafe base64 of them). The first seals new rows,
+    all open old ones. Default: ``$AGW_CACHE_KEY`` (comma separated), else a key file."""
+    key_file: str | os.PathLike[str] | None = None
+    """Where the generated key lives when no key is given; default ``<db>.key``, mode 0600."""
+    token_expiry_buffer_seconds: float = 30.0
+    """A token is served only while ``now < expiry - buffer``."""
+    fallback_token_ttl_seconds: float = 300.0
+    """Lifetime assumed when neither the response nor the JWT says when the token expires."""
+    max_token_ttl_seconds: float = 86_400.0
+    """Upper bound on any lifetime, however far away the response says expiry is."""
+    max_system_token_cache_size: int = 1_000
+    """Rows of kind ``system`` kept by LRU pruning (host-wide)."""
+    max_user_token_cache_size: int = 100_000
+    """Rows of kind ``user`` kept by LRU pruning (host-wide)."""
+    lock_timeout_seconds: float = 30.0
+    """How long a miss waits for another process's fetch before fetching anyway."""
+    busy_timeout_seconds: float = 5.0
+    """SQLite busy timeout for writers waiting on each other."""
+    refresh_ahead_ratio: float = 0.1
+    """Refresh in the background during the last ``ratio`` of a token's lifetime; 0 disables."""
+    fetch_backoff_seconds: float = 5.0
+    """After a failed fetch, callers of that key fail fast for this long; 0 disables."""
+    last_used_interval_seconds: float = 30.0
+    """A hit rewrites ``last_used`` (for LRU) at most this often per row."""
+    prune_interval_seconds: float = 300.0
+    """A process prunes expired and surplus rows after a write at most this often."""
+    max_db_bytes: int | None = None
+    """Hard cap on the database file size (SQLite ``max_page_count``); None: no cap."""
+    lock_stripes: int = 64
+    """Number of lock files the per-key locks are striped over."""
+
+    def __post_init__(self) -> None:
+        positive = {
+            "token_expiry_buffer_seconds": (self.token_expiry_buffer_seconds, True),
+            "fallback_token_ttl_seconds": (self.fallback_token_ttl_seconds, False),
+            "max_token_ttl_seconds": (self.max_token_ttl_seconds, False),
+            "lock_timeout_seconds": (self.lock_timeout_seconds, True),
+            "busy_timeout_seconds": (self.busy_timeout_seconds, True),
+            "refresh_ahead_ratio": (self.refresh_ahead_ratio, True),
+            "fetch_backoff_seconds": (self.fetch_backoff_seconds, True),
+            "last_used_interval_seconds": (self.last_used_interval_seconds, True),
+            "prune_interval_seconds": (self.prune_interval_seconds, True),
+        }
+        for name, (value, zero_ok) in positive.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise CacheConfigError(f"CacheConfig.{name} must be a number, got {value!r}")
+            if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+                bound = ">= 0" if zero_ok else "> 0"
+                raise CacheConfigError(
+                    f"CacheConfig.{name} must be finite and {bound}, got {value!r}"
+                )
+        if self.refresh_ahead_ratio >= 1:
+            raise CacheConfigError(
+                f"CacheConfig.refresh_ahead_ratio must be < 1, got {self.refresh_ahead_ratio!r}"
+            )
+        sizes = {
+            "max_system_token_cache_size": self.max_system_token_cache_size,
+            "max_user_token_cache_size": self.max_user_token_cache_size,
+            "lock_stripes": self.lock_stripes,
+        }
+        for name, size in sizes.items():
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise CacheConfigError(f"CacheConfig.{name} must be an int >= 1, got {size!r}")
+        if self.max_db_bytes is not None and (
+            isinstance(self.max_db_bytes, bool)
+            or not isinstance(self.max_db_bytes, int)
+            or self.max_db_bytes < 64 * 1024
+        ):
+            raise CacheConfigError(
+                "CacheConfig.max_db_bytes must be None or an int >= 65536, "
+                f"got {self.max_db_bytes!r}"
+            )
+        if self.keys is not None and (isinstance(self.keys, str | bytes) or not self.keys):
+            raise CacheConfigError(
+                "CacheConfig.keys must be a non-empty list of keys (first seals, all open)"
+            )
