@@ -313,6 +313,8 @@ class Store:
     def failed(self, exc: BaseException) -> None:
         """Count a storage failure, warn once, and degrade to fetching."""
         self.counters.storage_errors += 1
+        if self.disabled_reason is not None and time.time() < self._retry_at:
+            return  # still disabled: already warned, retry later
         if isinstance(exc, SchemaTooNew):
             self._disable(str(exc))
             self.warn("schema", "%s; the cache is disabled, tokens are fetched directly", exc)
