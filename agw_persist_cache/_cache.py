@@ -40,9 +40,9 @@ from ._store import (
     NewRow,
     Plan,
     Store,
-    checkpoint_sql,
     fork_epoch,
     plan_backoff,
+    plan_checkpoint,
     plan_clear,
     plan_delete,
     plan_delete_if_nonce,
@@ -291,7 +291,7 @@ class PersistentTokenCache:
             return None
         entry = CachedToken(token, expires_at, MappingProxyType(dict(extra)))
         if len(self._memo) >= _MEMO_MAX:
-            self._memo.pop(next(iter(self._memo)))
+            self._memo.pop(next(iter(self._memo), b""), None)
         self._memo[digest] = (nonce, entry)
         return entry
 
@@ -364,6 +364,7 @@ class PersistentTokenCache:
         if now - self._last_prune >= self.config.prune_interval_seconds:
             self._last_prune = now
             yield _Run(self._prune_plan(now), write=True, default=0)
+            yield _Run(plan_checkpoint(), write=False)
 
     def _prune_plan(self, now: float) -> Plan[int]:
         return plan_prune(
@@ -529,7 +530,7 @@ class PersistentTokenCache:
                     target=self._refresh, args=(key, fetch), name="agw-cache-refresh", daemon=True
                 ).start()
             return entry
-        if key is None:
+        if key is None or self._store.disabled_reason is not None:
             return self._direct(fetch())
         with self._locks.hold(key.digest) as locked:
             if not locked:
@@ -549,7 +550,7 @@ class PersistentTokenCache:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             return entry
-        if key is None:
+        if key is None or self._store.disabled_reason is not None:
             return self._direct(await afetch())
         async with self._locks.ahold(key.digest) as locked:
             if not locked:
@@ -706,7 +707,7 @@ class PersistentTokenCache:
         now = time.time()
         self._last_prune = now
         removed = self._store.run(self._prune_plan(now), write=True, default=0)
-        self._store.run(_checkpoint(), write=False, default=None)
+        self._store.run(plan_checkpoint(), write=False, default=None)
         return removed
 
     async def aprune(self) -> int:
@@ -714,7 +715,7 @@ class PersistentTokenCache:
         now = time.time()
         self._last_prune = now
         removed = await self._store.arun(self._prune_plan(now), write=True, default=0)
-        await self._store.arun(_checkpoint(), write=False, default=None)
+        await self._store.arun(plan_checkpoint(), write=False, default=None)
         return removed
 
     def stats(self) -> CacheStats:
@@ -824,10 +825,6 @@ class PersistentTokenCache:
 
     def __repr__(self) -> str:
         return f"PersistentTokenCache(path={str(self.path)!r}, key_source={self.key_source!r})"
-
-
-def _checkpoint() -> Plan[None]:
-    yield (checkpoint_sql(), ())
 
 
 def _size(path: Path) -> int:

@@ -22,7 +22,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -557,8 +557,6 @@ def plan_replace(old: bytes, row: NewRow, created_at: float) -> Plan[None]:
     )
 
 
-def checkpoint_sql() -> str:
-    return "PRAGMA wal_checkpoint(TRUNCATE)"
-
-
-Callback = Callable[[], None]
+def plan_checkpoint() -> Plan[None]:
+    """Fold the WAL back and truncate it (best effort: readers may keep it busy)."""
+    yield ("PRAGMA wal_checkpoint(TRUNCATE)", ())
