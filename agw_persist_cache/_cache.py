@@ -189,11 +189,14 @@ class PersistentTokenCache:
         return ring.kids if ring else ()
 
     def _ring(self) -> Keyring | None:
-        if self._keyring is None and self.key_file is not None:
+        if self._keyring is None and self.key_file is not None and not self._store.disabled():
             try:
                 self._store.prepare_dirs()
                 self._keyring = Keyring([load_or_create_key_file(self.key_file)])
-            except (OSError, ValueError) as exc:
+            except OSError as exc:  # the directory is unusable: the store says so, once
+                self._store.failed(exc)
+                return None
+            except ValueError as exc:
                 self._store.counters.storage_errors += 1
                 self._store.warn(
                     "keyfile",
@@ -443,6 +446,7 @@ class PersistentTokenCache:
     async def aget_entry(
         self, kind: Kind, scope_key: str, *, user_jwt: str | None = None
     ) -> CachedToken | None:
+        """Async twin of ``get_entry``."""
         _, entry, followup, _ = self._hit(kind, scope_key, user_jwt)
         if followup is not None:
             await self._store.arun(followup.plan, write=True, default=None)
@@ -488,6 +492,7 @@ class PersistentTokenCache:
         user_jwt: str | None = None,
         expires_at: float | None = None,
     ) -> CachedToken:
+        """Async twin of ``set_entry``."""
         entry, steps = self._set_steps(kind, scope_key, token_data, user_jwt, expires_at)
         if steps is not None:
             await self._adrive(steps)
@@ -513,6 +518,7 @@ class PersistentTokenCache:
     async def ainvalidate_entry(
         self, kind: Kind, scope_key: str, *, user_jwt: str | None = None
     ) -> None:
+        """Async twin of ``invalidate_entry``."""
         plan = self._invalidate_plan(kind, scope_key, user_jwt)
         if plan is not None:
             await self._store.arun(plan, write=True, default=None)
@@ -541,6 +547,7 @@ class PersistentTokenCache:
     async def afetch_entry(
         self, kind: Kind, scope_key: str, afetch: AFetch, *, user_jwt: str | None = None
     ) -> CachedToken:
+        """Async twin of ``fetch_entry``."""
         key, entry, followup, due = self._hit(kind, scope_key, user_jwt)
         if followup is not None:
             await self._store.arun(followup.plan, write=True, default=None)
@@ -617,18 +624,22 @@ class PersistentTokenCache:
     # -- the system / user API of sap-cloud-sdk's _TokenCache, plus get-or-fetch ------------------
 
     def get_system_token(self, scope_key: str) -> str | None:
+        """The cached system token for ``scope_key``, or None."""
         entry = self.get_entry("system", scope_key)
         return entry.token if entry else None
 
     def set_system_token(
         self, scope_key: str, token_data: TokenData, *, expires_at: float | None = None
     ) -> None:
+        """Store a system token (``expires_at`` epoch seconds overrides the response)."""
         self.set_entry("system", scope_key, token_data, expires_at=expires_at)
 
     def invalidate_system_token(self, scope_key: str) -> None:
+        """Forget a system token in every process."""
         self.invalidate_entry("system", scope_key)
 
     def get_user_token(self, user_jwt: str, scope_key: str) -> str | None:
+        """The cached token exchanged for ``user_jwt``, or None."""
         entry = self.get_entry("user", scope_key, user_jwt=user_jwt)
         return entry.token if entry else None
 
@@ -640,30 +651,38 @@ class PersistentTokenCache:
         *,
         expires_at: float | None = None,
     ) -> None:
+        """Store a user token (``expires_at`` epoch seconds overrides the response)."""
         self.set_entry("user", scope_key, token_data, user_jwt=user_jwt, expires_at=expires_at)
 
     def invalidate_user_token(self, user_jwt: str, scope_key: str) -> None:
+        """Forget a user token in every process."""
         self.invalidate_entry("user", scope_key, user_jwt=user_jwt)
 
     def system_token(self, scope_key: str, fetch: Fetch) -> str:
+        """Get-or-fetch a system token; one ``fetch`` per key for the whole host."""
         return self.fetch_entry("system", scope_key, fetch).token
 
     def user_token(self, user_jwt: str, scope_key: str, fetch: Fetch) -> str:
+        """Get-or-fetch a user token; one ``fetch`` per user and scope for the whole host."""
         return self.fetch_entry("user", scope_key, fetch, user_jwt=user_jwt).token
 
     async def aget_system_token(self, scope_key: str) -> str | None:
+        """Async twin of ``get_system_token``."""
         entry = await self.aget_entry("system", scope_key)
         return entry.token if entry else None
 
     async def aset_system_token(
         self, scope_key: str, token_data: TokenData, *, expires_at: float | None = None
     ) -> None:
+        """Async twin of ``set_system_token``."""
         await self.aset_entry("system", scope_key, token_data, expires_at=expires_at)
 
     async def ainvalidate_system_token(self, scope_key: str) -> None:
+        """Async twin of ``invalidate_system_token``."""
         await self.ainvalidate_entry("system", scope_key)
 
     async def aget_user_token(self, user_jwt: str, scope_key: str) -> str | None:
+        """Async twin of ``get_user_token``."""
         entry = await self.aget_entry("user", scope_key, user_jwt=user_jwt)
         return entry.token if entry else None
 
@@ -675,17 +694,21 @@ class PersistentTokenCache:
         *,
         expires_at: float | None = None,
     ) -> None:
+        """Async twin of ``set_user_token``."""
         await self.aset_entry(
             "user", scope_key, token_data, user_jwt=user_jwt, expires_at=expires_at
         )
 
     async def ainvalidate_user_token(self, user_jwt: str, scope_key: str) -> None:
+        """Async twin of ``invalidate_user_token``."""
         await self.ainvalidate_entry("user", scope_key, user_jwt=user_jwt)
 
     async def asystem_token(self, scope_key: str, afetch: AFetch) -> str:
+        """Async twin of ``system_token``."""
         return (await self.afetch_entry("system", scope_key, afetch)).token
 
     async def auser_token(self, user_jwt: str, scope_key: str, afetch: AFetch) -> str:
+        """Async twin of ``user_token``."""
         return (await self.afetch_entry("user", scope_key, afetch, user_jwt=user_jwt)).token
 
     # -- whole-cache operations ------------------------------------------------------------------
@@ -697,6 +720,7 @@ class PersistentTokenCache:
         self._store.run(plan_clear(), write=True, default=None)
 
     async def aclear(self) -> None:
+        """Async twin of ``clear``."""
         self._check_fork()
         self._memo.clear()
         await self._store.arun(plan_clear(), write=True, default=None)
@@ -711,6 +735,7 @@ class PersistentTokenCache:
         return removed
 
     async def aprune(self) -> int:
+        """Async twin of ``prune``."""
         self._check_fork()
         now = time.time()
         self._last_prune = now
@@ -797,6 +822,7 @@ class PersistentTokenCache:
         self._store.close()
 
     async def aclose(self) -> None:
+        """Async twin of ``close``."""
         for task in list(self._tasks):
             task.cancel()
         await self._store.aclose()

@@ -221,7 +221,7 @@ class Store:
     def _ensure_ready(self) -> None:
         if self._ready:
             return
-        if self.disabled_reason is not None and time.time() < self._retry_at:
+        if self.disabled():
             raise sqlite3.OperationalError(self.disabled_reason)
         with self._mutex:
             if not self._ready:
@@ -313,8 +313,8 @@ class Store:
     def failed(self, exc: BaseException) -> None:
         """Count a storage failure, warn once, and degrade to fetching."""
         self.counters.storage_errors += 1
-        if self.disabled_reason is not None and time.time() < self._retry_at:
-            return  # still disabled: already warned, retry later
+        if self.disabled():
+            return  # already warned; retry later
         if isinstance(exc, SchemaTooNew):
             self._disable(str(exc))
             self.warn("schema", "%s; the cache is disabled, tokens are fetched directly", exc)
@@ -340,6 +340,10 @@ class Store:
             type(exc).__name__,
             exc,
         )
+
+    def disabled(self) -> bool:
+        """True while a failure to open the file is recent: don't try again yet."""
+        return self.disabled_reason is not None and time.time() < self._retry_at
 
     def _disable(self, reason: str) -> None:
         self.disabled_reason = reason
