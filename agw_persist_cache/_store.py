@@ -186,9 +186,15 @@ class Store:
         state = self._aconns.get(loop)
         if state is None:
             self._ensure_ready()
-            conn = await aiosqlite.connect(
+            pending = aiosqlite.connect(
                 self.path, isolation_level=None, timeout=self.config.busy_timeout_seconds
             )
+            # aiosqlite's worker is not a daemon: a cache nobody closed would hold the
+            # interpreter at exit. Only committed data matters, so it may die with us.
+            worker = getattr(pending, "_thread", None)
+            if isinstance(worker, threading.Thread):
+                worker.daemon = True
+            conn = await pending
             for stmt in self.pragmas():
                 await conn.execute(stmt)
             state = self._aconns.setdefault(loop, _AsyncState(conn))

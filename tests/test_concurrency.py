@@ -7,14 +7,16 @@ import multiprocessing
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import _workers as w
 import pytest
 
-import _workers as w
 from agw_persist_cache import CacheConfig, PersistentTokenCache
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -39,9 +41,7 @@ def procs() -> Iterator[list[Any]]:
         p.join(10)
 
 
-def start(
-    procs: list[Any], target: Callable[..., None], *args: Any, ctx: Any = SPAWN
-) -> Any:
+def start(procs: list[Any], target: Callable[..., None], *args: Any, ctx: Any = SPAWN) -> Any:
     p = ctx.Process(target=target, args=args, daemon=True)
     p.start()
     procs.append(p)
@@ -134,9 +134,7 @@ def test_failed_fetch_backs_off_every_process(
     assert outcomes.count("FetchBackoffError") == 79
 
 
-def test_killed_lock_holder_frees_the_key(
-    db_path: Path, tmp_path: Path, procs: list[Any]
-) -> None:
+def test_killed_lock_holder_frees_the_key(db_path: Path, tmp_path: Path, procs: list[Any]) -> None:
     started = tmp_path / "started"
     holder = start(procs, w.hold_in_fetch, str(db_path), str(started))
     wait_for(started)
@@ -274,3 +272,19 @@ def test_kill_during_write_loop_keeps_every_acknowledged_write(
         with PersistentTokenCache(db_path) as cache:
             for i in acknowledged:
                 assert cache.get_system_token(f"k{i}") == f"run{run}-{i}"
+
+
+def test_unclosed_async_cache_does_not_hold_the_interpreter_at_exit(db_path: Path) -> None:
+    script = (
+        "import asyncio, sys\n"
+        "from agw_persist_cache import PersistentTokenCache\n"
+        "cache = PersistentTokenCache(sys.argv[1])\n"
+        "async def main():\n"
+        "    await cache.aset_system_token('scope', 'token')\n"
+        "    assert await cache.aget_system_token('scope') == 'token'\n"
+        "asyncio.run(main())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(db_path)], timeout=60, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
