@@ -1,0 +1,302 @@
+"""``agw-cache``: inspect and operate the host's token cache without ever printing a secret.
+
+Subcommands: ``stats``, ``list``, ``clear``, ``prune``, ``rotate-key``, ``doctor``, ``demo``.
+Output shows metadata only (kinds, digest prefixes, expiry, key ids), never a token, JWT,
+scope or key. Exit codes: 0 ok, 1 problems found, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from . import CacheConfig, CacheConfigError, CacheError, EntryInfo, PersistentTokenCache
+from ._config import ENV_KEY, ENV_PATH
+from ._crypto import decode_key, keys_from_config
+
+EXIT_OK = 0
+EXIT_PROBLEMS = 1
+EXIT_USAGE = 2
+ENV_NEW_KEY = "AGW_CACHE_NEW_KEY"
+
+
+class UsageError(Exception):
+    """A command line or environment mistake the operator must fix (exit code 2)."""
+
+
+def format_span(seconds: float) -> str:
+    """A short human duration such as ``59m 58s`` or ``2d 3h``."""
+    total = round(abs(seconds))
+    days, rest = divmod(total, 86_400)
+    hours, rest = divmod(rest, 3_600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
+def format_until(epoch: float | None, now: float) -> str:
+    """``in 5m 00s`` for the future, ``expired 3s ago`` for the past, ``-`` for none."""
+    if epoch is None:
+        return "-"
+    delta = epoch - now
+    return f"in {format_span(delta)}" if delta > 0 else f"expired {format_span(delta)} ago"
+
+
+def format_bytes(size: int) -> str:
+    """A file size in B, KiB or MiB."""
+    if size < 1024:
+        return f"{size} B"
+    if size < 1024 * 1024:
+        return f"{size / 1024:.1f} KiB"
+    return f"{size / (1024 * 1024):.1f} MiB"
+
+
+def open_cache(
+    path: str | None, *, keys: Sequence[str | bytes] | None = None
+) -> PersistentTokenCache:
+    """The cache the workers use: ``--path`` or ``$AGW_CACHE_PATH``, keys from the environment."""
+    config = CacheConfig(path=path, keys=keys) if keys is not None else CacheConfig(path=path)
+    return PersistentTokenCache(path, config=config)
+
+
+def _entry_json(entry: EntryInfo) -> dict[str, Any]:
+    return {
+        "kind": entry.kind,
+        "digest_prefix": entry.digest_prefix,
+        "expires_at": entry.expires_at,
+        "last_used": entry.last_used,
+        "created_at": entry.created_at,
+        "key_id": entry.key_id,
+    }
+
+
+def _entry_line(entry: EntryInfo, now: float) -> str:
+    last_used = f"{format_span(now - entry.last_used)} ago"
+    return (
+        f"{entry.kind:<7} {entry.digest_prefix:<13} {format_until(entry.expires_at, now):<20} "
+        f"{last_used:<12} {entry.key_id}"
+    )
+
+
+ENTRY_HEADER = f"{'KIND':<7} {'DIGEST':<13} {'EXPIRES':<20} {'LAST USED':<12} KEY ID"
+
+
+def cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
+    """Rows by kind (valid / expired), expiry range, file sizes, schema and key ids."""
+    with open_cache(args.path) as cache:
+        stats = cache.stats()
+        entries = cache.list_entries()
+        configured = cache.key_ids
+        path = cache.path
+    now = time.time()
+    by_kind: dict[str, dict[str, int]] = {
+        kind: {"valid": 0, "expired": 0} for kind in ("system", "user")
+    }
+    for entry in entries:
+        counts = by_kind.setdefault(entry.kind, {"valid": 0, "expired": 0})
+        counts["valid" if entry.expires_at > now else "expired"] += 1
+    if args.json:
+        doc = {"path": str(path), "key_ids_configured": list(configured), "by_kind": by_kind}
+        doc.update(dataclasses.asdict(stats))
+        doc["key_ids_in_use"] = list(stats.key_ids_in_use)
+        json.dump(doc, out, indent=2, sort_keys=True)
+        out.write("\n")
+    else:
+        rows = ", ".join(
+            f"{kind} {c['valid'] + c['expired']} ({c['valid']} valid, {c['expired']} expired)"
+            for kind, c in by_kind.items()
+        )
+        keys = f"{configured[0]} (primary)" if configured else "- (no usable key)"
+        keys += "".join(f", {k}" for k in configured[1:])
+        lines = [
+            ("path", str(path)),
+            ("rows", rows),
+            ("oldest expiry", f"{format_until(stats.oldest_expiry, now)}"),
+            ("newest expiry", f"{format_until(stats.newest_expiry, now)}"),
+            ("file size", f"{format_bytes(stats.file_bytes)}, WAL {format_bytes(stats.wal_bytes)}"),
+            ("schema version", str(stats.schema_version)),
+            ("key ids in use", ", ".join(stats.key_ids_in_use) or "-"),
+            ("key ids configured", keys),
+            ("status", f"DISABLED: {stats.disabled_reason}" if stats.disabled_reason else "ok"),
+        ]
+        for name, value in lines:
+            out.write(f"{name:<19} {value}\n")
+    return EXIT_PROBLEMS if stats.disabled_reason or not configured else EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace, out: TextIO) -> int:
+    """One line of metadata per row, soonest expiry first."""
+    with open_cache(args.path) as cache:
+        entries = sorted(cache.list_entries(), key=lambda e: e.expires_at)
+    now = time.time()
+    if args.json:
+        json.dump([_entry_json(e) for e in entries], out, indent=2)
+        out.write("\n")
+        return EXIT_OK
+    out.write(ENTRY_HEADER + "\n")
+    for entry in entries:
+        out.write(_entry_line(entry, now) + "\n")
+    out.write(f"{len(entries)} rows\n")
+    return EXIT_OK
+
+
+def cmd_clear(args: argparse.Namespace, out: TextIO) -> int:
+    """Empty the tokens table for every process on the host."""
+    with open_cache(args.path) as cache:
+        before = len(cache.list_entries())
+        cache.clear()
+        path = cache.path
+    out.write(f"cleared {before} rows from {path}; every process fetches fresh tokens now\n")
+    return EXIT_OK
+
+
+def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
+    """Remove expired rows and rows over the size limits, and show which ones went."""
+    with open_cache(args.path) as cache:
+        before = {e.digest_prefix: e for e in cache.list_entries()}
+        removed = cache.prune()
+        after = {e.digest_prefix for e in cache.list_entries()}
+    now = time.time()
+    gone = [entry for digest, entry in before.items() if digest not in after]
+    if gone:
+        out.write(ENTRY_HEADER + "\n")
+        for entry in sorted(gone, key=lambda e: e.expires_at):
+            out.write(_entry_line(entry, now) + "\n")
+    out.write(f"pruned {removed} rows, {len(after)} left\n")
+    return EXIT_OK
+
+
+def _current_keys(cache: PersistentTokenCache) -> list[bytes]:
+    """The key material the workers use now: ``$AGW_CACHE_KEY`` or the key file."""
+    explicit = keys_from_config(CacheConfig())
+    if explicit is not None:
+        return list(explicit.keys)
+    if cache.key_file is None or not cache.key_file.exists():
+        raise UsageError("cannot tell which key the workers use; set AGW_CACHE_KEY")
+    return [decode_key(cache.key_file.read_bytes(), what=f"key file {cache.key_file}")]
+
+
+def cmd_rotate_key(args: argparse.Namespace, out: TextIO) -> int:
+    """Re-seal every row under a new primary key while the old ones still open what is left."""
+    if args.key_file is not None:
+        new = decode_key(Path(args.key_file).read_bytes(), what=f"--key-file {args.key_file}")
+    elif os.environ.get(ENV_NEW_KEY):
+        new = decode_key(os.environ[ENV_NEW_KEY], what=f"${ENV_NEW_KEY}")
+    else:
+        raise UsageError(f"give the new key with --key-file FILE or ${ENV_NEW_KEY}")
+    with open_cache(args.path) as current:
+        old = [key for key in _current_keys(current) if key != new]
+        old_ids = list(current.key_ids)
+        old_hint = f" (<old>: the contents of {current.key_file})" if current.key_file else ""
+    with open_cache(args.path, keys=[new, *old]) as cache:
+        resealed = cache.reseal()
+        new_id = cache.key_ids[0]
+        in_use = cache.stats().key_ids_in_use
+    out.write(f"re-sealed {resealed} rows under key id {new_id}; key ids in use: ")
+    out.write(", ".join(in_use) + "\n" if in_use else "-\n")
+    old_text = ",".join(kid for kid in old_ids if kid != new_id) or "-"
+    out.write(
+        "next steps (workers keep running meanwhile; a row they cannot open is refetched):\n"
+        f"  1. deploy {ENV_KEY}=<new>,<old> (key ids {new_id},{old_text}){old_hint} to every"
+        " worker and restart them\n"
+        "  2. run `agw-cache rotate-key` again to re-seal rows written under the old key\n"
+        f"  3. deploy {ENV_KEY}=<new> alone\n"
+    )
+    return EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
+    """Run the health checks (see ``_doctor``)."""
+    from ._doctor import run_doctor
+
+    return run_doctor(args.path, out, mounts_file=Path(args.mounts_file))
+
+
+def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
+    """Run the self-contained demo (see ``_demo``)."""
+    from ._demo import run_demo_command
+
+    return run_demo_command(args, out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree; ``--path`` is accepted before or after the subcommand."""
+    path_help = (
+        f"cache database file (default: ${ENV_PATH} or ~/.cache/agw-persist-cache/tokens.db)"
+    )
+    parser = argparse.ArgumentParser(
+        prog="agw-cache",
+        description="Inspect and operate the host-wide SAP Agent Gateway token cache.",
+        epilog=f"Keys come from ${ENV_KEY} (comma separated, first seals) or the key file "
+        "beside the database. No command prints a token, JWT, scope or key.",
+    )
+    parser.add_argument("--path", default=None, help=path_help)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--path", default=argparse.SUPPRESS, help=path_help)
+
+    def add(name: str, func: Callable[[argparse.Namespace, TextIO], int], text: str) -> Any:
+        cmd = sub.add_parser(name, parents=[common], help=text, description=text)
+        cmd.set_defaults(func=func)
+        return cmd
+
+    add("stats", cmd_stats, "rows by kind, expiry, sizes, schema, key ids").add_argument(
+        "--json", action="store_true", help="machine-readable output"
+    )
+    add("list", cmd_list, "one line of metadata per cached token").add_argument(
+        "--json", action="store_true", help="machine-readable output"
+    )
+    add("clear", cmd_clear, "remove every cached token, for every process on the host")
+    add("prune", cmd_prune, "remove expired rows and rows over the size limits")
+    rotate = add(
+        "rotate-key",
+        cmd_rotate_key,
+        f"re-seal every row under a new key (from --key-file or ${ENV_NEW_KEY})",
+    )
+    rotate.add_argument("--key-file", help="file holding the new key (urlsafe base64)")
+    doctor = add("doctor", cmd_doctor, "check path, modes, owner, filesystem, key, schema, locks")
+    doctor.add_argument("--mounts-file", default="/proc/mounts", help=argparse.SUPPRESS)
+    demo = add(
+        "demo",
+        cmd_demo,
+        "show N worker processes sharing one token, against a local token endpoint",
+    )
+    demo.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
+    demo.add_argument(
+        "--requests", type=int, default=8, help="concurrent requests per worker (default 8)"
+    )
+    demo.add_argument("--rounds", type=int, default=5, help="requests per thread (default 5)")
+    demo.add_argument(
+        "--delay-ms", type=float, default=150.0, help="token endpoint latency (default 150)"
+    )
+    demo.add_argument("--json", action="store_true", help="print the results as JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``agw-cache`` and ``python -m agw_persist_cache``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace, TextIO], int] = args.func
+    try:
+        return func(args, sys.stdout)
+    except (UsageError, CacheConfigError) as exc:
+        print(f"agw-cache {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (CacheError, OSError) as exc:
+        print(f"agw-cache {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_PROBLEMS
+    except KeyboardInterrupt:
+        return 130

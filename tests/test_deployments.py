@@ -1,0 +1,137 @@
+"""Real deployments sharing one token: gunicorn --preload -w 4 and a celery prefork worker.
+
+A counting token endpoint lives in the test process; the workers fetch from it over HTTP.
+The assertions count the token requests the endpoint saw, not anything the cache reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from _deploy_procs import (
+    EXAMPLES,
+    base_env,
+    process_group,
+    program,
+    run,
+    run_cli,
+    wait_for_log,
+)
+
+from agw_persist_cache._tokenserver import TokenServer
+
+pytestmark = pytest.mark.timeout(180)
+
+TOKEN_DELAY = 0.25  # long enough that the workers' first requests overlap the one fetch
+
+
+def _cache_path(tmp_path: Path) -> str:
+    return str(tmp_path / "cache" / "tokens.db")
+
+
+def _env(tmp_path: Path, server: TokenServer, **extra: str) -> dict[str, str]:
+    return base_env(
+        AGW_CACHE_PATH=_cache_path(tmp_path),
+        AGW_EXAMPLE_TOKEN_URL=server.token_url,
+        **extra,
+    )
+
+
+def _hammer(url: str, count: int) -> list[dict[str, Any]]:
+    """``count`` GETs, 16 at a time, as a load balancer in front of gunicorn would send."""
+    with httpx.Client(timeout=60.0) as client:
+
+        def one(_: int) -> dict[str, Any]:
+            response = client.get(url)
+            assert response.status_code == 200, response.text
+            body: dict[str, Any] = response.json()
+            return body
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            return list(pool.map(one, range(count)))
+
+
+def _serve_gunicorn(tmp_path: Path, server: TokenServer, run: int) -> list[dict[str, Any]]:
+    """Start gunicorn --preload -w 4 on a free port, send 200 requests, stop it."""
+    log = tmp_path / f"gunicorn-{run}.log"
+    cmd = [
+        *program("gunicorn", "gunicorn"),
+        "--preload",
+        "-w",
+        "4",
+        "-b",
+        "127.0.0.1:0",
+        "--graceful-timeout",
+        "5",
+        "app:app",
+    ]
+    with process_group(cmd, env=_env(tmp_path, server), cwd=EXAMPLES / "gunicorn", log=log) as proc:
+        port = wait_for_log(log, r"Listening at: http://127\.0\.0\.1:(\d+)", proc)[0].group(1)
+        wait_for_log(log, r"Booting worker with pid", proc, count=4)
+        return _hammer(f"http://127.0.0.1:{port}/", 200)
+
+
+def test_gunicorn_workers_share_one_token_across_a_restart(tmp_path: Path) -> None:
+    with TokenServer(delay=TOKEN_DELAY) as server:
+        first = _serve_gunicorn(tmp_path, server, 1)
+        assert server.requests == 1
+        second = _serve_gunicorn(tmp_path, server, 2)
+        assert server.requests == 1
+    assert len(first) == len(second) == 200
+    assert len({body["token_sha256"] for body in first + second}) == 1
+    assert len({body["pid"] for body in first}) >= 2, "requests should spread over workers"
+    stats = run_cli("stats", "--json", env=base_env(AGW_CACHE_PATH=_cache_path(tmp_path)))
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout)["by_kind"]["system"] == {"valid": 1, "expired": 0}
+
+
+def test_celery_prefork_children_share_one_token(tmp_path: Path) -> None:
+    with TokenServer(delay=TOKEN_DELAY) as server:
+        env = _env(
+            tmp_path,
+            server,
+            AGW_EXAMPLE_BROKER_DIR=str(tmp_path / "broker"),
+            # transparent-mode customer credentials, read by the Agent Gateway layer
+            INTEGRATION_CLIENT_ID="celery-example",
+            INTEGRATION_AUTH_URL=server.token_url,
+            INTEGRATION_GATEWAY_URL="http://127.0.0.1:9/gateway",
+            INTEGRATION_DEPENDENCIES='[{"ordId": "sap:example:v1", "globalTenantId": "t1"}]',
+        )
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(EXAMPLES / "celery"), env.get("PYTHONPATH")) if p
+        )
+        log = tmp_path / "celery.log"
+        cmd = [
+            *program("celery", "celery"),
+            "-A",
+            "tasks",
+            "worker",
+            "-c",
+            "4",
+            "-P",
+            "prefork",
+            "-l",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ]
+        with process_group(cmd, env=env, cwd=EXAMPLES / "celery", log=log) as proc:
+            wait_for_log(log, r"ready\.", proc)
+            script = Path(__file__).with_name("_deploy_celery_client.py")
+            client = run(
+                [sys.executable, str(script), "100"], env=env, cwd=EXAMPLES / "celery", timeout=120
+            )
+        assert client.returncode == 0, client.stderr
+        results = json.loads(client.stdout)
+        assert server.requests == 1
+    assert sorted(r["n"] for r in results) == list(range(100))
+    assert len({r["token_sha256"] for r in results}) == 1
+    assert len({r["pid"] for r in results}) >= 2, "tasks should spread over the children"
