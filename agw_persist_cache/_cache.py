@@ -11,6 +11,7 @@ that skips decryption when the row is the very one this process already opened.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
 import random
@@ -39,6 +40,7 @@ from ._store import (
     Counters,
     NewRow,
     Plan,
+    Row,
     Store,
     fork_epoch,
     plan_backoff,
@@ -242,22 +244,13 @@ class PersistentTokenCache:
         The memo holds what this process last opened per row, keyed by the row's random
         nonce: an unchanged row is not decrypted again, a rewritten one always is.
         """
-        read = self._store.read
-        for digest in key.digests:
-            row = read(SQL_READ, (digest,))
-            if row is not None:
-                break
-        else:
+        current = self._current(key)
+        if current is None:
             return None, None, False
-        nonce, last_used, created_at, kid = row
-        memo = self._memo.get(digest)
-        if memo is not None and memo[0] == nonce:
-            entry = memo[1]
-        else:
-            opened = self._open(key, digest, kid, nonce)
-            if opened is None:
-                return None, _Run(plan_delete_if_nonce(digest, nonce), write=True), False
-            entry = opened
+        digest, (nonce, last_used, created_at, _), entry_or_none = current
+        if entry_or_none is None:
+            return None, _Run(plan_delete_if_nonce(digest, nonce), write=True), False
+        entry = entry_or_none
         remaining = entry.expires_at - self.config.token_expiry_buffer_seconds - now
         if remaining <= 0:
             return None, None, False
@@ -269,6 +262,19 @@ class PersistentTokenCache:
             entry.expires_at - created_at
         )
         return entry, followup, due
+
+    def _current(self, key: _Key) -> tuple[bytes, Row, CachedToken | None] | None:
+        """The row stored for ``key`` (under any configured key) and what it opens to."""
+        read = self._store.read
+        for digest in key.digests:
+            row = read(SQL_READ, (digest,))
+            if row is not None:
+                nonce = row[0]
+                memo = self._memo.get(digest)
+                if memo is not None and memo[0] == nonce:
+                    return digest, row, memo[1]
+                return digest, row, self._open(key, digest, row[3], nonce)
+        return None
 
     def _open(self, key: _Key, digest: bytes, kid: str, nonce: bytes) -> CachedToken | None:
         ring = self._ring()
@@ -499,29 +505,41 @@ class PersistentTokenCache:
         return entry
 
     def _invalidate_plan(
-        self, kind: str, scope_key: str, user_jwt: str | None
-    ) -> Plan[None] | None:
+        self, kind: str, scope_key: str, user_jwt: str | None, token: str | None
+    ) -> Plan[int] | None:
         self._check_fork()
         key = self._key(kind, scope_key, user_jwt)
         if key is None:
             return None
-        for digest in key.digests:
-            self._memo.pop(digest, None)
-        return plan_delete(key.digests)
+        if token is None:
+            for digest in key.digests:
+                self._memo.pop(digest, None)
+            return plan_delete(key.digests)
+        current = self._current(key)
+        if current is None:
+            return None
+        digest, row, entry = current
+        if entry is not None and not hmac.compare_digest(entry.token, token):
+            return None  # another process already replaced the rejected token: keep theirs
+        return plan_delete_if_nonce(digest, row[0])
 
-    def invalidate_entry(self, kind: Kind, scope_key: str, *, user_jwt: str | None = None) -> None:
-        """Forget a token in every process (e.g. after the server answered 401)."""
-        plan = self._invalidate_plan(kind, scope_key, user_jwt)
-        if plan is not None:
-            self._store.run(plan, write=True, default=None)
+    def invalidate_entry(
+        self, kind: Kind, scope_key: str, *, user_jwt: str | None = None, token: str | None = None
+    ) -> bool:
+        """Forget a token in every process (e.g. after the server answered 401).
+
+        With ``token``, only if the cache still holds that very token: a replacement another
+        process fetched meanwhile stays. Returns whether a row was removed.
+        """
+        plan = self._invalidate_plan(kind, scope_key, user_jwt, token)
+        return plan is not None and self._store.run(plan, write=True, default=0) > 0
 
     async def ainvalidate_entry(
-        self, kind: Kind, scope_key: str, *, user_jwt: str | None = None
-    ) -> None:
+        self, kind: Kind, scope_key: str, *, user_jwt: str | None = None, token: str | None = None
+    ) -> bool:
         """Async twin of ``invalidate_entry``."""
-        plan = self._invalidate_plan(kind, scope_key, user_jwt)
-        if plan is not None:
-            await self._store.arun(plan, write=True, default=None)
+        plan = self._invalidate_plan(kind, scope_key, user_jwt, token)
+        return plan is not None and await self._store.arun(plan, write=True, default=0) > 0
 
     def fetch_entry(
         self, kind: Kind, scope_key: str, fetch: Fetch, *, user_jwt: str | None = None

@@ -56,6 +56,18 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _stop_outside_loop(conn: aiosqlite.Connection) -> None:
+    """Close an aiosqlite connection without awaiting it.
+
+    ``stop()`` would hand its worker a future of whatever loop is current, which may be
+    closed by the time the worker answers (an error in the worker thread). Called from a
+    thread with no event loop, it hands over no future at all.
+    """
+    helper = threading.Thread(target=conn.stop, name="agw-cache-aiosqlite-stop")
+    helper.start()
+    helper.join()
+
+
 def fork_epoch() -> int:
     """Changes in every forked child: state built before it belongs to the parent."""
     return _FORK_EPOCH
@@ -211,8 +223,7 @@ class Store:
                 conn.close()
         self._local = threading.local()
         for state in list(self._aconns.values()):
-            # Closing from outside its loop: stop the worker thread, sqlite3 closes itself.
-            state.conn.stop()
+            _stop_outside_loop(state.conn)
         self._aconns.clear()
 
     async def aclose(self) -> None:
@@ -442,14 +453,17 @@ def plan_touch(digest: bytes, now: float) -> Plan[None]:
     yield ("UPDATE tokens SET last_used = ? WHERE k = ?", (now, digest))
 
 
-def plan_delete(digests: Sequence[bytes]) -> Plan[None]:
+def plan_delete(digests: Sequence[bytes]) -> Plan[int]:
+    removed = 0
     for digest in digests:
-        yield ("DELETE FROM tokens WHERE k = ?", (digest,))
+        removed += len((yield ("DELETE FROM tokens WHERE k = ? RETURNING 1", (digest,))))
+    return removed
 
 
-def plan_delete_if_nonce(digest: bytes, nonce: bytes) -> Plan[None]:
-    """Drop a row that did not open, unless another process rewrote it meanwhile."""
-    yield ("DELETE FROM tokens WHERE k = ? AND nonce = ?", (digest, nonce))
+def plan_delete_if_nonce(digest: bytes, nonce: bytes) -> Plan[int]:
+    """Drop exactly the row version that was read, unless another process rewrote it since."""
+    gone = yield ("DELETE FROM tokens WHERE k = ? AND nonce = ? RETURNING 1", (digest, nonce))
+    return len(gone)
 
 
 def plan_generation() -> Plan[int | None]:

@@ -132,6 +132,10 @@ def test_mtls_fails_clearly_without_the_client_certificate(
     with IasTokenClient(rogue, ca_file=ca_file) as client, pytest.raises(TokenFetchError):
         client.fetch_system_token()
     assert mtls_server.requests == 0
+    # The server thread records a failed handshake just after the client has seen it fail.
+    deadline = time.monotonic() + 10
+    while mtls_server.handshake_failures < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert mtls_server.handshake_failures >= 2
 
 

@@ -809,3 +809,15 @@ def test_sqlite_integrity_after_a_session(db_path: Path) -> None:
         assert con.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     finally:
         con.close()
+
+
+async def test_invalidate_with_a_token_keeps_a_newer_replacement(open_api: ApiFactory) -> None:
+    api = open_api()
+    await api.set("scope", "rejected-token")
+    cache = api.cache
+    # Someone else already replaced the token that got a 401: theirs stays.
+    cache.set_system_token("scope", "replacement-token")
+    assert not cache.invalidate_entry("system", "scope", token="rejected-token")
+    assert await api.get("scope") == "replacement-token"
+    assert await cache.ainvalidate_entry("system", "scope", token="replacement-token")
+    assert await api.get("scope") is None

@@ -8,18 +8,13 @@ from typing import TYPE_CHECKING, Literal
 from ._ias import IasTokenClient
 
 if TYPE_CHECKING:
-    from .._cache import CachedToken, PersistentTokenCache
+    from .._cache import PersistentTokenCache
 
 Kind = Literal["system", "user"]
 
 
 def _kind(user_jwt: str | None) -> Kind:
     return "system" if user_jwt is None else "user"
-
-
-def _is_replaced(current: CachedToken | None, token: str) -> bool:
-    """True when the cache already holds a token other than ``token`` (someone refreshed it)."""
-    return current is not None and current.token != token
 
 
 class AgentGatewayTokens:
@@ -84,17 +79,12 @@ class AgentGatewayTokens:
 
         Returns False when the cache holds a different (newer) token, which stays.
         """
-        kind = _kind(user_jwt)
-        if _is_replaced(self.cache.get_entry(kind, self.scope_key, user_jwt=user_jwt), token):
-            return False
-        self.cache.invalidate_entry(kind, self.scope_key, user_jwt=user_jwt)
-        return True
+        return self.cache.invalidate_entry(
+            _kind(user_jwt), self.scope_key, user_jwt=user_jwt, token=token
+        )
 
     async def ainvalidate_token(self, token: str, user_jwt: str | None = None) -> bool:
         """Async :meth:`invalidate_token`."""
-        kind = _kind(user_jwt)
-        current = await self.cache.aget_entry(kind, self.scope_key, user_jwt=user_jwt)
-        if _is_replaced(current, token):
-            return False
-        await self.cache.ainvalidate_entry(kind, self.scope_key, user_jwt=user_jwt)
-        return True
+        return await self.cache.ainvalidate_entry(
+            _kind(user_jwt), self.scope_key, user_jwt=user_jwt, token=token
+        )
