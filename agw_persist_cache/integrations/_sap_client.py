@@ -1,0 +1,259 @@
+"""``AgentGatewayClient`` with its tokens in the host-wide persistent cache.
+
+The seam: every public method of the SDK client gets its token from ``get_system_auth`` or
+``get_user_auth``, and both consult ``self._token_cache`` before fetching. This subclass
+overrides those two methods only to put ``PersistentTokenCache.afetch_entry`` (cross-process
+single flight, persistence, refresh ahead) in front of the SDK's own methods, which still do
+all the acquisition: credential discovery, mTLS or transparent mode, LoB via the destination
+service. ``self._token_cache`` is replaced by :class:`_SharedTokenCache`, a ``_TokenCache``
+whose reads miss while the SDK fetches on our behalf and whose writes hand the SDK's expiry
+back to us, so the one place that writes the shared file is ``afetch_entry`` (which honours a
+``clear()`` racing the fetch). ``call_mcp_tool`` additionally retries once after a 401.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import threading
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sap_cloud_sdk.agentgateway import AgentGatewayClient, AuthResult, ClientConfig, MCPTool
+from sap_cloud_sdk.agentgateway._customer import (
+    _cache_scope_key,
+    detect_customer_agent_credentials,
+    detect_transparent_credentials,
+    load_customer_credentials,
+    load_customer_credentials_from_env,
+)
+from sap_cloud_sdk.agentgateway._lob import _system_scope_key, _user_scope_key
+from sap_cloud_sdk.agentgateway._token_cache import _TokenCache
+from sap_cloud_sdk.agentgateway.exceptions import AgentGatewaySDKError
+
+from agw_persist_cache import FetchBackoffError, PersistentTokenCache
+
+from ._sap_time import monotonic_to_epoch, stored_expiry
+from ._sap_unauthorized import rejected_by_server
+
+log = logging.getLogger("agw_persist_cache")
+
+Kind = Literal["system", "user"]
+_SCOPE_PREFIX = "sap-cloud-sdk/agentgateway:"
+_GATEWAY_URL = "gateway_url"
+_MAX_PENDING = 1024
+_FAILURE = {"system": "System auth acquisition failed", "user": "User auth exchange failed"}
+
+
+def shared_scope_key(sdk_scope_key: str) -> str:
+    """The persistent cache's scope key for one of the SDK's own scope keys."""
+    return _SCOPE_PREFIX + sdk_scope_key
+
+
+class _SharedTokenCache(_TokenCache):
+    """The SDK's ``_TokenCache`` interface over a :class:`PersistentTokenCache`.
+
+    While :meth:`fetching` marks a key, reads of it miss (so the SDK really fetches, also
+    for a refresh ahead) and writes record the SDK's deadline, as epoch, for the caller to
+    store. Invalidation and ``clear()`` act on the shared file, for every process.
+    """
+
+    def __init__(self, config: ClientConfig, cache: PersistentTokenCache) -> None:
+        super().__init__(config)
+        self.cache = cache
+        self._lock = threading.Lock()
+        self._fetching: Counter[tuple[Kind, str, str | None]] = Counter()
+        self._deadlines: dict[str, float] = {}
+
+    @contextmanager
+    def fetching(self, kind: Kind, scope_key: str, user_jwt: str | None) -> Iterator[None]:
+        """Within the block the SDK's reads of this key miss; its writes are recorded."""
+        mark = (kind, scope_key, user_jwt)
+        with self._lock:
+            self._fetching[mark] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._fetching[mark] -= 1
+                if self._fetching[mark] <= 0:
+                    del self._fetching[mark]
+
+    def usable_until(self, token: str) -> float | None:
+        """The epoch deadline the SDK computed for ``token`` (once), if it stored one."""
+        with self._lock:
+            return self._deadlines.pop(token, None)
+
+    def _read(self, kind: Kind, scope_key: str, user_jwt: str | None) -> str | None:
+        with self._lock:
+            if (kind, scope_key, user_jwt) in self._fetching:
+                return None
+        entry = self.cache.get_entry(kind, shared_scope_key(scope_key), user_jwt=user_jwt)
+        return entry.token if entry else None
+
+    def _record(self, token: str, expires_at: float) -> None:
+        with self._lock:
+            if len(self._deadlines) >= _MAX_PENDING:  # only cancelled fetches leave entries
+                self._deadlines.clear()
+            self._deadlines[token] = monotonic_to_epoch(expires_at)
+
+    def get_system_token(self, scope_key: str) -> str | None:
+        return self._read("system", scope_key, None)
+
+    def set_system_token(self, token: str, expires_at: float, scope_key: str) -> None:
+        self._record(token, expires_at)
+
+    def invalidate_system_token(self, scope_key: str) -> None:
+        self.cache.invalidate_entry("system", shared_scope_key(scope_key))
+
+    def get_user_token(self, user_jwt: str, scope_key: str) -> str | None:
+        return self._read("user", scope_key, user_jwt)
+
+    def set_user_token(self, user_jwt: str, token: str, expires_at: float, scope_key: str) -> None:
+        self._record(token, expires_at)
+
+    def invalidate_user_token(self, user_jwt: str, scope_key: str) -> None:
+        self.cache.invalidate_entry("user", shared_scope_key(scope_key), user_jwt=user_jwt)
+
+    def clear(self) -> None:
+        self.cache.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class _Flow:
+    """Where a token comes from: the SDK's scope key, and the gateway URL if known up front."""
+
+    scope_key: str
+    gateway_url: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Served:
+    """The token this task's last auth call handed out (to invalidate it after a 401)."""
+
+    kind: Kind
+    scope_key: str
+    user_jwt: str | None = field(repr=False)
+    token: str = field(repr=False)
+
+
+_served: contextvars.ContextVar[_Served | None] = contextvars.ContextVar(
+    "agw_persist_cache_sap_served", default=None
+)
+
+
+class PersistentAgentGatewayClient(AgentGatewayClient):
+    """An ``AgentGatewayClient`` whose tokens live in a :class:`PersistentTokenCache`.
+
+    Every process on the host that uses the same cache file shares the tokens; a cold start of
+    many processes and coroutines makes one token request per (flow, credentials or tenant,
+    user). Create it with :func:`agw_persist_cache.integrations.sap.create_client`.
+    """
+
+    _token_cache: _SharedTokenCache
+
+    def __init__(
+        self,
+        tenant_subdomain: str | Callable[[], str] | None = None,
+        config: ClientConfig | None = None,
+        *,
+        cache: PersistentTokenCache,
+    ) -> None:
+        super().__init__(tenant_subdomain, config)
+        self._token_cache = _SharedTokenCache(self._config, cache)
+
+    @property
+    def token_cache(self) -> PersistentTokenCache:
+        """The persistent cache this client reads and fills."""
+        return self._token_cache.cache
+
+    def clear_token_cache(self) -> None:
+        """Drop every cached token on the host: the next call in any process fetches anew."""
+        self._token_cache.clear()
+
+    async def get_system_auth(self) -> AuthResult:
+        """As the SDK's, served from the shared cache; one fetch per key across processes."""
+        return await self._auth("system", None, super().get_system_auth)
+
+    async def get_user_auth(self, user_token: str | Callable[[], str] | None) -> AuthResult:
+        """As the SDK's, served from the shared cache; one exchange per user across processes."""
+        user_jwt = self._resolve_value(user_token, "user_token is required for token exchange.")
+        sdk_get_user_auth = super().get_user_auth
+        return await self._auth("user", user_jwt, lambda: sdk_get_user_auth(user_jwt))
+
+    async def call_mcp_tool(
+        self,
+        tool: MCPTool,
+        user_token: str | Callable[[], str] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """As the SDK's; if the MCP server answers 401, forget that token everywhere, retry once."""
+        _served.set(None)
+        try:
+            result: str = await super().call_mcp_tool(tool, user_token, **kwargs)
+            return result
+        except AgentGatewaySDKError as exc:
+            served = _served.get()
+            if served is None or not await rejected_by_server(
+                exc, getattr(tool, "url", None), served.token, self._config.timeout
+            ):
+                raise
+            log.info("MCP server rejected the cached token (401); fetching a new one, once")
+            await self._forget(served)
+        retried: str = await super().call_mcp_tool(tool, user_token, **kwargs)
+        return retried
+
+    def _flow(self, kind: Kind) -> _Flow:
+        """Mirror the SDK's dispatch (binding file, transparent env, LoB) to name the key."""
+        path = detect_customer_agent_credentials()
+        if path or detect_transparent_credentials():
+            creds = (
+                load_customer_credentials(path) if path else load_customer_credentials_from_env()
+            )
+            return _Flow(_cache_scope_key(creds), creds.gateway_url)
+        tenant = self._resolve_tenant_subdomain()
+        lob_key = _system_scope_key(tenant) if kind == "system" else _user_scope_key(tenant)
+        return _Flow(lob_key, None)
+
+    async def _auth(
+        self, kind: Kind, user_jwt: str | None, sdk_auth: Callable[[], Awaitable[AuthResult]]
+    ) -> AuthResult:
+        try:
+            flow = self._flow(kind)
+        except Exception:  # the SDK raises its own, familiar error for this
+            return await sdk_auth()
+        shared = self._token_cache
+
+        async def fetch() -> dict[str, Any]:
+            with shared.fetching(kind, flow.scope_key, user_jwt):
+                auth = await sdk_auth()
+            data: dict[str, Any] = {
+                "access_token": auth.access_token,
+                "extra": {_GATEWAY_URL: auth.gateway_url},
+            }
+            usable_until = shared.usable_until(auth.access_token)
+            if usable_until is not None:
+                data["expires_at"] = stored_expiry(shared.cache, usable_until)
+            return data
+
+        scope = shared_scope_key(flow.scope_key)
+        try:
+            entry = await shared.cache.afetch_entry(kind, scope, fetch, user_jwt=user_jwt)
+            gateway_url = flow.gateway_url or entry.extra.get(_GATEWAY_URL)
+            if gateway_url is None:  # a row written without its URL: fetch both again
+                await shared.cache.ainvalidate_entry(kind, scope, user_jwt=user_jwt)
+                entry = await shared.cache.afetch_entry(kind, scope, fetch, user_jwt=user_jwt)
+                gateway_url = entry.extra.get(_GATEWAY_URL, "")
+        except FetchBackoffError as exc:
+            raise AgentGatewaySDKError(f"{_FAILURE[kind]}: {exc}") from exc
+        _served.set(_Served(kind, scope, user_jwt, entry.token))
+        return AuthResult(access_token=entry.token, gateway_url=gateway_url)
+
+    async def _forget(self, served: _Served) -> None:
+        """Invalidate ``served`` unless another process already replaced it."""
+        await self._token_cache.cache.ainvalidate_entry(
+            served.kind, served.scope_key, user_jwt=served.user_jwt, token=served.token
+        )
