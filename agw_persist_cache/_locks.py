@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -48,6 +48,22 @@ class _KeyedLocks(Generic[K, L]):
                     del self._locks[key]
                 else:
                     self._locks[key] = (lock, users - 1)
+
+
+def _attempt(acquire: Callable[..., object], deadline: float) -> bool:
+    try:
+        acquire(timeout=max(0.0, deadline - time.monotonic()))
+    except (filelock.Timeout, OSError):
+        return False
+    return True
+
+
+async def _aattempt(acquire: Callable[..., Awaitable[object]], deadline: float) -> bool:
+    try:
+        await acquire(timeout=max(0.0, deadline - time.monotonic()))
+    except (filelock.Timeout, OSError):
+        return False
+    return True
 
 
 class KeyLocks:
@@ -93,15 +109,12 @@ class KeyLocks:
                 return
             try:
                 flock = self._file_lock(digest)
+                acquired = _attempt(flock.acquire, deadline)
                 try:
-                    flock.acquire(timeout=max(0.0, deadline - time.monotonic()))
-                except (filelock.Timeout, OSError):
-                    yield False
-                    return
-                try:
-                    yield True
+                    yield acquired
                 finally:
-                    flock.release()
+                    if acquired:
+                        flock.release()
             finally:
                 tlock.release()
 
@@ -114,27 +127,24 @@ class KeyLocks:
             try:
                 await asyncio.wait_for(alock.acquire(), self.timeout)
             except TimeoutError:
+                locked = False
+            else:
+                locked = True
+            if not locked:
                 yield False
                 return
             try:
                 flock = self._async_file_lock(digest)
+                acquired = await _aattempt(flock.acquire, deadline)
                 try:
-                    await flock.acquire(timeout=max(0.0, deadline - time.monotonic()))
-                except (filelock.Timeout, OSError):
-                    yield False
-                    return
-                try:
-                    yield True
+                    yield acquired
                 finally:
-                    await flock.release()
+                    if acquired:
+                        await flock.release()
             finally:
                 alock.release()
 
     def try_file_lock(self, digest: bytes) -> filelock.UnixFileLock | None:
         """Non-blocking: the lock if this process got it, else None (someone else refreshes)."""
         flock = self._file_lock(digest)
-        try:
-            flock.acquire(timeout=0)
-        except (filelock.Timeout, OSError):
-            return None
-        return flock
+        return flock if _attempt(flock.acquire, time.monotonic()) else None
