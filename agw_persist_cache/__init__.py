@@ -5,10 +5,10 @@ agents) shares the tokens; per-key file locks make exactly one process fetch a
 missing token while the others wait and read it.
 """
 
-from ._cache import CachedToken, CacheStats, EntryInfo, PersistentTokenCache
+from ._cache import CacheStats, EntryInfo, PersistentTokenCache
 from ._config import CacheConfig
 from ._errors import CacheConfigError, CacheError, FetchBackoffError, TokenFetchError
-from ._expiry import TokenData
+from ._expiry import CachedToken, TokenData
 from ._version import __version__
 
 __all__ = [

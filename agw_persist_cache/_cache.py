@@ -17,8 +17,8 @@ import os
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable, Generator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any, Literal, TypeAlias
@@ -32,7 +32,7 @@ from ._crypto import (
     user_hash,
 )
 from ._errors import FetchBackoffError, TokenFetchError
-from ._expiry import TokenData, normalize
+from ._expiry import CachedToken, TokenData, normalize
 from ._locks import KeyLocks
 from ._store import (
     SQL_READ,
@@ -67,19 +67,6 @@ AFetch: TypeAlias = Callable[[], Awaitable[TokenData]]
 
 _MEMO_MAX = 4096
 _REFRESH_RETRY_SECONDS = 2.0
-
-
-@dataclass(frozen=True, slots=True)
-class CachedToken:
-    """A token with its absolute expiry (epoch seconds) and the extra strings stored with it."""
-
-    token: str = field(repr=False)
-    expires_at: float
-    extra: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-
-    def __repr__(self) -> str:
-        extra = dict(self.extra)
-        return f"CachedToken(token=<redacted>, expires_at={self.expires_at!r}, extra={extra!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,37 +324,34 @@ class PersistentTokenCache:
                     plan_set_backoff(key.digest, until, type(exc).__name__, status), write=True
                 )
             raise
-        new = normalize(data, now=started, expires_at=None, config=self.config)
-        yield from self._store_steps(key, new.token, new.expires_at, new.extra, generation)
-        return CachedToken(new.token, new.expires_at, MappingProxyType(dict(new.extra)))
+        entry = normalize(data, now=started, expires_at=None, config=self.config)
+        yield from self._store_steps(key, entry, generation)
+        return entry
 
     def _store_steps(
-        self,
-        key: _Key,
-        token: str,
-        expires_at: float,
-        extra: Mapping[str, str],
-        generation: int | None,
+        self, key: _Key, entry: CachedToken, generation: int | None
     ) -> Generator[_Step, Any, None]:
         ring = self._ring()
         if ring is None:
             return
         now = time.time()
-        payload: dict[str, Any] = {"t": token, "e": expires_at, "s": key.scope_key, "u": key.uhash}
-        if extra:
-            payload["x"] = dict(extra)
+        payload: dict[str, Any] = {
+            "t": entry.token,
+            "e": entry.expires_at,
+            "s": key.scope_key,
+            "u": key.uhash,
+        }
+        if entry.extra:
+            payload["x"] = dict(entry.extra)
         kid, nonce, ct = ring.seal(key.kind, key.digest, payload)
-        row = NewRow(key.digest, key.kind, kid, nonce, ct, expires_at, now)
+        row = NewRow(key.digest, key.kind, kid, nonce, ct, entry.expires_at, now)
         written = yield _Run(
             plan_write(row, generation=generation, delete=key.digests[1:]), write=True, default=None
         )
         if written is False:
             self._counters.stale_writes_skipped += 1
         elif written:
-            self._memo[key.digest] = (
-                nonce,
-                CachedToken(token, expires_at, MappingProxyType(dict(extra))),
-            )
+            self._memo[key.digest] = (nonce, entry)
             for old in key.digests[1:]:
                 self._memo.pop(old, None)
         if now - self._last_prune >= self.config.prune_interval_seconds:
@@ -467,12 +451,11 @@ class PersistentTokenCache:
         expires_at: float | None,
     ) -> tuple[CachedToken, Generator[_Step, Any, None] | None]:
         self._check_fork()
-        new = normalize(token_data, now=time.time(), expires_at=expires_at, config=self.config)
-        entry = CachedToken(new.token, new.expires_at, MappingProxyType(dict(new.extra)))
+        entry = normalize(token_data, now=time.time(), expires_at=expires_at, config=self.config)
         key = self._key(kind, scope_key, user_jwt)
         if key is None:
             return entry, None
-        return entry, self._store_steps(key, new.token, new.expires_at, new.extra, None)
+        return entry, self._store_steps(key, entry, None)
 
     def set_entry(
         self,
@@ -586,8 +569,7 @@ class PersistentTokenCache:
     def _direct(self, data: TokenData) -> CachedToken:
         """The cache is unusable: hand the fetched token straight through."""
         self._counters.fetches += 1
-        new = normalize(data, now=time.time(), expires_at=None, config=self.config)
-        return CachedToken(new.token, new.expires_at, MappingProxyType(dict(new.extra)))
+        return normalize(data, now=time.time(), expires_at=None, config=self.config)
 
     def _lock_timed_out(self) -> None:
         self._counters.lock_timeouts += 1

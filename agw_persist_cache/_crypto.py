@@ -34,6 +34,9 @@ KEY_BYTES = 32
 NONCE_BYTES = 12
 
 
+_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
 class UnsealError(Exception):
     """A row did not open: unknown key id, tampered bytes or a foreign envelope."""
 
@@ -175,7 +178,7 @@ class Keyring:
         """(key id, nonce, ciphertext) of a JSON envelope bound to its row."""
         key = self.primary
         nonce = os.urandom(NONCE_BYTES)
-        plain = json.dumps({"v": ENVELOPE_VERSION, **payload}, separators=(",", ":")).encode()
+        plain = _JSON.encode({"v": ENVELOPE_VERSION, **payload}).encode()
         return (
             key.kid,
             nonce,

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any
 
 import jwt
@@ -23,10 +24,16 @@ TokenData = str | Mapping[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
-class NormalizedToken:
-    token: str
+class CachedToken:
+    """A token with its absolute expiry (epoch seconds) and the extra strings stored with it."""
+
+    token: str = field(repr=False)
     expires_at: float
-    extra: Mapping[str, str]
+    extra: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def __repr__(self) -> str:
+        extra = dict(self.extra)
+        return f"CachedToken(token=<redacted>, expires_at={self.expires_at!r}, extra={extra!r})"
 
 
 def _number(value: object) -> float | None:
@@ -71,7 +78,7 @@ def jwt_exp(token: object) -> float | None:
 
 def normalize(
     token_data: TokenData, *, now: float, expires_at: float | None, config: CacheConfig
-) -> NormalizedToken:
+) -> CachedToken:
     """Validate ``token_data`` and resolve its absolute expiry (epoch seconds).
 
     Raises ``TypeError``/``ValueError`` naming the bad field (never its value).
@@ -111,8 +118,6 @@ def normalize(
             resolved = jwt_exp(data.get("id_token"))
         if resolved is None:
             resolved = now + config.fallback_token_ttl_seconds
-    return NormalizedToken(
-        token=token,
-        expires_at=min(resolved, now + config.max_token_ttl_seconds),
-        extra=dict(extra),
+    return CachedToken(
+        token, min(resolved, now + config.max_token_ttl_seconds), MappingProxyType(dict(extra))
     )

@@ -55,7 +55,7 @@ def test_write_after_a_clear_reads_the_generation_and_writes_nothing() -> None:
     assert finish(plan, [(4,)]) is False  # a clear() bumped it: no INSERT was yielded
 
 
-def test_write_with_matching_generation_inserts_and_drops_old_digests_and_backoff() -> None:
+def test_write_with_matching_generation_inserts_and_drops_old_digests() -> None:
     plan = plan_write(ROW, generation=3, delete=[b"o" * 32])
     first(plan)
     sql, params = send(plan, [(3,)])
@@ -64,8 +64,6 @@ def test_write_with_matching_generation_inserts_and_drops_old_digests_and_backof
     sql, params = send(plan, [])
     assert sql.startswith("INSERT OR REPLACE INTO tokens")
     assert params == (ROW.digest, "user", "kid1", ROW.nonce, ROW.ct, 2000.0, 1000.0, 1000.0)
-    sql, params = send(plan, [])
-    assert sql == "DELETE FROM backoff WHERE k = ?"
     assert finish(plan, []) is True
 
 
