@@ -163,9 +163,7 @@ class PersistentTokenCache:
 
     def _fork_reset(self) -> None:
         self._epoch = fork_epoch()
-        self._locks = KeyLocks(
-            self.lock_dir, self.config.lock_stripes, self.config.lock_timeout_seconds
-        )
+        self._locks = KeyLocks(self.lock_dir, self.config.lock_stripes)
         self._refresh_attempts: dict[bytes, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -354,19 +352,25 @@ class PersistentTokenCache:
             self._memo[key.digest] = (nonce, entry)
             for old in key.digests[1:]:
                 self._memo.pop(old, None)
-        if now - self._last_prune >= self.config.prune_interval_seconds:
-            self._last_prune = now
-            yield _Run(self._prune_plan(now), write=True, default=0)
-            yield _Run(plan_checkpoint(), write=False)
 
-    def _prune_plan(self, now: float) -> Plan[int]:
-        return plan_prune(
-            now,
-            {
-                "system": self.config.max_system_token_cache_size,
-                "user": self.config.max_user_token_cache_size,
-            },
-        )
+    def _then_prune(self, steps: Generator[_Step, Any, None]) -> Generator[_Step, Any, None]:
+        """``steps``, then a prune if one is due: after the write, outside any lock."""
+        yield from steps
+        yield from self._prune_steps(due_only=True)
+
+    def _prune_steps(self, *, due_only: bool) -> Generator[_Step, Any, int]:
+        """Prune and checkpoint; ``due_only``: only if this process has not for a while."""
+        now = time.time()
+        if due_only and now - self._last_prune < self.config.prune_interval_seconds:
+            return 0
+        self._last_prune = now
+        limits = {
+            "system": self.config.max_system_token_cache_size,
+            "user": self.config.max_user_token_cache_size,
+        }
+        removed: int = yield _Run(plan_prune(now, limits), write=True, default=0)
+        yield _Run(plan_checkpoint(truncate=not due_only), write=False)
+        return removed
 
     # -- drivers ----------------------------------------------------------------------------
 
@@ -455,7 +459,7 @@ class PersistentTokenCache:
         key = self._key(kind, scope_key, user_jwt)
         if key is None:
             return entry, None
-        return entry, self._store_steps(key, entry, None)
+        return entry, self._then_prune(self._store_steps(key, entry, None))
 
     def set_entry(
         self,
@@ -539,11 +543,17 @@ class PersistentTokenCache:
             return entry
         if key is None or self._store.disabled_reason is not None:
             return self._direct(fetch())
-        with self._locks.hold(key.digest) as locked:
-            if not locked:
-                self._lock_timed_out()
-            result: CachedToken = self._drive(self._fill(key, refresh=False), fetch)
-            return result
+        deadline = time.monotonic() + self.config.lock_timeout_seconds
+        with self._locks.local(key.digest, deadline) as local_ok:
+            entry = self._peek(key)  # another thread here may just have fetched it
+            if entry is not None:
+                return entry
+            with self._locks.cross_process(key.digest, deadline) as file_ok:
+                if not (local_ok and file_ok):
+                    self._lock_timed_out()
+                result: CachedToken = self._drive(self._fill(key, refresh=False), fetch)
+        self._drive(self._prune_steps(due_only=True))
+        return result
 
     async def afetch_entry(
         self, kind: Kind, scope_key: str, afetch: AFetch, *, user_jwt: str | None = None
@@ -560,11 +570,21 @@ class PersistentTokenCache:
             return entry
         if key is None or self._store.disabled_reason is not None:
             return self._direct(await afetch())
-        async with self._locks.ahold(key.digest) as locked:
-            if not locked:
-                self._lock_timed_out()
-            result: CachedToken = await self._adrive(self._fill(key, refresh=False), afetch)
-            return result
+        deadline = time.monotonic() + self.config.lock_timeout_seconds
+        async with self._locks.alocal(key.digest, deadline) as local_ok:
+            entry = self._peek(key)  # another task here may just have fetched it
+            if entry is not None:
+                return entry
+            async with self._locks.across_process(key.digest, deadline) as file_ok:
+                if not (local_ok and file_ok):
+                    self._lock_timed_out()
+                result: CachedToken = await self._adrive(self._fill(key, refresh=False), afetch)
+        await self._adrive(self._prune_steps(due_only=True))
+        return result
+
+    def _peek(self, key: _Key) -> CachedToken | None:
+        """A valid entry, read without counting or writing: the re-check under a lock."""
+        return self._lookup(key, time.time())[0]
 
     def _direct(self, data: TokenData) -> CachedToken:
         """The cache is unusable: hand the fetched token straight through."""
@@ -728,19 +748,13 @@ class PersistentTokenCache:
     def prune(self) -> int:
         """Remove expired rows, then least recently used ones over the size limits."""
         self._check_fork()
-        now = time.time()
-        self._last_prune = now
-        removed = self._store.run(self._prune_plan(now), write=True, default=0)
-        self._store.run(plan_checkpoint(), write=False, default=None)
+        removed: int = self._drive(self._prune_steps(due_only=False))
         return removed
 
     async def aprune(self) -> int:
         """Async twin of ``prune``."""
         self._check_fork()
-        now = time.time()
-        self._last_prune = now
-        removed = await self._store.arun(self._prune_plan(now), write=True, default=0)
-        await self._store.arun(plan_checkpoint(), write=False, default=None)
+        removed: int = await self._adrive(self._prune_steps(due_only=False))
         return removed
 
     def stats(self) -> CacheStats:

@@ -20,7 +20,7 @@ import filelock
 from filelock.asyncio import AsyncUnixFileLock
 
 # A waiter learns that the fetch is done within this; a try costs ~1 µs.
-_POLL_SECONDS = 0.01
+_POLL_SECONDS = 0.005
 
 L = TypeVar("L")
 K = TypeVar("K")
@@ -69,10 +69,9 @@ async def _aattempt(acquire: Callable[..., Awaitable[object]], deadline: float) 
 class KeyLocks:
     """Single-flight locks for one cache file; build a new one after fork."""
 
-    def __init__(self, lock_dir: Path, stripes: int, timeout: float) -> None:
+    def __init__(self, lock_dir: Path, stripes: int) -> None:
         self.lock_dir = lock_dir
         self.stripes = stripes
-        self.timeout = timeout
         self._threads: _KeyedLocks[bytes, threading.Lock] = _KeyedLocks(threading.Lock)
         self._tasks: _KeyedLocks[tuple[asyncio.AbstractEventLoop, bytes], asyncio.Lock] = (
             _KeyedLocks(asyncio.Lock)
@@ -91,58 +90,64 @@ class KeyLocks:
         )
 
     def _async_file_lock(self, digest: bytes) -> AsyncUnixFileLock:
+        # Each try is a non-blocking flock (~1 µs): no need for a worker thread per try.
         return AsyncUnixFileLock(
             self.stripe(digest),
             mode=0o600,
             thread_local=False,
             preserve_lock_file=True,
             poll_interval=_POLL_SECONDS,
+            run_in_executor=False,
         )
 
     @contextlib.contextmanager
-    def hold(self, digest: bytes) -> Iterator[bool]:
-        """Thread lock, then file lock; yields False if either timed out (fetch anyway)."""
-        deadline = time.monotonic() + self.timeout
+    def local(self, digest: bytes, deadline: float) -> Iterator[bool]:
+        """This process's lock for the key (threads); False if not had by ``deadline``."""
         with self._threads.ref(digest) as tlock:
-            if not tlock.acquire(timeout=self.timeout):
-                yield False
-                return
+            acquired = tlock.acquire(timeout=max(0.0, deadline - time.monotonic()))
             try:
-                flock = self._file_lock(digest)
-                acquired = _attempt(flock.acquire, deadline)
-                try:
-                    yield acquired
-                finally:
-                    if acquired:
-                        flock.release()
+                yield acquired
             finally:
-                tlock.release()
+                if acquired:
+                    tlock.release()
 
     @contextlib.asynccontextmanager
-    async def ahold(self, digest: bytes) -> AsyncIterator[bool]:
-        """Task lock, then file lock, without blocking the event loop."""
-        deadline = time.monotonic() + self.timeout
-        loop = asyncio.get_running_loop()
-        with self._tasks.ref((loop, digest)) as alock:
+    async def alocal(self, digest: bytes, deadline: float) -> AsyncIterator[bool]:
+        """This process's lock for the key (tasks of the running loop)."""
+        with self._tasks.ref((asyncio.get_running_loop(), digest)) as alock:
             try:
-                await asyncio.wait_for(alock.acquire(), self.timeout)
+                await asyncio.wait_for(alock.acquire(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
-                locked = False
+                acquired = False
             else:
-                locked = True
-            if not locked:
-                yield False
-                return
+                acquired = True
             try:
-                flock = self._async_file_lock(digest)
-                acquired = await _aattempt(flock.acquire, deadline)
-                try:
-                    yield acquired
-                finally:
-                    if acquired:
-                        await flock.release()
+                yield acquired
             finally:
-                alock.release()
+                if acquired:
+                    alock.release()
+
+    @contextlib.contextmanager
+    def cross_process(self, digest: bytes, deadline: float) -> Iterator[bool]:
+        """The key's stripe file lock; False if not had by ``deadline`` (fetch anyway)."""
+        flock = self._file_lock(digest)
+        acquired = _attempt(flock.acquire, deadline)
+        try:
+            yield acquired
+        finally:
+            if acquired:
+                flock.release()
+
+    @contextlib.asynccontextmanager
+    async def across_process(self, digest: bytes, deadline: float) -> AsyncIterator[bool]:
+        """The stripe file lock, polled from the event loop without blocking it."""
+        flock = self._async_file_lock(digest)
+        acquired = await _aattempt(flock.acquire, deadline)
+        try:
+            yield acquired
+        finally:
+            if acquired:
+                await flock.release()
 
     def try_file_lock(self, digest: bytes) -> filelock.UnixFileLock | None:
         """Non-blocking: the lock if this process got it, else None (someone else refreshes)."""

@@ -519,19 +519,20 @@ def plan_clear() -> Plan[None]:
 
 
 def plan_prune(now: float, limits: dict[str, int]) -> Plan[int]:
-    """Expired rows first, then the least recently used rows over each kind's limit."""
+    """Expired rows first, then per kind every row older than its ``limit`` newest.
+
+    The OFFSET walks at most ``limit`` entries of the LRU index: no full count(*).
+    """
     removed = yield ("DELETE FROM tokens WHERE expires_at <= ? RETURNING 1", (now,))
     total = len(removed)
     yield ("DELETE FROM backoff WHERE until <= ?", (now,))
     for kind, limit in limits.items():
-        ((count,),) = yield ("SELECT count(*) FROM tokens WHERE kind = ?", (kind,))
-        if count > limit:
-            gone = yield (
-                "DELETE FROM tokens WHERE rowid IN (SELECT rowid FROM tokens WHERE kind = ?"
-                " ORDER BY last_used LIMIT ?) RETURNING 1",
-                (kind, count - limit),
-            )
-            total += len(gone)
+        gone = yield (
+            "DELETE FROM tokens WHERE rowid IN (SELECT rowid FROM tokens WHERE kind = ?"
+            " ORDER BY last_used DESC LIMIT -1 OFFSET ?) RETURNING 1",
+            (kind, limit),
+        )
+        total += len(gone)
     return total
 
 
@@ -582,6 +583,9 @@ def plan_replace(old: bytes, row: NewRow, created_at: float) -> Plan[None]:
     )
 
 
-def plan_checkpoint() -> Plan[None]:
-    """Fold the WAL back and truncate it (best effort: readers may keep it busy)."""
-    yield ("PRAGMA wal_checkpoint(TRUNCATE)", ())
+def plan_checkpoint(*, truncate: bool) -> Plan[None]:
+    """Fold the WAL back into the database (best effort: readers may keep it busy).
+
+    PASSIVE never waits; TRUNCATE (explicit prunes) waits for readers, then empties the file.
+    """
+    yield (f"PRAGMA wal_checkpoint({'TRUNCATE' if truncate else 'PASSIVE'})", ())

@@ -8,7 +8,8 @@ on disk for processes that need a path.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,3 +171,13 @@ class Driver:
             await self.tokens.ias_client.aclose()
         self.tokens.cache.close()
         self.tokens.ias_client.close()
+
+
+def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll ``predicate``: server threads record a failed handshake just after the client saw it."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True

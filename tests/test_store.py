@@ -97,14 +97,11 @@ def test_prune_deletes_expired_then_only_the_surplus_of_each_kind() -> None:
     sql, _ = send(plan, [(1,), (1,)])  # two expired rows removed
     assert sql.startswith("DELETE FROM backoff")
     sql, params = send(plan, [])
-    assert sql.startswith("SELECT count(*)")
-    assert params == ("system",)
-    sql, params = send(plan, [(10,)])  # at the limit: nothing to do for system
-    assert sql.startswith("SELECT count(*)")
-    assert params == ("user",)
-    sql, params = send(plan, [(8,)])
-    assert "ORDER BY last_used LIMIT ?" in sql
-    assert params == ("user", 3)
+    assert "ORDER BY last_used DESC LIMIT -1 OFFSET ?" in sql
+    assert params == ("system", 10)
+    sql, params = send(plan, [])  # at or under the limit: nothing beyond the newest 10
+    assert "ORDER BY last_used DESC LIMIT -1 OFFSET ?" in sql
+    assert params == ("user", 5)
     assert finish(plan, [(1,), (1,), (1,)]) == 5
 
 
@@ -113,7 +110,7 @@ def test_prune_under_every_limit_removes_only_expired_rows() -> None:
     first(plan)
     send(plan, [])
     send(plan, [])
-    assert finish(plan, [(3,)]) == 0
+    assert finish(plan, []) == 0
 
 
 def test_facts_are_aggregated_per_kind() -> None:
