@@ -1,0 +1,12 @@
+"""Measured comparisons of agw-persist-cache against its floor and its peers (not tests).
+
+``python -m benchmarks`` runs all seven and writes ``benchmarks/RESULTS.md``:
+
+1. sync hit vs the raw sqlite3 + AES-256-GCM floor, at 100 and 100,000 rows;
+2. async hit vs the same floor;
+3. set vs raw seal + INSERT OR REPLACE;
+4. N processes reading (then with one writer) vs N processes of the floor;
+5. a cold stampede across processes vs a per-process in-memory cache;
+6. prune cost and set latency at 100,000 rows vs 100;
+7. diskcache and msal-extensions doing the same hit and set.
+"""

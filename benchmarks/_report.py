@@ -1,0 +1,157 @@
+"""Machine facts and the markdown of RESULTS.md."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import platform
+import sqlite3
+import ssl
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from ._harness import Section, Table, timer_overhead_ns
+
+PACKAGES = (
+    "agw-persist-cache",
+    "cryptography",
+    "aiosqlite",
+    "filelock",
+    "httpx",
+    "diskcache",
+    "msal-extensions",
+    "msal",
+)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+CORE = ("__init__", "_cache", "_config", "_crypto", "_errors", "_expiry", "_locks", "_store")
+
+
+def _core_fingerprint() -> str:
+    """SHA-256 prefix over the core's modules and migrations: which core this run measured."""
+    digest = hashlib.sha256()
+    package = ROOT / "agw_persist_cache"
+    files = [package / f"{name}.py" for name in CORE] + sorted((ROOT / "migrations").glob("*.sql"))
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _git_head() -> str:
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except OSError:
+        return "unknown"
+    return done.stdout.strip() or "unknown"
+
+
+def machine_facts() -> list[tuple[str, str]]:
+    """CPU, cores, load, Python, SQLite, OpenSSL and package versions, as (name, value)."""
+    from cryptography.hazmat.backends.openssl.backend import backend
+
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return [
+        ("date (UTC)", time.strftime("%Y-%m-%d %H:%M", time.gmtime())),
+        ("CPU", _cpu_model()),
+        ("cores", str(os.cpu_count())),
+        ("load average at start (1, 5, 15 min)", load),
+        ("OS", platform.platform()),
+        ("Python", f"{platform.python_implementation()} {platform.python_version()}"),
+        ("SQLite (sqlite3 module)", sqlite3.sqlite_version),
+        ("OpenSSL (cryptography)", backend.openssl_version_text()),
+        ("OpenSSL (ssl module)", ssl.OPENSSL_VERSION),
+        *((name, _version(name)) for name in PACKAGES),
+        ("git HEAD (uncommitted changes not included)", _git_head()),
+        ("core fingerprint (sha256 of the core modules + migrations)", _core_fingerprint()),
+        ("perf_counter_ns pair overhead (in every sample)", f"{timer_overhead_ns()} ns"),
+    ]
+
+
+def _table(table: Table) -> list[str]:
+    lines = [f"**{table.caption}**", "", "| " + " | ".join(table.columns) + " |"]
+    lines.append("|" + "|".join("---" for _ in table.columns) + "|")
+    lines.extend("| " + " | ".join(row) + " |" for row in table.rows)
+    return [*lines, ""]
+
+
+def render(
+    sections: Sequence[Section],
+    facts: Sequence[tuple[str, str]],
+    *,
+    plan_name: str,
+    command: str,
+    seconds: float,
+    skipped: Sequence[str] = (),
+) -> str:
+    """The whole RESULTS.md: facts, the targets summary, then every section."""
+    lines = [
+        "# agw-persist-cache benchmarks",
+        "",
+        f"Written by `{command}` ({plan_name} plan, {seconds:.0f} s). Numbers from one noisy "
+        "machine mean something only as ratios within this run: every subject ran next to its "
+        "baseline in interleaved rounds, and a ratio is the median of the per-round ratios of "
+        "per-round medians. Latencies are per call (`time.perf_counter_ns` around each call, "
+        "garbage collector off during timed loops).",
+        "",
+        "## Machine",
+        "",
+        "| fact | value |",
+        "|---|---|",
+        *(f"| {name} | {value} |" for name, value in facts),
+        "",
+        "## Targets",
+        "",
+        "| measure | result (median of rounds) | rounds (min - max) | target | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for section in sections:
+        lines.extend(
+            f"| {r.label} | {r.value_text} | {r.spread_text} | {r.target_text} | {r.verdict} |"
+            for r in section.ratios
+            if r.target is not None
+        )
+    lines.append("")
+    for name in skipped:
+        lines.append(f"- not run: {name}")
+    for section in sections:
+        lines += ["", f"## {section.title}", "", section.method, ""]
+        for table in section.tables:
+            lines += _table(table)
+        others = [r for r in section.ratios if r.target is None]
+        if others:
+            lines += ["Other ratios (median of rounds):", ""]
+            lines += [f"- {r.label}: {r.value_text}" for r in others]
+            lines.append("")
+        if section.notes:
+            lines += ["Notes:", ""]
+            lines += [f"- {note}" for note in section.notes]
+            lines.append("")
+        lines.append(f"_Section time: {section.seconds:.0f} s._")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,37 @@
+"""The benchmarks run end to end with tiny counts, so their code cannot rot unnoticed.
+
+No assertion on speed (the machine is noisy); only on what must hold at any speed: every
+section ran and rendered, the cache's stampede made exactly one token request, and no
+'database is locked' reached a caller.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks.run import main
+
+pytestmark = pytest.mark.timeout(180)
+
+TITLES = (
+    "## 1. Sync hit",
+    "## 2. Async hit",
+    "## 3. Set",
+    "## 4. Processes reading",
+    "## 5. Cold stampede",
+    "## 6. Prune",
+    "## 7. Peers",
+)
+
+
+def test_every_benchmark_runs_and_writes_results(tmp_path: Path) -> None:
+    out = tmp_path / "RESULTS.md"
+    assert main(["--plan", "tiny", "--out", str(out), "--workdir", str(tmp_path / "w")]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert text.startswith("# agw-persist-cache benchmarks")
+    assert [t for t in TITLES if t not in text] == []
+    assert "| SQLite (sqlite3 module) |" in text
+    assert "| stampede: token requests per round (cache, worst round) | 1 | - | == 1 |" in text
+    assert "| 'database is locked' reaching a caller (count) | 0 | - | <= 0 |" in text
