@@ -90,45 +90,42 @@ def test_clear_in_one_process_is_seen_by_another(db_path: Path, procs: list[Any]
         assert cache.get_system_token("scope") is None
 
 
+def run_together(
+    procs: list[Any], target: Callable[..., None], n: int, each: int, db: Path, tmp: Path
+) -> tuple[list[Any], int]:
+    """``n`` spawned workers of ``each`` callers released at once: (all outcomes, fetches)."""
+    counter, out = tmp / "fetches", tmp / "out"
+    barrier = SPAWN.Barrier(n)
+    for _ in range(n):
+        start(procs, target, str(db), str(counter), str(out), each, barrier)
+    join_ok(procs)
+    return [o for result in w.read_results(out) for o in result], w.fetches(counter)
+
+
 def test_six_processes_of_sixteen_threads_fetch_once(
     db_path: Path, tmp_path: Path, run_dir: Path, procs: list[Any]
 ) -> None:
-    counter = tmp_path / "fetches"
-    barrier = SPAWN.Barrier(6)
-    for _ in range(6):
-        start(procs, w.stampede_threads, str(db_path), str(counter), str(run_dir), 16, barrier)
-    join_ok(procs)
-    tokens = [t for result in w.read_results(run_dir) for t in result]
+    tokens, fetches = run_together(procs, w.stampede_threads, 6, 16, db_path, tmp_path)
     assert len(tokens) == 96
     assert len(set(tokens)) == 1
-    assert w.fetches(counter) == 1
+    assert fetches == 1
 
 
 def test_four_processes_of_fifty_coroutines_fetch_once(
     db_path: Path, tmp_path: Path, run_dir: Path, procs: list[Any]
 ) -> None:
-    counter = tmp_path / "fetches"
-    barrier = SPAWN.Barrier(4)
-    for _ in range(4):
-        start(procs, w.stampede_coroutines, str(db_path), str(counter), str(run_dir), 50, barrier)
-    join_ok(procs)
-    tokens = [t for result in w.read_results(run_dir) for t in result]
+    tokens, fetches = run_together(procs, w.stampede_coroutines, 4, 50, db_path, tmp_path)
     assert len(tokens) == 200
     assert len(set(tokens)) == 1
-    assert w.fetches(counter) == 1
+    assert fetches == 1
 
 
 def test_failed_fetch_backs_off_every_process(
     db_path: Path, tmp_path: Path, run_dir: Path, procs: list[Any]
 ) -> None:
-    counter = tmp_path / "fetches"
-    barrier = SPAWN.Barrier(4)
-    for _ in range(4):
-        start(procs, w.backoff_coroutines, str(db_path), str(counter), str(run_dir), 20, barrier)
-    join_ok(procs)
-    outcomes = [o for result in w.read_results(run_dir) for o in result]
+    outcomes, fetches = run_together(procs, w.backoff_coroutines, 4, 20, db_path, tmp_path)
     assert len(outcomes) == 80
-    assert w.fetches(counter) == 1
+    assert fetches == 1
     # The one caller that fetched sees the fetch's own error; the others fail fast.
     assert outcomes.count("RuntimeError") == 1
     assert outcomes.count("FetchBackoffError") == 79
