@@ -11,7 +11,6 @@ JWT after a simulated round trip and appends one line per request to a counter f
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import importlib
 import json
@@ -25,6 +24,8 @@ from dataclasses import dataclass
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import Any, Literal
+
+from .._tokenserver import make_unsigned_jwt
 
 __all__ = [
     "TokenRequest",
@@ -85,22 +86,16 @@ def write_customer_binding(
     return path
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
 def mint_jwt(subject: str, *, ttl_seconds: float, jti: str | None = None) -> str:
-    """Return an unsigned-looking JWT whose ``exp`` is ``ttl_seconds`` from now (never verified)."""
+    """An unsigned JWT whose ``exp`` is ``ttl_seconds`` from now (nothing here verifies it)."""
     now = int(time.time())
-    header = {"alg": "RS256", "typ": "JWT"}
     claims = {
         "sub": subject,
         "iat": now,
         "exp": now + int(ttl_seconds),
         "jti": jti or uuid.uuid4().hex,
     }
-    parts = (json.dumps(header).encode(), json.dumps(claims).encode(), b"stand-in-signature")
-    return ".".join(_b64(part) for part in parts)
+    return make_unsigned_jwt(claims)
 
 
 def _user_digest(extra_data: Mapping[str, Any] | None) -> str:
