@@ -14,13 +14,19 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import filelock
 from filelock.asyncio import AsyncUnixFileLock
 
-# A waiter learns that the fetch is done within this; a try costs ~1 µs.
-_POLL_SECONDS = 0.005
+# A waiter learns that the fetch is done within this; a try costs ~1 µs. Lock files are
+# kept on release: unlinking one would split its inode and break mutual exclusion.
+_LOCK_OPTIONS: dict[str, Any] = {
+    "mode": 0o600,
+    "thread_local": False,
+    "preserve_lock_file": True,
+    "poll_interval": 0.005,
+}
 
 L = TypeVar("L")
 K = TypeVar("K")
@@ -81,24 +87,11 @@ class KeyLocks:
         return self.lock_dir / f"{int.from_bytes(digest[:4], 'big') % self.stripes:03d}.lock"
 
     def _file_lock(self, digest: bytes) -> filelock.UnixFileLock:
-        return filelock.UnixFileLock(
-            self.stripe(digest),
-            mode=0o600,
-            thread_local=False,
-            preserve_lock_file=True,
-            poll_interval=_POLL_SECONDS,
-        )
+        return filelock.UnixFileLock(self.stripe(digest), **_LOCK_OPTIONS)
 
     def _async_file_lock(self, digest: bytes) -> AsyncUnixFileLock:
         # Each try is a non-blocking flock (~1 µs): no need for a worker thread per try.
-        return AsyncUnixFileLock(
-            self.stripe(digest),
-            mode=0o600,
-            thread_local=False,
-            preserve_lock_file=True,
-            poll_interval=_POLL_SECONDS,
-            run_in_executor=False,
-        )
+        return AsyncUnixFileLock(self.stripe(digest), **_LOCK_OPTIONS, run_in_executor=False)
 
     @contextlib.contextmanager
     def local(self, digest: bytes, deadline: float) -> Iterator[bool]:

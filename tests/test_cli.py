@@ -6,9 +6,7 @@ the user JWT, scope strings, the key): none may ever appear.
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 import secrets
 import sqlite3
 import subprocess
@@ -19,16 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from _core_support import new_key
 from _deploy_procs import base_env, run, run_cli
 
 from agw_persist_cache import CacheConfig, PersistentTokenCache
 from agw_persist_cache._doctor import filesystem_of, is_network_filesystem
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _new_key() -> str:
-    return base64.urlsafe_b64encode(os.urandom(32)).decode()
 
 
 @dataclass
@@ -143,7 +138,7 @@ def test_clear_empties_the_cache_for_every_process(seeded: Seeded) -> None:
 def test_rotate_key_from_a_file_reseals_every_row_under_the_new_key(
     seeded: Seeded, tmp_path: Path
 ) -> None:
-    new = _new_key()
+    new = new_key()
     seeded.secrets.append(new)
     key_file = tmp_path / "new.key"
     key_file.write_text(new + "\n")
@@ -161,7 +156,7 @@ def test_rotate_key_from_a_file_reseals_every_row_under_the_new_key(
 
 def test_rotate_key_from_env_keeps_old_env_keys_readable(seeded: Seeded) -> None:
     old_file_key = seeded.secrets[-1]
-    old, new = _new_key(), _new_key()
+    old, new = new_key(), new_key()
     seeded.secrets += [old, new]
     env = {**seeded.env, "AGW_CACHE_KEY": f"{old},{old_file_key}", "AGW_CACHE_NEW_KEY": new}
     result = seeded.cli("rotate-key", env=env)
@@ -278,7 +273,7 @@ def test_rotate_key_is_safe_while_a_worker_with_the_old_key_keeps_reading(
     )
     try:
         assert reader.stdout is not None and reader.stdout.readline().strip() == "ready"
-        new = _new_key()
+        new = new_key()
         seeded.secrets.append(new)
         result = seeded.cli("rotate-key", env={**seeded.env, "AGW_CACHE_NEW_KEY": new})
         assert result.returncode == 0, result.stderr
