@@ -7,7 +7,13 @@ missing token while the others wait and read it.
 
 from ._cache import CacheStats, EntryInfo, PersistentTokenCache
 from ._config import CacheConfig
-from ._errors import CacheConfigError, CacheError, FetchBackoffError, TokenFetchError
+from ._errors import (
+    CacheConfigError,
+    CacheError,
+    CacheUsageError,
+    FetchBackoffError,
+    TokenFetchError,
+)
 from ._expiry import CachedToken, TokenData
 from ._version import __version__
 
@@ -16,6 +22,7 @@ __all__ = [
     "CacheConfigError",
     "CacheError",
     "CacheStats",
+    "CacheUsageError",
     "CachedToken",
     "EntryInfo",
     "FetchBackoffError",

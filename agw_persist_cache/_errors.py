@@ -5,6 +5,8 @@ Hierarchy::
     CacheError(Exception)              root of every error this package raises
     ├── CacheConfigError(CacheError, ValueError)
     │                                  a CacheConfig value or env var is invalid
+    ├── CacheUsageError(CacheError, ValueError, TypeError)
+    │                                  an argument of a call is invalid (named, never echoed)
     └── TokenFetchError(CacheError)    the identity service did not hand out a token
         └── FetchBackoffError          a recent fetch for this key failed; failing fast
 
@@ -22,6 +24,14 @@ class CacheError(Exception):
 
 class CacheConfigError(CacheError, ValueError):
     """A configuration value (argument or environment variable) is invalid."""
+
+
+class CacheUsageError(CacheError, ValueError, TypeError):
+    """An argument of a call is invalid: wrong type, empty, or not a usable value.
+
+    Both a ``ValueError`` and a ``TypeError``, so code written against either keeps
+    working. The message names the argument and never echoes its value.
+    """
 
 
 class TokenFetchError(CacheError):
