@@ -5,16 +5,18 @@ agents) shares the tokens; per-key file locks make exactly one process fetch a
 missing token while the others wait and read it.
 """
 
-from ._cache import CacheStats, EntryInfo, PersistentTokenCache
+from ._cache import PersistentTokenCache
 from ._config import CacheConfig
 from ._errors import (
     CacheConfigError,
     CacheError,
+    CacheStorageError,
     CacheUsageError,
     FetchBackoffError,
     TokenFetchError,
 )
 from ._expiry import CachedToken, TokenData
+from ._stats import CacheStats, EntryInfo
 from ._version import __version__
 
 __all__ = [
@@ -22,6 +24,7 @@ __all__ = [
     "CacheConfigError",
     "CacheError",
     "CacheStats",
+    "CacheStorageError",
     "CacheUsageError",
     "CachedToken",
     "EntryInfo",

@@ -1,140 +1,75 @@
-"""PersistentTokenCache: get / set / invalidate / clear / get-or-fetch across processes.
+"""PersistentTokenCache: get / set / invalidate / clear / get-or-fetch, shared by processes.
 
-The miss path is written once as a generator (:meth:`PersistentTokenCache._fill`)
-that yields what it needs — a storage plan to run or the token fetch — and two
-small drivers perform it, one with ``sqlite3`` and a plain call, one with
-``aiosqlite`` and an awaited call. The hit path is one synchronous primary-key
-SELECT for both APIs (cheaper than any thread hop) plus an in-memory shortcut
-that skips decryption when the row is the very one this process already opened.
+The entry-level methods (``get_entry``, ``set_entry``, ``invalidate_entry``,
+``fetch_entry`` and their ``a`` twins) are the core; the token-level names of
+sap-cloud-sdk's ``_TokenCache`` are thin aliases of them. Every multi-step decision
+is a flight (``_flight``) performed by one sync and one async driver; a hit is one
+read of the backend plus, for a row this process already opened, no decryption.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import logging
 import os
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable, Generator
-from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType, TracebackType
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, TypeVar
 
 from ._config import CacheConfig, resolve_path
 from ._crypto import (
+    Envelope,
     Keyring,
     UnsealError,
     keys_from_config,
     load_or_create_key_file,
     user_hash,
 )
-from ._errors import FetchBackoffError, TokenFetchError
+from ._errors import CacheStorageError, CacheUsageError
 from ._expiry import CachedToken, TokenData, normalize
+from ._flight import AFetch, Driver, Fetch, Flight, Key, Lookup, fill
 from ._locks import KeyLocks
-from ._store import (
-    SQL_READ,
-    SQL_READ_CT,
-    Counters,
-    NewRow,
-    Plan,
-    Row,
-    Store,
-    fork_epoch,
-    plan_backoff,
-    plan_checkpoint,
-    plan_clear,
-    plan_delete,
-    plan_delete_if_nonce,
-    plan_facts,
-    plan_generation,
-    plan_list,
-    plan_prune,
-    plan_replace,
-    plan_rows_not_under,
-    plan_set_backoff,
-    plan_touch,
-    plan_write,
+from ._log import Warnings
+from ._stats import CacheStats, Counters, EntryInfo
+from .backends.contract import (
+    Backend,
+    Clear,
+    Delete,
+    GetFacts,
+    ListRows,
+    LockResult,
+    Prune,
+    Read,
+    Replace,
+    RowsNotUnder,
+    SealedRow,
+    Snapshot,
+    StorageError,
+    StorageUnavailable,
+    Touch,
+    Write,
 )
-
-log = logging.getLogger("agw_persist_cache")
+from .backends.sqlite import SqliteBackend
 
 Kind: TypeAlias = Literal["system", "user"]
-Fetch: TypeAlias = Callable[[], TokenData]
-AFetch: TypeAlias = Callable[[], Awaitable[TokenData]]
+T = TypeVar("T")
 
 _MEMO_MAX = 4096
 _REFRESH_RETRY_SECONDS = 2.0
-
-
-@dataclass(frozen=True, slots=True)
-class EntryInfo:
-    """Metadata of one row: never the token, the scope or the user."""
-
-    kind: str
-    digest_prefix: str
-    expires_at: float
-    last_used: float
-    created_at: float
-    key_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class CacheStats:
-    """This process's counters, and facts about the shared file."""
-
-    hits: int
-    misses: int
-    fetches: int
-    stale_writes_skipped: int
-    lock_timeouts: int
-    decrypt_failures: int
-    storage_errors: int
-    refreshes: int
-    backoff_rejections: int
-    entries_system: int
-    entries_user: int
-    entries_expired: int
-    oldest_expiry: float | None
-    newest_expiry: float | None
-    file_bytes: int
-    wal_bytes: int
-    schema_version: int | None
-    key_ids_in_use: tuple[str, ...]
-    disabled_reason: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class _Key:
-    kind: str
-    scope_key: str
-    uhash: str
-    digests: tuple[bytes, ...]  # one per key of the keyring; the first is where new rows go
-
-    @property
-    def digest(self) -> bytes:
-        return self.digests[0]
-
-
-@dataclass(frozen=True, slots=True)
-class _Run:
-    plan: Plan[Any]
-    write: bool
-    default: Any = None
-
-
-_FETCH = object()
-_Step: TypeAlias = "_Run | object"
+MAX_SCOPE_KEY_CHARS = 8 * 1024
+MAX_USER_JWT_CHARS = 64 * 1024
 
 
 class PersistentTokenCache:
-    """An encrypted SQLite token cache shared by every process on the host.
+    """An encrypted token cache shared by every process on the host.
 
     ``path`` (or ``config.path``, ``$AGW_CACHE_PATH``, the user cache dir) names the
     database. Keys come from ``config.keys``, ``$AGW_CACHE_KEY`` or a 0600 key file
-    beside the database. Storage failures never raise: they degrade to fetching.
+    beside the database. Storage failures never fail a get or a get-or-fetch: they
+    degrade to fetching.
     """
 
     def __init__(
@@ -142,11 +77,11 @@ class PersistentTokenCache:
     ) -> None:
         self.config = config or CacheConfig()
         self.path: Path = resolve_path(path if path is not None else self.config.path)
-        self._counters = Counters()
-        self._store = Store(self.path, self.config, self._counters)
-        self.lock_dir: Path = self._store.lock_dir
+        self.counters = Counters()
+        self.warnings = Warnings()
+        self._backend: Backend = SqliteBackend(self.path, self.config, self.warnings)
+        self.lock_dir: Path = self.path.with_name(self.path.name + ".locks")
         explicit = keys_from_config(self.config)
-        self._explicit_keys = explicit
         self.key_source: str = explicit.source if explicit else "file"
         self.key_file: Path | None = None
         if explicit is None:
@@ -156,18 +91,23 @@ class PersistentTokenCache:
             )
         self._keyring: Keyring | None = Keyring(explicit.keys) if explicit else None
         self._memo: dict[bytes, tuple[bytes, CachedToken]] = {}
-        self._keys: dict[tuple[str, str, str | None], _Key] = {}
+        self._keys: dict[tuple[str, str, str | None], Key] = {}
         self._jitter = random.uniform(0.0, 0.3)
         self._last_prune = 0.0
+        self._generation = 0  # the last clear() generation seen; sets seal under it
         self._fork_reset()
 
     def _fork_reset(self) -> None:
-        self._epoch = fork_epoch()
-        self._locks = KeyLocks(self.lock_dir, self.config.lock_stripes)
+        self._pid = os.getpid()
+        self._driver = Driver(self._backend, KeyLocks(self._backend))
         self._refresh_attempts: dict[bytes, float] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
 
-    # -- keys --------------------------------------------------------------------------
+    def _check_fork(self) -> None:
+        if self._pid != os.getpid():
+            self._fork_reset()
+
+    # -- keys ----------------------------------------------------------------------------------
 
     @property
     def key_ids(self) -> tuple[str, ...]:
@@ -176,16 +116,25 @@ class PersistentTokenCache:
         return ring.kids if ring else ()
 
     def _ring(self) -> Keyring | None:
-        if self._keyring is None and self.key_file is not None and not self._store.disabled():
+        if self._keyring is None and self.key_file is not None and not self._backend.unavailable:
             try:
-                self._store.prepare_dirs()
+                if isinstance(self._backend, SqliteBackend):
+                    self._backend.prepare_dirs()
                 self._keyring = Keyring([load_or_create_key_file(self.key_file)])
-            except OSError as exc:  # the directory is unusable: the store says so, once
-                self._store.failed(exc)
+            except OSError as exc:  # the directory is unusable: the store's own warning
+                self.counters.storage_errors += 1
+                self.warnings.once(
+                    "open",
+                    "cannot open token cache at %s (%s: %s); tokens are fetched directly. "
+                    "Set AGW_CACHE_PATH to a writable local path or run `agw-cache doctor`",
+                    self.path,
+                    type(exc).__name__,
+                    exc,
+                )
                 return None
             except ValueError as exc:
-                self._store.counters.storage_errors += 1
-                self._store.warn(
+                self.counters.storage_errors += 1
+                self.warnings.once(
                     "keyfile",
                     "cannot use key file %s (%s); tokens are fetched directly. Delete the file "
                     "to regenerate it, or set AGW_CACHE_KEY",
@@ -195,271 +144,293 @@ class PersistentTokenCache:
                 return None
         return self._keyring
 
-    def _key(self, kind: str, scope_key: str, user_jwt: str | None) -> _Key | None:
+    async def _aring(self) -> Keyring | None:
+        """The keyring, reading or creating a key file off the event loop's thread."""
+        if self._keyring is None and self.key_file is not None:
+            return await asyncio.to_thread(self._ring)
+        return self._keyring
+
+    def _key(self, kind: str, scope_key: str, user_jwt: str | None) -> Key | None:
+        """The key of a (kind, scope, user); checks the arguments (the API boundary)."""
         cached = self._keys.get((kind, scope_key, user_jwt))
         if cached is not None:
             return cached
-        if not isinstance(scope_key, str):
-            raise TypeError(f"scope_key must be str, not {type(scope_key).__name__}")
-        if kind == "user":
-            if not isinstance(user_jwt, str) or not user_jwt:
-                raise ValueError("user_jwt must be a non-empty str for user tokens")
-        elif kind != "system":
-            raise ValueError(f"kind must be 'system' or 'user', not {kind!r}")
+        _check_identity(kind, scope_key, user_jwt)
         ring = self._ring()
         if ring is None:
             return None
         uhash = user_hash(user_jwt if kind == "user" else None)
-        message = ring.digest_input(kind, scope_key, uhash)
-        key = _Key(kind, scope_key, uhash, tuple(ring.digest(k, message) for k in ring.keys))
+        digests = ring.digests(kind, scope_key, uhash)
+        key = Key(kind, scope_key, uhash, digests, Read(digests))
         if len(self._keys) >= _MEMO_MAX:
             self._keys.clear()
         self._keys[(kind, scope_key, user_jwt)] = key
         return key
 
-    # -- the hit path (shared by sync and async) ----------------------------------------
+    # -- what a row means (shared by hits and flights) -----------------------------------------
 
-    def _check_fork(self) -> None:
-        if self._epoch != fork_epoch():
-            self._fork_reset()
-
-    def _lookup(self, key: _Key, now: float) -> tuple[CachedToken | None, _Run | None, bool]:
-        """(valid entry or None, a write to do afterwards, whether it is due for refresh).
+    def judge(self, key: Key, snap: Snapshot, now: float) -> Lookup:
+        """The usable entry in ``snap`` (or None), a write to do afterwards, refresh due.
 
         The memo holds what this process last opened per row, keyed by the row's random
         nonce: an unchanged row is not decrypted again, a rewritten one always is.
         """
-        current = self._current(key)
-        if current is None:
-            return None, None, False
-        digest, (nonce, last_used, created_at, _), entry_or_none = current
-        if entry_or_none is None:
-            return None, _Run(plan_delete_if_nonce(digest, nonce), write=True), False
-        entry = entry_or_none
-        remaining = entry.expires_at - self.config.token_expiry_buffer_seconds - now
+        row = snap.row
+        if row is None:
+            return Lookup(None, None, False)
+        self._generation = snap.generation
+        if row.generation != snap.generation:  # written before a clear(), or replayed
+            return Lookup(None, Delete((row.digest,), row.nonce), False)
+        memo = self._memo.get(row.digest)
+        if memo is not None and memo[0] == row.nonce:
+            entry: CachedToken | None = memo[1]
+        else:
+            entry = self._open(key, row)
+            if entry is None:
+                return Lookup(None, Delete((row.digest,), row.nonce), False)
+        assert entry is not None
+        # Capped on read: a row written under a clock running ahead is not served for longer.
+        expires_at = min(entry.expires_at, now + self.config.max_token_ttl_seconds)
+        remaining = expires_at - self.config.token_expiry_buffer_seconds - now
         if remaining <= 0:
-            return None, None, False
+            return Lookup(None, None, False)
         followup = None
-        if now - last_used >= self.config.last_used_interval_seconds:
-            followup = _Run(plan_touch(digest, now), write=True)
+        if now - row.last_used >= self.config.last_used_interval_seconds:
+            followup = Touch(row.digest, now)
         ratio = self.config.refresh_ahead_ratio
-        due = ratio > 0 and remaining <= ratio * (1 - self._jitter) * (
-            entry.expires_at - created_at
-        )
-        return entry, followup, due
+        lifetime = entry.expires_at - row.created_at
+        due = ratio > 0 and remaining <= ratio * (1 - self._jitter) * lifetime
+        return Lookup(entry, followup, due)
 
-    def _current(self, key: _Key) -> tuple[bytes, Row, CachedToken | None] | None:
-        """The row stored for ``key`` (under any configured key) and what it opens to."""
-        read = self._store.read
-        for digest in key.digests:
-            row = read(SQL_READ, (digest,))
-            if row is not None:
-                nonce = row[0]
-                memo = self._memo.get(digest)
-                if memo is not None and memo[0] == nonce:
-                    return digest, row, memo[1]
-                return digest, row, self._open(key, digest, row[3], nonce)
-        return None
-
-    def _open(self, key: _Key, digest: bytes, kid: str, nonce: bytes) -> CachedToken | None:
+    def _open(self, key: Key, row: SealedRow) -> CachedToken | None:
         ring = self._ring()
         try:
-            found = self._store.read(SQL_READ_CT, (digest, nonce))
-            if found is None:  # rewritten or deleted since the first read: a plain miss
-                return None
             if ring is None:
                 raise UnsealError("no key")
-            payload = ring.open(key.kind, digest, kid, nonce, found[0])
-            token, expires_at, extra = payload["t"], float(payload["e"]), payload.get("x") or {}
-            if payload.get("s") != key.scope_key or payload.get("u", "") != key.uhash:
+            envelope = ring.open(row)
+            if envelope.scope_key != key.scope_key or envelope.uhash != key.uhash:
                 raise UnsealError("envelope belongs to another key")
-        except (UnsealError, KeyError, TypeError, ValueError) as exc:
-            self._counters.decrypt_failures += 1
-            self._store.warn(
+        except UnsealError as exc:
+            self.counters.decrypt_failures += 1
+            self.warnings.once(
                 "unseal",
                 "a cached token in %s did not open (%s); dropped it and fetching anew. "
-                "Rows sealed under another key or altered on disk are treated as misses",
-                self.path,
+                "Rows sealed under another key or altered in storage are treated as misses",
+                self._backend.location,
                 exc,
             )
             return None
-        entry = CachedToken(token, expires_at, MappingProxyType(dict(extra)))
+        entry = CachedToken(
+            envelope.token, envelope.expires_at, MappingProxyType(dict(envelope.extra))
+        )
         if len(self._memo) >= _MEMO_MAX:
             self._memo.pop(next(iter(self._memo), b""), None)
-        self._memo[digest] = (nonce, entry)
+        self._memo[row.digest] = (row.nonce, entry)
         return entry
 
-    # -- the miss path, once, as a generator of steps -------------------------------------
+    def _counted(self, key: Key, snap: Snapshot) -> Lookup:
+        lookup = self.judge(key, snap, time.time())
+        if lookup.entry is None:
+            self.counters.misses += 1
+        else:
+            self.counters.hits += 1
+        return lookup
 
-    def _fill(self, key: _Key, *, refresh: bool) -> Generator[_Step, Any, CachedToken | None]:
-        """Under the key's locks: re-read, honour back-off, fetch, store unless cleared meanwhile.
-
-        With ``refresh``, a valid token no longer due for refresh means someone else
-        already refreshed it: nothing to do (returns None).
-        """
-        now = time.time()
-        entry, followup, due = self._lookup(key, now)
-        if followup is not None and entry is None:
-            yield followup
-        if entry is not None and not (refresh and due):
-            return None if refresh else entry
-        backoff = yield _Run(plan_backoff(key.digest), write=False)
-        if backoff is not None and backoff[0] > now and self.config.fetch_backoff_seconds > 0:
-            self._counters.backoff_rejections += 1
-            raise FetchBackoffError(
-                retry_after=backoff[0] - now, cause_type=backoff[1], status=backoff[2]
-            )
-        generation = yield _Run(plan_generation(), write=False)
-        self._counters.fetches += 1
-        started = time.time()
+    def _get(self, key: Key | None) -> Flight[Lookup]:
+        """A hit or a miss; storage trouble is a miss (counted, warned once)."""
+        if key is None:
+            self.counters.misses += 1
+            return Lookup(None, None, False)
         try:
-            data = yield _FETCH
-        except Exception as exc:
-            if self.config.fetch_backoff_seconds > 0:
-                status = exc.status if isinstance(exc, TokenFetchError) else None
-                until = time.time() + self.config.fetch_backoff_seconds
-                yield _Run(
-                    plan_set_backoff(key.digest, until, type(exc).__name__, status), write=True
-                )
-            raise
-        entry = normalize(data, now=started, expires_at=None, config=self.config)
-        yield from self._store_steps(key, entry, generation)
-        return entry
+            lookup = self._counted(key, (yield key.read))
+        except StorageError as exc:
+            self.storage_failed(exc)
+            self.counters.misses += 1
+            return Lookup(None, None, False)
+        if lookup.followup is not None:
+            try:
+                yield lookup.followup
+            except StorageError as exc:
+                self.storage_failed(exc)
+        return lookup
 
-    def _store_steps(
-        self, key: _Key, entry: CachedToken, generation: int | None
-    ) -> Generator[_Step, Any, None]:
+    # -- writes --------------------------------------------------------------------------------
+
+    def store(self, key: Key, entry: CachedToken, generation: int | None) -> Flight[bool]:
+        """Seal and write ``entry``. With ``generation`` (a fetch), refuse if a clear() came
+        since; without (a plain set), seal under the current generation."""
         ring = self._ring()
         if ring is None:
-            return
+            return False
         now = time.time()
-        payload: dict[str, Any] = {
-            "t": entry.token,
-            "e": entry.expires_at,
-            "s": key.scope_key,
-            "u": key.uhash,
-        }
-        if entry.extra:
-            payload["x"] = dict(entry.extra)
-        kid, nonce, ct = ring.seal(key.kind, key.digest, payload)
-        row = NewRow(key.digest, key.kind, kid, nonce, ct, entry.expires_at, now)
-        written = yield _Run(
-            plan_write(row, generation=generation, delete=key.digests[1:]), write=True, default=None
-        )
-        if written is False:
-            self._counters.stale_writes_skipped += 1
-        elif written:
-            self._memo[key.digest] = (nonce, entry)
-            for old in key.digests[1:]:
-                self._memo.pop(old, None)
+        short = entry.expires_at - self.config.token_expiry_buffer_seconds <= now
+        if short and generation is not None:
+            self.warnings.once(
+                "short-lived",
+                "a fetched token expires within token_expiry_buffer_seconds (%.0fs): it was "
+                "handed to its caller but not stored, since it could never be served. Lower "
+                "CacheConfig.token_expiry_buffer_seconds",
+                self.config.token_expiry_buffer_seconds,
+            )
+            return False
+        envelope = Envelope(entry.token, entry.expires_at, key.scope_key, key.uhash, entry.extra)
+        gen = self._generation if generation is None else generation
+        for _attempt in range(2):
+            kid, nonce, ct = ring.seal(key.kind, key.digest, gen, envelope)
+            row = SealedRow(key.digest, key.kind, kid, nonce, ct, entry.expires_at, gen, now, now)
+            if (yield Write(row, key.digests[1:])):
+                self._memo[key.digest] = (nonce, entry)
+                for old in key.digests[1:]:
+                    self._memo.pop(old, None)
+                return True
+            if generation is not None:  # the fetch began before a clear(): do not write back
+                self.counters.stale_writes_skipped += 1
+                return False
+            snap: Snapshot = yield key.read  # a clear() we had not seen: learn its generation
+            gen = self._generation = snap.generation
+        return False
 
-    def _then_prune(self, steps: Generator[_Step, Any, None]) -> Generator[_Step, Any, None]:
-        """``steps``, then a prune if one is due: after the write, outside any lock."""
-        yield from steps
-        yield from self._prune_steps(due_only=True)
-
-    def _prune_steps(self, *, due_only: bool) -> Generator[_Step, Any, int]:
-        """Prune and checkpoint; ``due_only``: only if this process has not for a while."""
-        now = time.time()
-        if due_only and now - self._last_prune < self.config.prune_interval_seconds:
-            return 0
-        self._last_prune = now
-        limits = {
-            "system": self.config.max_system_token_cache_size,
-            "user": self.config.max_user_token_cache_size,
-        }
-        removed: int = yield _Run(plan_prune(now, limits), write=True, default=0)
-        yield _Run(plan_checkpoint(truncate=not due_only), write=False)
-        return removed
-
-    # -- drivers ----------------------------------------------------------------------------
-
-    def _drive(self, steps: Generator[_Step, Any, Any], fetch: Fetch | None = None) -> Any:
-        value: Any = None
-        error: BaseException | None = None
-        while True:
-            try:
-                step = steps.throw(error) if error is not None else steps.send(value)
-            except StopIteration as done:
-                return done.value
-            error = None
-            if isinstance(step, _Run):
-                value = self._store.run(step.plan, write=step.write, default=step.default)
-            else:
-                assert fetch is not None
-                try:
-                    value = fetch()
-                except Exception as exc:
-                    error = exc
-
-    async def _adrive(self, steps: Generator[_Step, Any, Any], afetch: AFetch | None = None) -> Any:
-        value: Any = None
-        error: BaseException | None = None
-        while True:
-            try:
-                step = steps.throw(error) if error is not None else steps.send(value)
-            except StopIteration as done:
-                return done.value
-            error = None
-            if isinstance(step, _Run):
-                value = await self._store.arun(step.plan, write=step.write, default=step.default)
-            else:
-                assert afetch is not None
-                try:
-                    value = await afetch()
-                except Exception as exc:
-                    error = exc
-
-    # -- entry-level API -----------------------------------------------------------------------
-
-    def _hit(
-        self, kind: str, scope_key: str, user_jwt: str | None
-    ) -> tuple[_Key | None, CachedToken | None, _Run | None, bool]:
-        if self._epoch != fork_epoch():
-            self._fork_reset()
-        key = self._keys.get((kind, scope_key, user_jwt)) or self._key(kind, scope_key, user_jwt)
-        if key is None:
-            self._counters.misses += 1
-            return None, None, None, False
-        entry, followup, due = self._lookup(key, time.time())
-        if entry is None:
-            self._counters.misses += 1
-        else:
-            self._counters.hits += 1
-        return key, entry, followup, due
-
-    def get_entry(
-        self, kind: Kind, scope_key: str, *, user_jwt: str | None = None
-    ) -> CachedToken | None:
-        """The cached token, or None (missing, expired within the buffer, unreadable)."""
-        _, entry, followup, _ = self._hit(kind, scope_key, user_jwt)
-        if followup is not None:
-            self._store.run(followup.plan, write=True, default=None)
-        return entry
-
-    async def aget_entry(
-        self, kind: Kind, scope_key: str, *, user_jwt: str | None = None
-    ) -> CachedToken | None:
-        """Async twin of ``get_entry``."""
-        _, entry, followup, _ = self._hit(kind, scope_key, user_jwt)
-        if followup is not None:
-            await self._store.arun(followup.plan, write=True, default=None)
-        return entry
-
-    def _set_steps(
+    def _set(
         self,
         kind: str,
         scope_key: str,
         token_data: TokenData,
         user_jwt: str | None,
         expires_at: float | None,
-    ) -> tuple[CachedToken, Generator[_Step, Any, None] | None]:
-        self._check_fork()
+        stored: list[bool],
+    ) -> Flight[CachedToken]:
+        key = self._key(kind, scope_key, user_jwt)
         entry = normalize(token_data, now=time.time(), expires_at=expires_at, config=self.config)
+        ok = False
+        if key is not None:
+            try:
+                ok = yield from self.store(key, entry, None)
+                yield from self.prune_if_due()
+            except StorageError as exc:
+                self.storage_failed(exc)
+        if not ok:  # why was warned where it happened (storage, key, clear race)
+            self.counters.sets_not_stored += 1
+        stored.append(ok)
+        return entry
+
+    def _invalidate(
+        self, kind: str, scope_key: str, user_jwt: str | None, token: str | None
+    ) -> Flight[bool]:
         key = self._key(kind, scope_key, user_jwt)
         if key is None:
-            return entry, None
-        return entry, self._then_prune(self._store_steps(key, entry, None))
+            return False  # no usable key: nothing of ours can be in service
+        try:
+            if token is None:
+                for digest in key.digests:
+                    self._memo.pop(digest, None)
+                removed: int = yield Delete(key.digests)
+                return removed > 0
+            snap: Snapshot = yield key.read
+            row = snap.row
+            if row is None:
+                return False
+            entry = self.judge(key, snap, time.time()).entry
+            if entry is not None and not hmac.compare_digest(entry.token, token):
+                return False  # another process already replaced the rejected token: keep it
+            self._memo.pop(row.digest, None)
+            gone: int = yield Delete((row.digest,), row.nonce)
+            return gone > 0
+        except StorageError as exc:
+            raise_if(self._reported(exc, "invalidate"))
+        return False
+
+    def _clear(self) -> Flight[None]:
+        self._memo.clear()
+        try:
+            self._generation = yield Clear()
+        except StorageError as exc:
+            raise_if(self._reported(exc, "clear"))
+
+    def prune_if_due(self) -> Flight[int]:
+        """Prune after a write if this process has not for ``prune_interval_seconds``."""
+        if time.time() - self._last_prune < self.config.prune_interval_seconds:
+            return 0
+        return (yield from self._prune(compact=False))
+
+    def _prune(self, *, compact: bool) -> Flight[int]:
+        now = self._last_prune = time.time()
+        limits = {
+            "system": self.config.max_system_token_cache_size,
+            "user": self.config.max_user_token_cache_size,
+        }
+        removed: int = yield Prune(now, limits, compact)
+        return removed
+
+    def _prune_reported(self) -> Flight[int]:
+        try:
+            return (yield from self._prune(compact=True))
+        except StorageError as exc:
+            raise_if(self._reported(exc, "prune"))
+        return 0
+
+    def _reported(self, exc: StorageError, what: str) -> CacheStorageError | None:
+        """The error a change that did not happen raises; None for an unusable store.
+
+        An unusable store (no file, newer schema) serves this process nothing, so there is
+        nothing of its to forget: that is counted, not raised.
+        """
+        self.storage_failed(exc)
+        if isinstance(exc, StorageUnavailable):
+            return None
+        return CacheStorageError(
+            f"{what} did not take effect: {exc}; the token cache was not changed (retry, or "
+            "run `agw-cache doctor`)"
+        )
+
+    # -- trouble, counted once -----------------------------------------------------------------
+
+    def storage_failed(self, exc: StorageError) -> None:
+        """Count a storage failure and warn once; the caller carries on without the cache."""
+        self.counters.storage_errors += 1
+        if isinstance(exc, StorageUnavailable):
+            return  # the store said why when it gave up on the file
+        self.warnings.once(
+            f"storage:{exc}",
+            "token cache operation failed on %s (%s); carrying on without it",
+            self._backend.location,
+            exc,
+        )
+
+    def lock_trouble(self, result: LockResult, key: Key) -> None:
+        """A lock not had: after a timeout, or because the lock itself failed (I/O)."""
+        if result is LockResult.TIMEOUT:
+            self.counters.lock_timeouts += 1
+            self.warnings.once(
+                "lock",
+                "waited %.1fs for another process's token fetch; fetching anyway "
+                "(raise CacheConfig.lock_timeout_seconds if fetches are slow)",
+                self.config.lock_timeout_seconds,
+            )
+        else:
+            self.counters.lock_errors += 1
+            self.warnings.once(
+                "lock-error",
+                "the cross-process lock of the token cache at %s failed; fetching without "
+                "de-duplication across processes (run `agw-cache doctor`)",
+                self._backend.location,
+            )
+
+    # -- entry-level API: the core -------------------------------------------------------------
+
+    def get_entry(
+        self, kind: Kind, scope_key: str, *, user_jwt: str | None = None
+    ) -> CachedToken | None:
+        """The cached token, or None (missing, expired within the buffer, unreadable)."""
+        self._check_fork()
+        return self._driver.run(self._get(self._key(kind, scope_key, user_jwt))).entry
+
+    async def aget_entry(
+        self, kind: Kind, scope_key: str, *, user_jwt: str | None = None
+    ) -> CachedToken | None:
+        """Async twin of ``get_entry``."""
+        self._check_fork()
+        await self._aring()
+        return (await self._driver.arun(self._get(self._key(kind, scope_key, user_jwt)))).entry
 
     def set_entry(
         self,
@@ -470,11 +441,25 @@ class PersistentTokenCache:
         user_jwt: str | None = None,
         expires_at: float | None = None,
     ) -> CachedToken:
-        """Store a token (committed and visible to every process when this returns)."""
-        entry, steps = self._set_steps(kind, scope_key, token_data, user_jwt, expires_at)
-        if steps is not None:
-            self._drive(steps)
-        return entry
+        """Store a token, committed and visible to every process when this returns.
+
+        A token that could not be stored (storage trouble) is counted in
+        ``stats().sets_not_stored`` and warned about; ``set_system_token`` says so.
+        """
+        return self._set_stored(kind, scope_key, token_data, user_jwt, expires_at)[0]
+
+    def _set_stored(
+        self,
+        kind: str,
+        scope_key: str,
+        token_data: TokenData,
+        user_jwt: str | None,
+        expires_at: float | None,
+    ) -> tuple[CachedToken, bool]:
+        self._check_fork()
+        stored: list[bool] = []
+        flight = self._set(kind, scope_key, token_data, user_jwt, expires_at, stored)
+        return self._driver.run(flight), stored[0]
 
     async def aset_entry(
         self,
@@ -486,29 +471,21 @@ class PersistentTokenCache:
         expires_at: float | None = None,
     ) -> CachedToken:
         """Async twin of ``set_entry``."""
-        entry, steps = self._set_steps(kind, scope_key, token_data, user_jwt, expires_at)
-        if steps is not None:
-            await self._adrive(steps)
-        return entry
+        return (await self._aset_stored(kind, scope_key, token_data, user_jwt, expires_at))[0]
 
-    def _invalidate_plan(
-        self, kind: str, scope_key: str, user_jwt: str | None, token: str | None
-    ) -> Plan[int] | None:
+    async def _aset_stored(
+        self,
+        kind: str,
+        scope_key: str,
+        token_data: TokenData,
+        user_jwt: str | None,
+        expires_at: float | None,
+    ) -> tuple[CachedToken, bool]:
         self._check_fork()
-        key = self._key(kind, scope_key, user_jwt)
-        if key is None:
-            return None
-        if token is None:
-            for digest in key.digests:
-                self._memo.pop(digest, None)
-            return plan_delete(key.digests)
-        current = self._current(key)
-        if current is None:
-            return None
-        digest, row, entry = current
-        if entry is not None and not hmac.compare_digest(entry.token, token):
-            return None  # another process already replaced the rejected token: keep theirs
-        return plan_delete_if_nonce(digest, row[0])
+        await self._aring()
+        stored: list[bool] = []
+        flight = self._set(kind, scope_key, token_data, user_jwt, expires_at, stored)
+        return await self._driver.arun(flight), stored[0]
 
     def invalidate_entry(
         self, kind: Kind, scope_key: str, *, user_jwt: str | None = None, token: str | None = None
@@ -516,132 +493,101 @@ class PersistentTokenCache:
         """Forget a token in every process (e.g. after the server answered 401).
 
         With ``token``, only if the cache still holds that very token: a replacement another
-        process fetched meanwhile stays. Returns whether a row was removed.
+        process fetched meanwhile stays. Returns whether a row was removed; raises
+        ``CacheStorageError`` if the store could not be changed (a revoked token must not
+        stay in service silently).
         """
-        plan = self._invalidate_plan(kind, scope_key, user_jwt, token)
-        return plan is not None and self._store.run(plan, write=True, default=0) > 0
+        self._check_fork()
+        return self._driver.run(self._invalidate(kind, scope_key, user_jwt, token))
 
     async def ainvalidate_entry(
         self, kind: Kind, scope_key: str, *, user_jwt: str | None = None, token: str | None = None
     ) -> bool:
         """Async twin of ``invalidate_entry``."""
-        plan = self._invalidate_plan(kind, scope_key, user_jwt, token)
-        return plan is not None and await self._store.arun(plan, write=True, default=0) > 0
+        self._check_fork()
+        await self._aring()
+        return await self._driver.arun(self._invalidate(kind, scope_key, user_jwt, token))
 
     def fetch_entry(
         self, kind: Kind, scope_key: str, fetch: Fetch, *, user_jwt: str | None = None
     ) -> CachedToken:
         """Get-or-fetch with single flight: one fetch per key for every process on the host."""
-        key, entry, followup, due = self._hit(kind, scope_key, user_jwt)
-        if followup is not None:
-            self._store.run(followup.plan, write=True, default=None)
-        if entry is not None:
-            if due and key is not None and self._may_refresh(key):
+        self._check_fork()
+        key = self._key(kind, scope_key, user_jwt)
+        lookup = self._driver.run(self._get(key))
+        if lookup.entry is not None:
+            if lookup.due and key is not None and self._may_refresh(key):
                 threading.Thread(
                     target=self._refresh, args=(key, fetch), name="agw-cache-refresh", daemon=True
                 ).start()
-            return entry
-        if key is None or self._store.disabled_reason is not None:
+            return lookup.entry
+        if key is None or self._backend.unavailable:
             return self._direct(fetch())
-        deadline = time.monotonic() + self.config.lock_timeout_seconds
-        with self._locks.local(key.digest, deadline) as local_ok:
-            entry = self._peek(key)  # another thread here may just have fetched it
-            if entry is not None:
-                return entry
-            with self._locks.cross_process(key.digest, deadline) as file_ok:
-                if not (local_ok and file_ok):
-                    self._lock_timed_out()
-                result: CachedToken = self._drive(self._fill(key, refresh=False), fetch)
-        self._drive(self._prune_steps(due_only=True))
-        return result
+        entry = self._driver.run(fill(self, key, refresh=False), fetch)
+        assert entry is not None
+        return entry
 
     async def afetch_entry(
         self, kind: Kind, scope_key: str, afetch: AFetch, *, user_jwt: str | None = None
     ) -> CachedToken:
         """Async twin of ``fetch_entry``."""
-        key, entry, followup, due = self._hit(kind, scope_key, user_jwt)
-        if followup is not None:
-            await self._store.arun(followup.plan, write=True, default=None)
-        if entry is not None:
-            if due and key is not None and self._may_refresh(key):
+        self._check_fork()
+        await self._aring()
+        key = self._key(kind, scope_key, user_jwt)
+        lookup = await self._driver.arun(self._get(key))
+        if lookup.entry is not None:
+            if lookup.due and key is not None and self._may_refresh(key):
                 task = asyncio.get_running_loop().create_task(self._arefresh(key, afetch))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-            return entry
-        if key is None or self._store.disabled_reason is not None:
+            return lookup.entry
+        if key is None or self._backend.unavailable:
             return self._direct(await afetch())
-        deadline = time.monotonic() + self.config.lock_timeout_seconds
-        async with self._locks.alocal(key.digest, deadline) as local_ok:
-            entry = self._peek(key)  # another task here may just have fetched it
-            if entry is not None:
-                return entry
-            async with self._locks.across_process(key.digest, deadline) as file_ok:
-                if not (local_ok and file_ok):
-                    self._lock_timed_out()
-                result: CachedToken = await self._adrive(self._fill(key, refresh=False), afetch)
-        await self._adrive(self._prune_steps(due_only=True))
-        return result
-
-    def _peek(self, key: _Key) -> CachedToken | None:
-        """A valid entry, read without counting or writing: the re-check under a lock."""
-        return self._lookup(key, time.time())[0]
+        entry = await self._driver.arun(fill(self, key, refresh=False), afetch)
+        assert entry is not None
+        return entry
 
     def _direct(self, data: TokenData) -> CachedToken:
         """The cache is unusable: hand the fetched token straight through."""
-        self._counters.fetches += 1
+        self.counters.fetches += 1
         return normalize(data, now=time.time(), expires_at=None, config=self.config)
 
-    def _lock_timed_out(self) -> None:
-        self._counters.lock_timeouts += 1
-        self._store.warn(
-            "lock",
-            "waited %.1fs for another process's token fetch; fetching anyway "
-            "(raise CacheConfig.lock_timeout_seconds if fetches are slow)",
-            self.config.lock_timeout_seconds,
-        )
+    # -- refresh ahead -------------------------------------------------------------------------
 
-    # -- refresh ahead ---------------------------------------------------------------------------
-
-    def _may_refresh(self, key: _Key) -> bool:
+    def _may_refresh(self, key: Key) -> bool:
         """At most one attempt per key per process every couple of seconds."""
         now = time.monotonic()
         if now - self._refresh_attempts.get(key.digest, -1e9) < _REFRESH_RETRY_SECONDS:
             return False
+        if len(self._refresh_attempts) >= _MEMO_MAX:
+            self._refresh_attempts.clear()
         self._refresh_attempts[key.digest] = now
         return True
 
-    def _refresh_failed(self, exc: BaseException) -> None:
-        self._store.warn(
-            "refresh",
-            "background token refresh failed (%s); the cached token stays in use until it expires",
-            type(exc).__name__,
-        )
+    def _refreshed(self, outcome: CachedToken | BaseException | None) -> None:
+        if isinstance(outcome, BaseException):
+            self.warnings.once(
+                "refresh",
+                "background token refresh failed (%s); the cached token stays in use until "
+                "it expires",
+                type(outcome).__name__,
+            )
+        elif outcome is not None:
+            self.counters.refreshes += 1
 
-    def _refresh(self, key: _Key, fetch: Fetch) -> None:
-        flock = self._locks.try_file_lock(key.digest)
-        if flock is None:
-            return
+    def _refresh(self, key: Key, fetch: Fetch) -> None:
         try:
-            if self._drive(self._fill(key, refresh=True), fetch) is not None:
-                self._counters.refreshes += 1
+            self._refreshed(self._driver.run(fill(self, key, refresh=True), fetch))
         except Exception as exc:
-            self._refresh_failed(exc)
-        finally:
-            flock.release()
+            self._refreshed(exc)
 
-    async def _arefresh(self, key: _Key, afetch: AFetch) -> None:
-        flock = self._locks.try_file_lock(key.digest)  # non-blocking: no loop stall
-        if flock is None:
-            return
+    async def _arefresh(self, key: Key, afetch: AFetch) -> None:
         try:
-            if await self._adrive(self._fill(key, refresh=True), afetch) is not None:
-                self._counters.refreshes += 1
+            self._refreshed(await self._driver.arun(fill(self, key, refresh=True), afetch))
         except Exception as exc:
-            self._refresh_failed(exc)
-        finally:
-            flock.release()
+            self._refreshed(exc)
 
-    # -- the system / user API of sap-cloud-sdk's _TokenCache, plus get-or-fetch ------------------
+    # -- the system / user API of sap-cloud-sdk's _TokenCache, plus get-or-fetch ---------------
 
     def get_system_token(self, scope_key: str) -> str | None:
         """The cached system token for ``scope_key``, or None."""
@@ -650,9 +596,11 @@ class PersistentTokenCache:
 
     def set_system_token(
         self, scope_key: str, token_data: TokenData, *, expires_at: float | None = None
-    ) -> None:
-        """Store a system token (``expires_at`` epoch seconds overrides the response)."""
-        self.set_entry("system", scope_key, token_data, expires_at=expires_at)
+    ) -> bool:
+        """Store a system token (``expires_at`` epoch seconds overrides the response).
+
+        Returns whether it was stored (False: counted and warned, e.g. disk full)."""
+        return self._set_stored("system", scope_key, token_data, None, expires_at)[1]
 
     def invalidate_system_token(self, scope_key: str) -> None:
         """Forget a system token in every process."""
@@ -670,9 +618,9 @@ class PersistentTokenCache:
         token_data: TokenData,
         *,
         expires_at: float | None = None,
-    ) -> None:
-        """Store a user token (``expires_at`` epoch seconds overrides the response)."""
-        self.set_entry("user", scope_key, token_data, user_jwt=user_jwt, expires_at=expires_at)
+    ) -> bool:
+        """Store a user token; returns whether it was stored."""
+        return self._set_stored("user", scope_key, token_data, user_jwt, expires_at)[1]
 
     def invalidate_user_token(self, user_jwt: str, scope_key: str) -> None:
         """Forget a user token in every process."""
@@ -693,9 +641,9 @@ class PersistentTokenCache:
 
     async def aset_system_token(
         self, scope_key: str, token_data: TokenData, *, expires_at: float | None = None
-    ) -> None:
+    ) -> bool:
         """Async twin of ``set_system_token``."""
-        await self.aset_entry("system", scope_key, token_data, expires_at=expires_at)
+        return (await self._aset_stored("system", scope_key, token_data, None, expires_at))[1]
 
     async def ainvalidate_system_token(self, scope_key: str) -> None:
         """Async twin of ``invalidate_system_token``."""
@@ -713,11 +661,9 @@ class PersistentTokenCache:
         token_data: TokenData,
         *,
         expires_at: float | None = None,
-    ) -> None:
+    ) -> bool:
         """Async twin of ``set_user_token``."""
-        await self.aset_entry(
-            "user", scope_key, token_data, user_jwt=user_jwt, expires_at=expires_at
-        )
+        return (await self._aset_stored("user", scope_key, token_data, user_jwt, expires_at))[1]
 
     async def ainvalidate_user_token(self, user_jwt: str, scope_key: str) -> None:
         """Async twin of ``invalidate_user_token``."""
@@ -731,115 +677,138 @@ class PersistentTokenCache:
         """Async twin of ``user_token``."""
         return (await self.afetch_entry("user", scope_key, afetch, user_jwt=user_jwt)).token
 
-    # -- whole-cache operations ------------------------------------------------------------------
+    # -- whole-cache operations ----------------------------------------------------------------
 
     def clear(self) -> None:
-        """Truncate the tokens table for every process; in-flight fetches will not write back."""
+        """Empty the cache for every process; in-flight fetches will not write back.
+
+        Raises ``CacheStorageError`` if the store could not be changed."""
         self._check_fork()
-        self._memo.clear()
-        self._store.run(plan_clear(), write=True, default=None)
+        self._driver.run(self._clear())
 
     async def aclear(self) -> None:
         """Async twin of ``clear``."""
         self._check_fork()
-        self._memo.clear()
-        await self._store.arun(plan_clear(), write=True, default=None)
+        await self._driver.arun(self._clear())
 
     def prune(self) -> int:
         """Remove expired rows, then least recently used ones over the size limits."""
         self._check_fork()
-        removed: int = self._drive(self._prune_steps(due_only=False))
-        return removed
+        return self._driver.run(self._prune_reported())
 
     async def aprune(self) -> int:
         """Async twin of ``prune``."""
         self._check_fork()
-        removed: int = await self._adrive(self._prune_steps(due_only=False))
-        return removed
+        return await self._driver.arun(self._prune_reported())
 
-    def stats(self) -> CacheStats:
-        """Counters of this process and facts about the file shared by all."""
-        self._check_fork()
-        facts = self._store.run(plan_facts(time.time()), write=False, default=None) or {
-            "entries_system": 0,
-            "entries_user": 0,
-            "entries_expired": 0,
-            "oldest_expiry": None,
-            "newest_expiry": None,
-            "schema_version": None,
-            "key_ids_in_use": (),
-        }
-        c = self._counters
+    def _facts(self) -> Flight[CacheStats]:
+        try:
+            facts = yield GetFacts(time.time())
+        except StorageError as exc:
+            self.storage_failed(exc)
+            facts = None
+        c = self.counters
         return CacheStats(
             hits=c.hits,
             misses=c.misses,
             fetches=c.fetches,
             stale_writes_skipped=c.stale_writes_skipped,
             lock_timeouts=c.lock_timeouts,
+            lock_errors=c.lock_errors,
             decrypt_failures=c.decrypt_failures,
             storage_errors=c.storage_errors,
+            sets_not_stored=c.sets_not_stored,
             refreshes=c.refreshes,
             backoff_rejections=c.backoff_rejections,
-            file_bytes=_size(self.path),
-            wal_bytes=_size(self.path.with_name(self.path.name + "-wal")),
-            disabled_reason=self._store.disabled_reason,
-            **facts,
+            entries_system=facts.entries_system if facts else 0,
+            entries_user=facts.entries_user if facts else 0,
+            entries_expired=facts.entries_expired if facts else 0,
+            oldest_expiry=facts.oldest_expiry if facts else None,
+            newest_expiry=facts.newest_expiry if facts else None,
+            file_bytes=facts.file_bytes if facts else 0,
+            wal_bytes=facts.wal_bytes if facts else 0,
+            schema_version=facts.schema_version if facts else None,
+            key_ids_in_use=facts.key_ids_in_use if facts else (),
+            disabled_reason=self._backend.unavailable,
+            backend=self._backend.name,
         )
+
+    def stats(self) -> CacheStats:
+        """Counters of this process and facts about the store shared by all."""
+        self._check_fork()
+        return self._driver.run(self._facts())
+
+    async def astats(self) -> CacheStats:
+        """Async twin of ``stats``."""
+        self._check_fork()
+        return await self._driver.arun(self._facts())
+
+    def _list(self) -> Flight[list[EntryInfo]]:
+        try:
+            rows = yield ListRows()
+        except StorageError as exc:
+            self.storage_failed(exc)
+            return []
+        return [
+            EntryInfo(r.kind, r.digest.hex()[:12], r.expires_at, r.last_used, r.created_at, r.kid)
+            for r in rows
+        ]
 
     def list_entries(self) -> list[EntryInfo]:
         """One record per row, metadata only."""
         self._check_fork()
-        rows = self._store.run(plan_list(), write=False, default=[])
-        return [
-            EntryInfo(kind, bytes(k).hex()[:12], exp, used, created, kid)
-            for kind, k, exp, used, created, kid in rows
-        ]
+        return self._driver.run(self._list())
 
-    def reseal(self, *, batch: int = 256) -> int:
-        """Re-seal every row not under the primary key; rows no key opens are left to expire.
-
-        Runs in small transactions, so workers keep reading and writing meanwhile.
-        """
+    async def alist_entries(self) -> list[EntryInfo]:
+        """Async twin of ``list_entries``."""
         self._check_fork()
+        return await self._driver.arun(self._list())
+
+    def _reseal(self, batch: int) -> Flight[int]:
+        """Re-seal every row not under the primary key; rows no key opens are left to expire."""
         ring = self._ring()
         if ring is None:
             return 0
         done = 0
-        skip: set[bytes] = set()
+        skip: tuple[bytes, ...] = ()
         while True:
-            rows = self._store.run(
-                plan_rows_not_under(ring.primary.kid, batch + len(skip)), write=False, default=[]
-            )
-            todo = [r for r in rows if bytes(r[0]) not in skip]
-            if not todo:
+            rows: list[SealedRow] = yield RowsNotUnder(ring.primary.kid, batch, skip)
+            if not rows:
                 return done
-            for k, kind, kid, nonce, ct, expires_at, created_at in todo:
-                digest = bytes(k)
+            for row in rows:
                 try:
-                    payload = ring.open(kind, digest, kid, nonce, ct)
+                    envelope = ring.open(row)
                 except UnsealError:
-                    skip.add(digest)
+                    skip += (row.digest,)
                     continue
-                new_digest = ring.digest(
-                    ring.primary, ring.digest_input(kind, payload["s"], payload["u"])
-                )
-                new_kid, new_nonce, new_ct = ring.seal(
-                    kind, new_digest, {k: v for k, v in payload.items() if k != "v"}
-                )
-                row = NewRow(new_digest, kind, new_kid, new_nonce, new_ct, expires_at, time.time())
-                self._store.run(plan_replace(digest, row, created_at), write=True, default=None)
-                self._memo.pop(digest, None)
+                (digest, *_) = ring.digests(row.kind, envelope.scope_key, envelope.uhash)
+                kid, nonce, ct = ring.seal(row.kind, digest, row.generation, envelope)
+                new = row._replace(digest=digest, kid=kid, nonce=nonce, ct=ct)
+                yield Replace(row.digest, new)
+                self._memo.pop(row.digest, None)
                 done += 1
 
+    def reseal(self, *, batch: int = 256) -> int:
+        """Re-seal every row not under the primary key, in small transactions (workers keep
+        reading and writing meanwhile); rows no configured key opens are left to expire."""
+        self._check_fork()
+        return self._driver.run(self._reseal(batch))
+
+    async def areseal(self, *, batch: int = 256) -> int:
+        """Async twin of ``reseal``."""
+        self._check_fork()
+        await self._aring()
+        return await self._driver.arun(self._reseal(batch))
+
     def close(self) -> None:
-        """Close this process's connections (the file and other processes are unaffected)."""
-        self._store.close()
+        """Close this process's connections (the store and other processes are unaffected)."""
+        self._backend.close()
 
     async def aclose(self) -> None:
-        """Async twin of ``close``."""
+        """Async twin of ``close``; also cancels this loop's background refreshes."""
         for task in list(self._tasks):
             task.cancel()
-        await self._store.aclose()
+        await self._backend.aclose()
 
     def __enter__(self) -> PersistentTokenCache:
         return self
@@ -864,11 +833,35 @@ class PersistentTokenCache:
         await self.aclose()
 
     def __repr__(self) -> str:
-        return f"PersistentTokenCache(path={str(self.path)!r}, key_source={self.key_source!r})"
+        return (
+            f"PersistentTokenCache(path={str(self.path)!r}, backend={self._backend.name!r}, "
+            f"key_source={self.key_source!r})"
+        )
 
 
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
+def _check_identity(kind: str, scope_key: str, user_jwt: str | None) -> None:
+    """Arguments are checked once, here; messages name them and never echo their values."""
+    if kind not in ("system", "user"):
+        raise CacheUsageError("kind must be 'system' or 'user'")
+    if not isinstance(scope_key, str):
+        raise CacheUsageError(f"scope_key must be a str, not {type(scope_key).__name__}")
+    if len(scope_key) > MAX_SCOPE_KEY_CHARS:
+        raise CacheUsageError(f"scope_key is longer than {MAX_SCOPE_KEY_CHARS} characters")
+    if kind == "system":
+        if user_jwt is not None:
+            raise CacheUsageError("user_jwt must be None for system tokens")
+        return
+    if not isinstance(user_jwt, str):
+        raise CacheUsageError(
+            f"user_jwt must be a str for user tokens, not {type(user_jwt).__name__}"
+        )
+    if not user_jwt.strip():
+        raise CacheUsageError("user_jwt must not be empty or whitespace for user tokens")
+    if len(user_jwt) > MAX_USER_JWT_CHARS:
+        raise CacheUsageError(f"user_jwt is longer than {MAX_USER_JWT_CHARS} characters")
+
+
+def raise_if(error: CacheStorageError | None) -> None:
+    """Raise ``error`` if there is one, without chaining the storage error behind it."""
+    if error is not None:
+        raise error from None

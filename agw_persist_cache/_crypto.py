@@ -12,14 +12,12 @@ import binascii
 import errno
 import hashlib
 import hmac
-import json
 import os
 import secrets
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -28,13 +26,11 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ._config import ENV_KEY, CacheConfig
 from ._errors import CacheConfigError
+from .backends.contract import SealedRow
 
-ENVELOPE_VERSION = 1
+ENVELOPE_VERSION = 2
 KEY_BYTES = 32
 NONCE_BYTES = 12
-
-
-_JSON = json.JSONEncoder(separators=(",", ":"))
 
 
 class UnsealError(Exception):
@@ -81,9 +77,14 @@ def keys_from_config(config: CacheConfig) -> KeySource | None:
             "config",
             None,
         )
-    env = os.environ.get(ENV_KEY, "").strip()
-    if env:
+    env = os.environ.get(ENV_KEY)
+    if env is not None:
         parts = [p for p in (s.strip() for s in env.split(",")) if p]
+        if not parts:  # secret injection failed: never fall back to a per-host key file
+            raise CacheConfigError(
+                f"{ENV_KEY} is set but empty; give the key (urlsafe base64 of 32 bytes) or "
+                "unset the variable to use a key file"
+            )
         return KeySource(
             tuple(decode_key(p, what=f"{ENV_KEY} entry {i + 1}") for i, p in enumerate(parts)),
             "env",
@@ -131,12 +132,62 @@ class _Key:
 
 def _field(value: str) -> bytes:
     raw = value.encode("utf-8", "surrogatepass")
-    return struct.pack(">I", len(raw)) + raw
+    return _LEN.pack(len(raw)) + raw
+
+
+_LEN = struct.Struct(">I")
+_HEAD = struct.Struct(">Bd")  # envelope version, expires_at
 
 
 def user_hash(user_jwt: str | None) -> str:
     """The user JWT enters digests and envelopes only as its SHA-256."""
-    return "" if user_jwt is None else hashlib.sha256(user_jwt.encode("utf-8")).hexdigest()
+    if user_jwt is None:
+        return ""
+    return hashlib.sha256(user_jwt.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """What a row seals: the token, its expiry, the identity it belongs to and its extras."""
+
+    token: str
+    expires_at: float
+    scope_key: str
+    uhash: str
+    extra: Mapping[str, str]
+
+    def __repr__(self) -> str:
+        return "Envelope(<sealed>)"
+
+    def pack(self) -> bytes:
+        """Compact binary form: version, expiry, then length-prefixed UTF-8 strings."""
+        parts = [_HEAD.pack(ENVELOPE_VERSION, self.expires_at)]
+        parts += [_field(self.token), _field(self.scope_key), _field(self.uhash)]
+        for name, value in self.extra.items():
+            parts += [_field(name), _field(value)]
+        return b"".join(parts)
+
+    @classmethod
+    def unpack(cls, plain: bytes) -> Envelope:
+        """The inverse of :meth:`pack`; ``UnsealError`` for anything else (e.g. version 1)."""
+        try:
+            version, expires_at = _HEAD.unpack_from(plain)
+            if version != ENVELOPE_VERSION:
+                raise UnsealError("unknown envelope version")
+            strings, at = [], _HEAD.size
+            while at < len(plain):
+                (size,) = _LEN.unpack_from(plain, at)
+                at += _LEN.size + size
+                if at > len(plain):
+                    raise UnsealError("truncated envelope")
+                strings.append(plain[at - size : at].decode("utf-8", "surrogatepass"))
+        except (struct.error, UnicodeDecodeError) as exc:
+            raise UnsealError("malformed envelope") from exc
+        if len(strings) < 3 or len(strings) % 2 == 0:
+            raise UnsealError("malformed envelope")
+        token, scope_key, uhash, *rest = strings
+        extra = dict(zip(rest[::2], rest[1::2], strict=True))
+        return cls(token, expires_at, scope_key, uhash, extra)
 
 
 class Keyring:
@@ -150,54 +201,51 @@ class Keyring:
         self._by_kid = {k.kid: k for k in self.keys}
         self.kids = tuple(k.kid for k in self.keys)
 
+    def __repr__(self) -> str:
+        return f"Keyring(kids={self.kids!r})"
+
     @staticmethod
     def digest_input(kind: str, scope_key: str, uhash: str) -> bytes:
         """Unambiguous, length-prefixed encoding of what identifies a row."""
         return b"agw1" + _field(kind) + _field(scope_key) + _field(uhash)
 
-    @staticmethod
-    def digest(key: _Key, message: bytes) -> bytes:
-        """Full-length HMAC-SHA-256: a truncated digest could hand one user another's token."""
-        return hmac.digest(key.mac, message, "sha256")
+    def digests(self, kind: str, scope_key: str, uhash: str) -> tuple[bytes, ...]:
+        """Full-length HMAC-SHA-256 under every key, the sealing key's first.
+
+        Never truncated: a collision could hand one user another user's token.
+        """
+        message = self.digest_input(kind, scope_key, uhash)
+        return tuple(hmac.digest(key.mac, message, "sha256") for key in self.keys)
 
     @staticmethod
-    def _aad(kind: str, kid: bytes, digest: bytes) -> bytes:
-        return (
-            b"agw-persist-cache\x00%d\x00%s\x00%s\x00"
-            % (
-                ENVELOPE_VERSION,
-                kind.encode("ascii"),
-                kid,
-            )
-            + digest
+    def _aad(kind: str, kid: bytes, generation: int, digest: bytes) -> bytes:
+        # Binds the ciphertext to its row and to the clear() generation it was written in:
+        # moved to another row, or replayed after a clear(), it does not open.
+        return b"agw-persist-cache\x00%d\x00%s\x00%s\x00%d\x00%s" % (
+            ENVELOPE_VERSION,
+            kind.encode("ascii"),
+            kid,
+            generation,
+            digest,
         )
 
     def seal(
-        self, kind: str, digest: bytes, payload: Mapping[str, Any]
+        self, kind: str, digest: bytes, generation: int, envelope: Envelope
     ) -> tuple[str, bytes, bytes]:
-        """(key id, nonce, ciphertext) of a JSON envelope bound to its row."""
+        """(key id, nonce, ciphertext) of ``envelope``, bound to its row."""
         key = self.primary
         nonce = os.urandom(NONCE_BYTES)
-        plain = _JSON.encode({"v": ENVELOPE_VERSION, **payload}).encode()
-        return (
-            key.kid,
-            nonce,
-            key.aead.encrypt(nonce, plain, self._aad(kind, key.kid_bytes, digest)),
-        )
+        aad = self._aad(kind, key.kid_bytes, generation, digest)
+        return key.kid, nonce, key.aead.encrypt(nonce, envelope.pack(), aad)
 
-    def open(self, kind: str, digest: bytes, kid: str, nonce: bytes, ct: bytes) -> dict[str, Any]:
-        """The envelope of a row; ``UnsealError`` if it does not open under this row's identity."""
-        key = self._by_kid.get(kid)
+    def open(self, row: SealedRow) -> Envelope:
+        """The envelope of a row; ``UnsealError`` if it does not open as this very row."""
+        key = self._by_kid.get(row.kid)
         if key is None:
             raise UnsealError("sealed under a key this process does not have")
+        aad = self._aad(row.kind, key.kid_bytes, row.generation, row.digest)
         try:
-            plain = key.aead.decrypt(nonce, ct, self._aad(kind, key.kid_bytes, digest))
+            plain = key.aead.decrypt(row.nonce, row.ct, aad)
         except (InvalidTag, ValueError) as exc:
             raise UnsealError("ciphertext does not authenticate for this row") from exc
-        try:
-            payload = json.loads(plain)
-        except ValueError as exc:
-            raise UnsealError("envelope is not JSON") from exc
-        if not isinstance(payload, dict) or payload.get("v") != ENVELOPE_VERSION:
-            raise UnsealError("unknown envelope version")
-        return payload
+        return Envelope.unpack(plain)

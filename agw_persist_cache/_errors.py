@@ -7,12 +7,15 @@ Hierarchy::
     │                                  a CacheConfig value or env var is invalid
     ├── CacheUsageError(CacheError, ValueError, TypeError)
     │                                  an argument of a call is invalid (named, never echoed)
+    ├── CacheStorageError(CacheError)  clear / invalidate / prune did not take effect
     └── TokenFetchError(CacheError)    the identity service did not hand out a token
         └── FetchBackoffError          a recent fetch for this key failed; failing fast
 
 Messages never contain token material, user JWTs, scopes or keys.
-Storage problems (corrupt, unwritable, locked, full or newer-schema files) are
-*not* raised: the cache logs one warning, counts it and degrades to fetching.
+Storage problems (corrupt, unwritable, locked, full or newer-schema files) never
+fail a get or a get-or-fetch: the cache logs one warning, counts it and degrades to
+fetching. Writes tell the truth: ``clear()``, ``invalidate_*`` and ``prune()`` take
+effect or raise ``CacheStorageError``; ``set_*`` returns whether it stored.
 """
 
 from __future__ import annotations
@@ -31,6 +34,14 @@ class CacheUsageError(CacheError, ValueError, TypeError):
 
     Both a ``ValueError`` and a ``TypeError``, so code written against either keeps
     working. The message names the argument and never echoes its value.
+    """
+
+
+class CacheStorageError(CacheError):
+    """A change to the cache (clear, invalidate, prune) did not take effect.
+
+    Raised rather than ignored: a silent no-op ``clear()`` or ``invalidate`` would leave
+    a revoked token in service. Retrying later, or ``agw-cache doctor``, is the way out.
     """
 
 

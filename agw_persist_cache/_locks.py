@@ -1,148 +1,118 @@
-"""Per-key single flight: an in-process lock in front of a cross-process file lock.
+"""Per-key single flight: an in-process lock in front of the backend's cross-process lock.
 
-The file locks are striped over a fixed set of files beside the database (100k
-users must not mean 100k files). They are ``flock`` locks: a holder that dies
-frees its lock at once, and lock files are never unlinked (that would split the
-inode and break mutual exclusion).
+The in-process lock (a ``threading.Lock`` for threads, an ``asyncio.Lock`` per event
+loop for tasks) lets one caller per process go on to the cross-process lock, so 50
+coroutines waiting for one key cost one lock wait, not fifty. Locks exist per key
+while someone uses them: unrelated keys never wait for each other.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
 
-import filelock
-from filelock.asyncio import AsyncUnixFileLock
+from .backends.contract import Backend, KeyLock, LockResult
 
-# A waiter learns that the fetch is done within this; a try costs ~1 µs. Lock files are
-# kept on release: unlinking one would split its inode and break mutual exclusion.
-_LOCK_OPTIONS: dict[str, Any] = {
-    "mode": 0o600,
-    "thread_local": False,
-    "preserve_lock_file": True,
-    "poll_interval": 0.005,
-}
-
-L = TypeVar("L")
-K = TypeVar("K")
+L = TypeVar("L", threading.Lock, asyncio.Lock)
+Release = Callable[[], None]
 
 
-class _KeyedLocks(Generic[K, L]):
-    """One lock per key while anyone uses it; dropped when the last user leaves."""
+class _KeyedLocks(Generic[L]):
+    """One lock per key while anyone holds or waits for it; dropped by the last one out."""
 
     def __init__(self, factory: Callable[[], L]) -> None:
-        self._factory = factory
+        self._factory: Callable[[], L] = factory
         self._mutex = threading.Lock()
-        self._locks: dict[K, tuple[L, int]] = {}
+        self._locks: dict[Hashable, tuple[L, int]] = {}
 
-    @contextlib.contextmanager
-    def ref(self, key: K) -> Iterator[L]:
+    def get(self, key: Hashable) -> L:
         with self._mutex:
             lock, users = self._locks.get(key) or (self._factory(), 0)
             self._locks[key] = (lock, users + 1)
-        try:
-            yield lock
-        finally:
-            with self._mutex:
-                lock, users = self._locks[key]
-                if users == 1:
-                    del self._locks[key]
-                else:
-                    self._locks[key] = (lock, users - 1)
+        return lock
 
-
-def _attempt(acquire: Callable[..., object], deadline: float) -> bool:
-    try:
-        acquire(timeout=max(0.0, deadline - time.monotonic()))
-    except (filelock.Timeout, OSError):
-        return False
-    return True
-
-
-async def _aattempt(acquire: Callable[..., Awaitable[object]], deadline: float) -> bool:
-    try:
-        await acquire(timeout=max(0.0, deadline - time.monotonic()))
-    except (filelock.Timeout, OSError):
-        return False
-    return True
+    def put(self, key: Hashable) -> None:
+        with self._mutex:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
 
 
 class KeyLocks:
-    """Single-flight locks for one cache file; build a new one after fork."""
+    """The locks of one cache; rebuilt in a forked child (inherited ones may be held)."""
 
-    def __init__(self, lock_dir: Path, stripes: int) -> None:
-        self.lock_dir = lock_dir
-        self.stripes = stripes
-        self._threads: _KeyedLocks[bytes, threading.Lock] = _KeyedLocks(threading.Lock)
-        self._tasks: _KeyedLocks[tuple[asyncio.AbstractEventLoop, bytes], asyncio.Lock] = (
-            _KeyedLocks(asyncio.Lock)
-        )
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+        self._threads: _KeyedLocks[threading.Lock] = _KeyedLocks(threading.Lock)
+        self._tasks: _KeyedLocks[asyncio.Lock] = _KeyedLocks(asyncio.Lock)
 
-    def stripe(self, digest: bytes) -> Path:
-        return self.lock_dir / f"{int.from_bytes(digest[:4], 'big') % self.stripes:03d}.lock"
+    @staticmethod
+    def _held(
+        keyed: _KeyedLocks[L], key: Hashable, local: L | None, cross: KeyLock | None
+    ) -> Release:
+        """Undo, in reverse order, whatever of the two locks was taken."""
 
-    def _file_lock(self, digest: bytes) -> filelock.UnixFileLock:
-        return filelock.UnixFileLock(self.stripe(digest), **_LOCK_OPTIONS)
+        def release() -> None:
+            if cross is not None:
+                cross.release()
+            if local is not None:
+                local.release()
+            keyed.put(key)
 
-    def _async_file_lock(self, digest: bytes) -> AsyncUnixFileLock:
-        # Each try is a non-blocking flock (~1 µs): no need for a worker thread per try.
-        return AsyncUnixFileLock(self.stripe(digest), **_LOCK_OPTIONS, run_in_executor=False)
+        return release
 
-    @contextlib.contextmanager
-    def local(self, digest: bytes, deadline: float) -> Iterator[bool]:
-        """This process's lock for the key (threads); False if not had by ``deadline``."""
-        with self._threads.ref(digest) as tlock:
-            acquired = tlock.acquire(timeout=max(0.0, deadline - time.monotonic()))
-            try:
-                yield acquired
-            finally:
-                if acquired:
-                    tlock.release()
+    def acquire(self, digest: bytes, wait: float | None) -> tuple[LockResult, Release]:
+        """Both locks of ``digest`` within ``wait`` seconds (``None``: one try, no wait).
 
-    @contextlib.asynccontextmanager
-    async def alocal(self, digest: bytes, deadline: float) -> AsyncIterator[bool]:
-        """This process's lock for the key (tasks of the running loop)."""
-        with self._tasks.ref((asyncio.get_running_loop(), digest)) as alock:
-            try:
-                await asyncio.wait_for(alock.acquire(), max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                acquired = False
-            else:
-                acquired = True
-            try:
-                yield acquired
-            finally:
-                if acquired:
-                    alock.release()
+        A local lock not had in time means TIMEOUT (fetch anyway) or BUSY (a try).
+        """
+        deadline = time.monotonic() + (wait or 0.0)
+        local = self._threads.get(digest)
+        if not (local.acquire(blocking=False) if wait is None else local.acquire(timeout=wait)):
+            return _refused(wait), self._held(self._threads, digest, None, None)
+        cross = self._backend.key_lock(digest)
+        result = cross.acquire(_left(wait, deadline))
+        held = cross if result is LockResult.HELD else None
+        return result, self._held(self._threads, digest, local, held)
 
-    @contextlib.contextmanager
-    def cross_process(self, digest: bytes, deadline: float) -> Iterator[bool]:
-        """The key's stripe file lock; False if not had by ``deadline`` (fetch anyway)."""
-        flock = self._file_lock(digest)
-        acquired = _attempt(flock.acquire, deadline)
+    async def aacquire(self, digest: bytes, wait: float | None) -> tuple[LockResult, Release]:
+        """The same from a task: waits without blocking the event loop."""
+        deadline = time.monotonic() + (wait or 0.0)
+        key = (asyncio.get_running_loop(), digest)
+        local = self._tasks.get(key)
+        release = self._held(self._tasks, key, None, None)
         try:
-            yield acquired
-        finally:
-            if acquired:
-                flock.release()
+            if not await _atake(local, wait):
+                return _refused(wait), release
+            release = self._held(self._tasks, key, local, None)
+            cross = self._backend.key_lock(digest)
+            result = await cross.aacquire(_left(wait, deadline))
+        except BaseException:  # cancelled while waiting: give back what was taken
+            release()
+            raise
+        held = cross if result is LockResult.HELD else None
+        return result, self._held(self._tasks, key, local, held)
 
-    @contextlib.asynccontextmanager
-    async def across_process(self, digest: bytes, deadline: float) -> AsyncIterator[bool]:
-        """The stripe file lock, polled from the event loop without blocking it."""
-        flock = self._async_file_lock(digest)
-        acquired = await _aattempt(flock.acquire, deadline)
-        try:
-            yield acquired
-        finally:
-            if acquired:
-                await flock.release()
 
-    def try_file_lock(self, digest: bytes) -> filelock.UnixFileLock | None:
-        """Non-blocking: the lock if this process got it, else None (someone else refreshes)."""
-        flock = self._file_lock(digest)
-        return flock if _attempt(flock.acquire, time.monotonic()) else None
+async def _atake(lock: asyncio.Lock, wait: float | None) -> bool:
+    if not lock.locked():
+        return await lock.acquire()  # free: taken at once, without a task or a timer
+    if wait is None or wait <= 0:
+        return False
+    try:
+        return await asyncio.wait_for(lock.acquire(), wait)
+    except TimeoutError:
+        return False
+
+
+def _refused(wait: float | None) -> LockResult:
+    return LockResult.BUSY if wait is None else LockResult.TIMEOUT
+
+
+def _left(wait: float | None, deadline: float) -> float | None:
+    return None if wait is None else max(0.0, deadline - time.monotonic())

@@ -45,7 +45,20 @@ def _version(name: str) -> str:
         return "not installed"
 
 
-CORE = ("__init__", "_cache", "_config", "_crypto", "_errors", "_expiry", "_locks", "_store")
+CORE = (
+    "__init__",
+    "_cache",
+    "_config",
+    "_crypto",
+    "_errors",
+    "_expiry",
+    "_flight",
+    "_locks",
+    "backends/contract",
+    "backends/sqlite",
+    "backends/_filelocks",
+    "backends/_forkgate",
+)
 
 
 def _core_fingerprint() -> str:

@@ -30,7 +30,7 @@ from _core_support import (
 )
 from _core_support import open_api as open_api  # fixture, re-exported by name
 
-import agw_persist_cache._store as store_module
+import agw_persist_cache.backends.sqlite as store_module
 from agw_persist_cache import CachedToken, CacheStats, EntryInfo, PersistentTokenCache
 
 pytestmark = pytest.mark.timeout(60)
@@ -664,7 +664,7 @@ async def test_disabled_reason_does_not_grow_with_each_call(
 async def test_a_disabled_cache_retries_once_the_path_is_usable(
     open_api: ApiFactory, impossible_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "RETRY_DISABLED_SECONDS", 0.2)
+    monkeypatch.setattr(store_module, "RETRY_UNAVAILABLE_SECONDS", 0.2)
     api = open_api(impossible_path)
     assert await api.get("scope") is None
     assert api.cache.stats().disabled_reason is not None

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from agw_persist_cache.backends.sqlite import SCHEMA_VERSION as _SCHEMA_VERSION
+
 ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.timeout(240)
@@ -23,7 +25,7 @@ SCRIPT = textwrap.dedent(
     import json, sys
     import agw_persist_cache as pkg
     from agw_persist_cache import CacheConfig, PersistentTokenCache
-    from agw_persist_cache import _store
+    from agw_persist_cache.backends import sqlite as _store
 
     path = sys.argv[1]
     with PersistentTokenCache(path, config=CacheConfig(keys=[b"k" * 32])) as cache:
@@ -32,7 +34,7 @@ SCRIPT = textwrap.dedent(
     with PersistentTokenCache(path, config=CacheConfig(keys=[b"k" * 32])) as cache:
         print(json.dumps({
             "file": pkg.__file__,
-            "migrations": str(_store._migrations_dir()),
+            "migrations": str(_store.migrations_dir()),
             "token": cache.get_system_token("scope"),
             "fetched": fetched,
             "schema": cache.stats().schema_version,
@@ -94,5 +96,5 @@ def test_installed_wheel_caches_tokens_outside_the_checkout(wheel: Path, tmp_pat
     assert Path(facts["migrations"]).is_relative_to(target)
     assert facts["token"] == "installed-token"
     assert facts["fetched"] == "fetched-token"
-    assert facts["schema"] == 1
+    assert facts["schema"] == _SCHEMA_VERSION
     assert not facts["checkout_on_path"]

@@ -8,24 +8,35 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _core_support import raw_rows
+from _core_support import raw_exec, raw_rows
 
 from agw_persist_cache import CacheConfig, PersistentTokenCache
-from agw_persist_cache._store import (
+from agw_persist_cache.backends.contract import (
+    Clear,
+    GetFacts,
+    Prune,
+    Read,
+    SealedRow,
+    Snapshot,
+    StorageError,
+    Write,
+)
+from agw_persist_cache.backends.sqlite import (
+    APPLICATION_ID,
     MIGRATIONS,
     SCHEMA_VERSION,
-    Counters,
-    NewRow,
-    Store,
+    SqliteBackend,
     load_migrations,
     plan_clear,
     plan_facts,
-    plan_generation,
     plan_prune,
+    plan_read,
     plan_write,
+    run,
+    transaction,
 )
 
-ROW = NewRow(b"d" * 32, "user", "kid1", b"n" * 12, b"ciphertext", 2000.0, 1000.0)
+ROW = SealedRow(b"d" * 32, "user", "kid1", b"n" * 12, b"ciphertext", 2000.0, 3, 1000.0, 1000.0)
 
 
 def first(plan: Generator[Any, Any, Any]) -> tuple[str, tuple[Any, ...]]:
@@ -48,7 +59,7 @@ def finish(plan: Generator[Any, Any, Any], rows: list[Any]) -> Any:
 
 
 def test_write_after_a_clear_reads_the_generation_and_writes_nothing() -> None:
-    plan = plan_write(ROW, generation=3)
+    plan = plan_write(Write(ROW))
     sql, params = first(plan)
     assert sql.startswith("SELECT value FROM meta")
     assert params == ()
@@ -56,41 +67,52 @@ def test_write_after_a_clear_reads_the_generation_and_writes_nothing() -> None:
 
 
 def test_write_with_matching_generation_inserts_and_drops_old_digests() -> None:
-    plan = plan_write(ROW, generation=3, delete=[b"o" * 32])
+    plan = plan_write(Write(ROW, replaces=(b"o" * 32,)))
     first(plan)
     sql, params = send(plan, [(3,)])
     assert sql == "DELETE FROM tokens WHERE k = ?"
     assert params == (b"o" * 32,)
     sql, params = send(plan, [])
     assert sql.startswith("INSERT OR REPLACE INTO tokens")
-    assert params == (ROW.digest, "user", "kid1", ROW.nonce, ROW.ct, 2000.0, 1000.0, 1000.0)
+    assert params == tuple(ROW)
     assert finish(plan, []) is True
 
 
-def test_a_plain_set_does_not_check_the_generation() -> None:
-    plan = plan_write(ROW, generation=None)
-    sql, _ = first(plan)
-    assert sql.startswith("INSERT OR REPLACE INTO tokens")
-
-
-def test_generation_plan_reads_one_value() -> None:
-    plan = plan_generation()
+def test_read_returns_the_first_digest_that_has_a_row_and_the_generation() -> None:
+    plan = plan_read(Read((b"a" * 32, b"b" * 32)))
+    sql, params = first(plan)
+    assert "LEFT JOIN tokens" in sql
+    assert params == (b"a" * 32,)
+    sql, params = send(plan, [(5, None, None, None, None, None, None, None, None)])
+    assert params == (b"b" * 32,)
+    snap = finish(plan, [(5, *ROW[1:])])
+    assert snap == Snapshot(ROW._replace(digest=b"b" * 32), 5)
+    plan = plan_read(Read((b"a" * 32,)))
     first(plan)
-    assert finish(plan, [(7,)]) == 7
-    plan = plan_generation()
-    first(plan)
-    assert finish(plan, []) is None
+    assert finish(plan, [(6, None, None, None, None, None, None, None, None)]) == Snapshot(None, 6)
 
 
 def test_clear_bumps_the_generation_before_truncating() -> None:
-    statements = [sql for sql, _ in plan_clear()]
-    assert statements[0].startswith("UPDATE meta SET value = value + 1")
-    assert "DELETE FROM tokens" in statements
-    assert "DELETE FROM backoff" in statements
+    plan = plan_clear(Clear())
+    sql, _ = first(plan)
+    assert sql.startswith("UPDATE meta SET value = value + 1")
+    assert send(plan, [(8,)])[0] == "DELETE FROM tokens"
+    assert send(plan, [])[0] == "DELETE FROM backoff"
+    assert finish(plan, []) == 8
+
+
+def test_a_write_op_runs_in_one_immediate_transaction() -> None:
+    plan = transaction(Clear())
+    assert first(plan)[0] == "BEGIN IMMEDIATE"
+    assert send(plan, [])[0].startswith("UPDATE meta")
+    assert send(plan, [(1,)])[0] == "DELETE FROM tokens"
+    assert send(plan, [])[0] == "DELETE FROM backoff"
+    assert send(plan, [])[0] == "COMMIT"
+    assert finish(plan, []) == 1
 
 
 def test_prune_deletes_expired_then_only_the_surplus_of_each_kind() -> None:
-    plan = plan_prune(1000.0, {"system": 10, "user": 5})
+    plan = plan_prune(Prune(1000.0, {"system": 10, "user": 5}))
     sql, params = first(plan)
     assert sql.startswith("DELETE FROM tokens WHERE expires_at <= ?")
     assert params == (1000.0,)
@@ -106,7 +128,7 @@ def test_prune_deletes_expired_then_only_the_surplus_of_each_kind() -> None:
 
 
 def test_prune_under_every_limit_removes_only_expired_rows() -> None:
-    plan = plan_prune(1000.0, {"system": 10})
+    plan = plan_prune(Prune(1000.0, {"system": 10}))
     first(plan)
     send(plan, [])
     send(plan, [])
@@ -114,19 +136,21 @@ def test_prune_under_every_limit_removes_only_expired_rows() -> None:
 
 
 def test_facts_are_aggregated_per_kind() -> None:
-    plan = plan_facts(1000.0)
+    plan = plan_facts(GetFacts(1000.0))
     first(plan)
     send(plan, [("system", 2, 1, 900.0, 1500.0), ("user", 3, 0, 1100.0, 1200.0)])
     send(plan, [("kid-a",), ("kid-b",)])
-    facts = finish(plan, [(1,)])
-    assert facts == {
+    facts = finish(plan, [(2,)])
+    assert facts._asdict() == {
         "entries_system": 2,
         "entries_user": 3,
         "entries_expired": 1,
         "oldest_expiry": 900.0,
         "newest_expiry": 1500.0,
-        "schema_version": 1,
+        "schema_version": 2,
         "key_ids_in_use": ("kid-a", "kid-b"),
+        "file_bytes": 0,
+        "wal_bytes": 0,
     }
 
 
@@ -142,65 +166,101 @@ def test_migrations_are_numbered_without_gaps_and_define_the_schema_version() ->
     assert MIGRATIONS[0][2] == source.read_text(encoding="utf-8")
 
 
-def _store(path: Path, **overrides: Any) -> Store:
-    return Store(path, CacheConfig(**overrides), Counters())
+def _store(path: Path, **overrides: Any) -> SqliteBackend:
+    return SqliteBackend(path, CacheConfig(**overrides))
 
 
 def test_a_new_file_is_migrated_to_wal_with_the_expected_tables(db_path: Path) -> None:
     store = _store(db_path, busy_timeout_seconds=2.5)
-    conn = store.conn()
+    conn = store._borrow()
     assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     assert conn.execute("PRAGMA synchronous").fetchone() == (1,)  # NORMAL
     assert conn.execute("PRAGMA busy_timeout").fetchone() == (2500,)
     assert conn.execute("PRAGMA journal_size_limit").fetchone()[0] > 0
+    conn.close()
     store.close()
     assert raw_rows(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    assert raw_rows(db_path, "PRAGMA application_id") == [(APPLICATION_ID,)]
     tables = {r[0] for r in raw_rows(db_path, "SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"tokens", "meta", "backoff"} <= tables
     indexes = {r[0] for r in raw_rows(db_path, "SELECT name FROM sqlite_master WHERE type='index'")}
     assert {"tokens_lru", "tokens_expiry"} <= indexes
     columns = [r[1] for r in raw_rows(db_path, "PRAGMA table_info(tokens)")]
-    assert columns == ["k", "kind", "kid", "nonce", "ct", "expires_at", "last_used", "created_at"]
+    assert columns == [
+        "k", "kind", "kid", "nonce", "ct", "expires_at", "last_used", "created_at", "gen"
+    ]  # fmt: skip
 
 
 def test_opening_an_existing_file_again_does_not_reapply_migrations(db_path: Path) -> None:
     for _ in range(3):
         store = _store(db_path)
-        store.conn()
+        store.execute(Read((b"x" * 32,)))
         store.close()
     assert raw_rows(db_path, "SELECT name, value FROM meta") == [("generation", 0)]
 
 
+def test_a_version_1_file_is_migrated_and_its_old_rows_dropped(db_path: Path) -> None:
+    db_path.parent.mkdir()
+    con = sqlite3.connect(db_path, isolation_level=None)
+    con.executescript(MIGRATIONS[0][2] + "\nPRAGMA user_version = 1;")
+    con.execute(
+        "INSERT INTO tokens VALUES (?, 'system', 'kid', ?, ?, 2e9, 1, 1)", (b"k", b"n", b"c")
+    )
+    con.close()
+    store = _store(db_path)
+    assert store.execute(Read((b"k",))) == Snapshot(None, 0)
+    store.close()
+    assert raw_rows(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+
+
 def test_the_driver_commits_write_plans_and_rolls_back_failed_ones(db_path: Path) -> None:
     store = _store(db_path)
-    assert store.run(plan_write(ROW, generation=0), write=True, default=None) is True
+    row = ROW._replace(generation=0)
+    assert store.execute(Write(row)) is True
     assert len(raw_rows(db_path)) == 1
 
     def broken() -> Generator[Any, Any, int]:
+        yield ("BEGIN IMMEDIATE", ())
         yield ("DELETE FROM tokens", ())
         yield ("SELECT * FROM no_such_table", ())
         return 1
 
-    assert store.run(broken(), write=True, default=-1) == -1
+    conn = store._borrow()
+    with pytest.raises(sqlite3.OperationalError):
+        run(conn, broken())
+    assert not conn.in_transaction
     assert len(raw_rows(db_path)) == 1  # the DELETE was rolled back
-    assert store.counters.storage_errors == 1
-    assert store.run(plan_generation(), write=False, default=None) == 0
+    conn.close()
+    store.close()
+
+
+def test_a_failed_operation_raises_a_storage_error_naming_no_row(db_path: Path) -> None:
+    store = _store(db_path)
+    store.execute(Read((b"x" * 32,)))
+    raw_exec(db_path, "DROP TABLE backoff")
+    with pytest.raises(StorageError) as info:
+        store.execute(Clear())
+    assert "backoff" in str(info.value)
+    assert raw_rows(db_path, "SELECT value FROM meta") == [(0,)]  # the whole clear rolled back
     store.close()
 
 
 async def test_the_async_driver_runs_the_same_plans(db_path: Path) -> None:
     store = _store(db_path)
-    assert await store.arun(plan_write(ROW, generation=0), write=True, default=None) is True
-    await store.arun(plan_clear(), write=True, default=None)
-    assert await store.arun(plan_write(ROW, generation=0), write=True, default=None) is False
-    assert await store.arun(plan_generation(), write=False, default=None) == 1
+    row = ROW._replace(generation=0)
+    assert await store.aexecute(Write(row)) is True
+    assert await store.aexecute(Clear()) == 1
+    assert await store.aexecute(Write(row)) is False  # sealed in generation 0, now 1
+    assert await store.aexecute(Read((row.digest,))) == Snapshot(None, 1)
     assert raw_rows(db_path) == []
     await store.aclose()
 
 
 def test_a_page_cap_is_applied_when_max_db_bytes_is_set(db_path: Path) -> None:
     store = _store(db_path, max_db_bytes=1 << 20)
-    assert store.conn().execute("PRAGMA max_page_count").fetchone()[0] == (1 << 20) // 4096
+    conn = store._borrow()
+    assert conn.execute("PRAGMA max_page_count").fetchone()[0] == (1 << 20) // 4096
+    conn.close()
     store.close()
 
 

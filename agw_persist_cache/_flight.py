@@ -1,0 +1,280 @@
+"""Single flight, written once: every multi-step decision of the cache is a generator.
+
+A flight yields *steps* and receives their results, with no I/O of its own (the
+httpx ``Auth.auth_flow`` pattern). There are four kinds of step: a storage operation
+of the contract (:class:`~.backends.contract.Op`), :class:`TakeLock` (the key's
+in-process lock, then its cross-process lock), :data:`UNLOCK` (give back every lock
+taken so far) and :data:`FETCH` (call the caller's token fetch). Two small drivers
+perform them: :func:`run` with plain calls and :func:`arun` with awaits. A step that
+fails is thrown into the flight, which decides; locks are given back whatever happens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Generic, NamedTuple, Protocol, TypeAlias, TypeVar
+
+from ._config import CacheConfig
+from ._errors import FetchBackoffError, TokenFetchError
+from ._expiry import CachedToken, TokenData, normalize
+from ._locks import KeyLocks, Release
+from ._stats import Counters
+from .backends.contract import (
+    Backend,
+    Backoff,
+    GetBackoff,
+    LockResult,
+    Op,
+    Read,
+    SetBackoff,
+    Snapshot,
+    StorageError,
+)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """What identifies a cached token: kind, scope and user (as a hash), and its digests."""
+
+    kind: str
+    scope_key: str
+    uhash: str
+    digests: tuple[bytes, ...]  # one per configured key; new rows go under the first
+    read: Read  # the lookup of this key, built once
+
+    @property
+    def digest(self) -> bytes:
+        return self.digests[0]
+
+    def __repr__(self) -> str:
+        return f"Key(kind={self.kind!r}, digest={self.digest.hex()[:12]}...)"
+
+
+@dataclass(frozen=True, slots=True)
+class TakeLock:
+    """Take the key's locks within ``wait`` seconds (``None``: one try); yields a LockResult."""
+
+    digest: bytes
+    wait: float | None
+
+
+class _Marker:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+UNLOCK = _Marker("UNLOCK")
+"""Give back every lock this flight holds (e.g. before pruning)."""
+FETCH = _Marker("FETCH")
+"""Call the caller's fetch; its result (or exception) comes back into the flight."""
+
+Step: TypeAlias = "Op[Any] | TakeLock | _Marker"
+Flight: TypeAlias = Generator[Step, Any, T]
+Fetch: TypeAlias = Callable[[], TokenData]
+AFetch: TypeAlias = Callable[[], Awaitable[TokenData]]
+
+
+class Lookup(NamedTuple):
+    """What a stored row means now: a usable entry (or None), a write to do, refresh due."""
+
+    entry: CachedToken | None
+    followup: Op[Any] | None
+    due: bool
+
+
+class Shelf(Protocol):
+    """What a flight needs of the cache around it."""
+
+    config: CacheConfig
+    counters: Counters
+
+    def judge(self, key: Key, snap: Snapshot, now: float) -> Lookup:
+        """Open and check the row of a read."""
+
+    def store(self, key: Key, entry: CachedToken, generation: int | None) -> Flight[bool]:
+        """Seal and write ``entry`` unless a clear moved ``generation``."""
+
+    def prune_if_due(self) -> Flight[int]:
+        """Prune if this process has not for a while."""
+
+    def storage_failed(self, exc: StorageError) -> None:
+        """Count and warn once: a storage problem never fails a get-or-fetch."""
+
+    def lock_trouble(self, result: LockResult, key: Key) -> None:
+        """Count and warn about a lock that was not had (timeout or I/O error)."""
+
+
+def fill(shelf: Shelf, key: Key, *, refresh: bool) -> Flight[CachedToken | None]:
+    """Under the key's locks: re-read, honour back-off, fetch, store unless cleared meanwhile.
+
+    With ``refresh`` (refresh-ahead in the background): only a try of the locks, and a
+    token no longer due for refresh means another process already refreshed it (None).
+    """
+    config = shelf.config
+    locked = yield TakeLock(key.digest, None if refresh else config.lock_timeout_seconds)
+    if locked is LockResult.BUSY or (refresh and locked is not LockResult.HELD):
+        return None  # someone else is refreshing this very key
+    if locked is not LockResult.HELD:
+        shelf.lock_trouble(locked, key)
+    now = time.time()
+    generation: int | None = None
+    try:
+        snap: Snapshot = yield key.read  # another process may have just written it
+        generation = snap.generation
+        lookup = shelf.judge(key, snap, now)
+        if lookup.followup is not None:
+            yield lookup.followup
+        if lookup.entry is not None and not (refresh and lookup.due):
+            return None if refresh else lookup.entry
+        backoff: Backoff | None = yield GetBackoff(key.digest)
+    except StorageError as exc:
+        shelf.storage_failed(exc)
+        backoff = None
+    if backoff is not None and config.fetch_backoff_seconds > 0:
+        # Capped on read: a stepped clock or a planted row never blocks a key for longer.
+        left = min(backoff.until - now, config.fetch_backoff_seconds)
+        if left > 0:
+            shelf.counters.backoff_rejections += 1
+            raise FetchBackoffError(
+                retry_after=left, cause_type=backoff.cause, status=backoff.status
+            )
+    shelf.counters.fetches += 1
+    started = time.time()
+    try:
+        data = yield FETCH
+    except Exception as exc:
+        failure: Exception | None = exc
+    else:
+        failure = None
+    if failure is not None:  # not raised inside the except: a storage error stays unchained
+        if config.fetch_backoff_seconds > 0 and generation is not None:
+            status = failure.status if isinstance(failure, TokenFetchError) else None
+            until = time.time() + config.fetch_backoff_seconds
+            try:
+                yield SetBackoff(key.digest, Backoff(until, type(failure).__name__, status))
+            except StorageError as exc:
+                shelf.storage_failed(exc)
+        raise failure
+    entry = normalize(data, now=started, expires_at=None, config=config)
+    if generation is not None:
+        try:
+            yield from shelf.store(key, entry, generation)
+        except StorageError as exc:
+            shelf.storage_failed(exc)
+    yield UNLOCK
+    try:
+        yield from shelf.prune_if_due()
+    except StorageError as exc:
+        shelf.storage_failed(exc)
+    return entry
+
+
+# -- drivers ------------------------------------------------------------------------------------
+
+
+class _Steps(Generic[T]):
+    """Steps through one flight: iterate for the next step, answer or fail it.
+
+    Used as a context manager, it gives back every lock still held when it ends.
+    """
+
+    def __init__(self, flight: Flight[T]) -> None:
+        self.flight = flight
+        self.held: list[Release] = []
+        self.result: T
+        self._answer: Any = None
+        self._error: BaseException | None = None
+
+    def __iter__(self) -> _Steps[T]:
+        return self
+
+    def __next__(self) -> Step:
+        error, self._error = self._error, None
+        try:
+            if error is not None:
+                return self.flight.throw(error)
+            return self.flight.send(self._answer)
+        except StopIteration as done:
+            self.result = done.value
+            raise StopIteration from None
+
+    def answer(self, value: Any) -> None:
+        self._answer = value
+
+    def fail(self, error: BaseException) -> None:
+        self._answer, self._error = None, error
+
+    def unlock(self) -> None:
+        """Give back every lock held, the last taken first."""
+        self._answer = None
+        while self.held:
+            self.held.pop()()
+
+    def __enter__(self) -> _Steps[T]:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.unlock()
+        self.flight.close()
+
+
+class Driver:
+    """Performs steps for one cache: on its backend, its locks and a caller's fetch."""
+
+    def __init__(self, backend: Backend, locks: KeyLocks) -> None:
+        self.backend = backend
+        self.locks = locks
+
+    def _locked(self, steps: _Steps[Any], taken: tuple[LockResult, Release]) -> LockResult:
+        steps.held.append(taken[1])
+        return taken[0]
+
+    def run(self, flight: Flight[T], fetch: Fetch | None = None) -> T:
+        """Perform ``flight`` with plain calls."""
+        with _Steps(flight) as steps:
+            for step in steps:
+                try:
+                    if isinstance(step, TakeLock):
+                        steps.answer(
+                            self._locked(steps, self.locks.acquire(step.digest, step.wait))
+                        )
+                    elif step is UNLOCK:
+                        steps.unlock()
+                    else:
+                        steps.answer(fetch() if step is FETCH else self.backend.execute(step))  # type: ignore[misc,arg-type]  # step is an Op here
+                except Exception as exc:
+                    steps.fail(exc)
+        return steps.result
+
+    async def arun(self, flight: Flight[T], afetch: AFetch | None = None) -> T:
+        """Perform ``flight`` with awaits."""
+        with _Steps(flight) as steps:
+            for step in steps:
+                try:
+                    if isinstance(step, TakeLock):
+                        taken = await self.locks.aacquire(step.digest, step.wait)
+                        steps.answer(self._locked(steps, taken))
+                    elif step is UNLOCK:
+                        steps.unlock()
+                    elif step is FETCH:
+                        steps.answer(await afetch())  # type: ignore[misc]  # given with FETCH
+                    else:
+                        steps.answer(await self.backend.aexecute(step))  # type: ignore[arg-type]  # an Op
+                except Exception as exc:
+                    steps.fail(exc)
+        return steps.result

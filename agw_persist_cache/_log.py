@@ -1,0 +1,25 @@
+"""The package logger and its rate limit: a broken cache must not flood the logs."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+log = logging.getLogger("agw_persist_cache")
+
+WARN_EVERY_SECONDS = 60.0
+
+
+class Warnings:
+    """Warnings of one cache (or store): each category at most once a minute."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+
+    def once(self, category: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(category, -1e18) >= WARN_EVERY_SECONDS:
+            if len(self._last) > 1024:
+                self._last.clear()
+            self._last[category] = now
+            log.warning(message, *args)

@@ -1,0 +1,62 @@
+"""What the cache reports: per-process counters, ``CacheStats`` and ``EntryInfo``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Counters:
+    """Per-process event counters (see :class:`CacheStats`)."""
+
+    hits: int = 0
+    misses: int = 0
+    fetches: int = 0
+    stale_writes_skipped: int = 0
+    lock_timeouts: int = 0
+    lock_errors: int = 0
+    decrypt_failures: int = 0
+    storage_errors: int = 0
+    sets_not_stored: int = 0
+    refreshes: int = 0
+    backoff_rejections: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EntryInfo:
+    """Metadata of one row: never the token, the scope or the user."""
+
+    kind: str
+    digest_prefix: str
+    expires_at: float
+    last_used: float
+    created_at: float
+    key_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    """This process's counters, and facts about the store shared by all."""
+
+    hits: int
+    misses: int
+    fetches: int
+    stale_writes_skipped: int
+    lock_timeouts: int
+    lock_errors: int
+    decrypt_failures: int
+    storage_errors: int
+    sets_not_stored: int
+    refreshes: int
+    backoff_rejections: int
+    entries_system: int
+    entries_user: int
+    entries_expired: int
+    oldest_expiry: float | None
+    newest_expiry: float | None
+    file_bytes: int
+    wal_bytes: int
+    schema_version: int | None
+    key_ids_in_use: tuple[str, ...]
+    disabled_reason: str | None
+    backend: str = "sqlite"

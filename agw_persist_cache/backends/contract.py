@@ -1,0 +1,277 @@
+"""The storage contract: what a token store must do, and nothing more.
+
+A backend sees digests and sealed bytes only: never a token, scope, user or key
+(sealing happens above it, in ``_crypto``). Every operation is a small typed value
+(:class:`Op`) that a backend performs as ONE atomic step: a SQLite transaction, a
+Redis Lua script or pipeline. The cache and the single-flight generator yield these
+values; a backend's two drivers (``execute`` for threads, ``aexecute`` for asyncio)
+are the only code that touches its client library.
+
+Failures are raised as :class:`StorageError` (:class:`StorageUnavailable` while a
+store cannot be opened at all); the cache decides per call whether that is hidden
+(gets, get-or-fetch) or reported (clear, invalidate, set).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar, Generic, NamedTuple, Protocol, TypeVar
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+class SealedRow(NamedTuple):
+    """One cached token as stored: identity, sealed bytes and the times that drive TTL/LRU."""
+
+    digest: bytes
+    kind: str  # "system" | "user"
+    kid: str  # public id of the sealing key
+    nonce: bytes
+    ct: bytes
+    expires_at: float
+    generation: int  # the clear() generation it was written in (bound into the seal)
+    last_used: float
+    created_at: float
+
+
+class Snapshot(NamedTuple):
+    """What a read returns: the first row found among the digests, and the generation now."""
+
+    row: SealedRow | None
+    generation: int
+
+
+class Backoff(NamedTuple):
+    """A recent failed fetch: callers of that key fail fast until ``until`` (epoch)."""
+
+    until: float
+    cause: str
+    status: int | None
+
+
+class RowInfo(NamedTuple):
+    """Metadata of one row for ``list_entries``: nothing sealed."""
+
+    kind: str
+    digest: bytes
+    expires_at: float
+    last_used: float
+    created_at: float
+    kid: str
+
+
+class Facts(NamedTuple):
+    """Aggregates for ``stats()``."""
+
+    entries_system: int
+    entries_user: int
+    entries_expired: int
+    oldest_expiry: float | None
+    newest_expiry: float | None
+    schema_version: int | None
+    key_ids_in_use: tuple[str, ...]
+    file_bytes: int
+    wal_bytes: int
+
+
+class StorageError(Exception):
+    """The store failed one operation (locked, full, corrupt, unreachable)."""
+
+
+class StorageUnavailable(StorageError):
+    """The store cannot be used at all right now (unopenable, newer schema); retried later."""
+
+
+# -- operations ------------------------------------------------------------------------------
+
+
+class Op(Generic[T_co]):
+    """One atomic storage step whose result is a ``T_co``.
+
+    ``writes``: the step changes the store. ``nowait``: it must not wait for other
+    writers (a best-effort step skipped when the store is busy).
+    """
+
+    __slots__ = ()
+    writes: ClassVar[bool] = False
+    nowait: ClassVar[bool] = False
+
+
+@dataclass(frozen=True, slots=True)
+class Read(Op[Snapshot]):
+    """The row under the first of ``digests`` that has one (rotation: new key, then old)."""
+
+    digests: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Write(Op[bool]):
+    """Store ``row`` and drop ``replaces``; refuse (False) if a clear moved the generation
+    away from ``row.generation`` since it was read."""
+
+    writes: ClassVar[bool] = True
+    row: SealedRow
+    replaces: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Delete(Op[int]):
+    """Remove the rows of ``digests``; with ``nonce``, only a row that still holds it."""
+
+    writes: ClassVar[bool] = True
+    digests: tuple[bytes, ...]
+    nonce: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Clear(Op[int]):
+    """Drop every row and back-off mark for every process; returns the new generation."""
+
+    writes: ClassVar[bool] = True
+
+
+@dataclass(frozen=True, slots=True)
+class Prune(Op[int]):
+    """Drop expired rows, then per kind the least recently used beyond ``limits[kind]``."""
+
+    writes: ClassVar[bool] = True
+    now: float
+    limits: Mapping[str, int]
+    compact: bool = False  # also give space back (explicit prunes)
+
+
+@dataclass(frozen=True, slots=True)
+class Touch(Op[None]):
+    """Record a use for LRU; best effort, skipped when the store is busy."""
+
+    writes: ClassVar[bool] = True
+    nowait: ClassVar[bool] = True
+    digest: bytes
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class GetBackoff(Op["Backoff | None"]):
+    """The back-off mark of a key, if any."""
+
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SetBackoff(Op[None]):
+    """Mark a key as failing until ``backoff.until``."""
+
+    writes: ClassVar[bool] = True
+    digest: bytes
+    backoff: Backoff
+
+
+@dataclass(frozen=True, slots=True)
+class GetFacts(Op[Facts]):
+    """Counts by kind, expiry range, sizes, schema version, key ids in use."""
+
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class ListRows(Op[list[RowInfo]]):
+    """Metadata of every row, most recently used first within each kind."""
+
+
+@dataclass(frozen=True, slots=True)
+class RowsNotUnder(Op[list[SealedRow]]):
+    """Up to ``limit`` rows sealed under a key other than ``kid`` (for re-sealing)."""
+
+    kid: str
+    limit: int
+    skip: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Replace(Op[bool]):
+    """Put ``row`` (re-sealed) in place of ``old``, unless a newer row took its digest."""
+
+    writes: ClassVar[bool] = True
+    old: bytes
+    row: SealedRow
+
+
+# -- the per-key cross-process lock --------------------------------------------------------------
+
+
+class LockResult(enum.Enum):
+    """How an attempt at a key's cross-process lock ended."""
+
+    HELD = "held"
+    TIMEOUT = "timeout"  # another process held it past the wait: fetch anyway
+    BUSY = "busy"  # a non-blocking try found it held (refresh-ahead: someone else does it)
+    ERROR = "error"  # the lock itself failed (I/O): fetch anyway, counted apart
+
+
+class KeyLock(Protocol):
+    """A per-key lock shared by every process using the store. Unrelated keys never wait."""
+
+    def acquire(self, wait: float | None) -> LockResult:
+        """Take the lock within ``wait`` seconds (``None``: one non-blocking try)."""
+
+    async def aacquire(self, wait: float | None) -> LockResult:
+        """The same without blocking the event loop."""
+
+    def release(self) -> None:
+        """Give the lock back (never blocks)."""
+
+
+class Backend(Protocol):
+    """A token store shared by processes: one SQLite file, or one Redis server."""
+
+    name: ClassVar[str]  # "sqlite" | "redis": a metric attribute, never a location
+    location: str  # what to show the operator (no credentials)
+
+    def execute(self, op: Op[T]) -> T:
+        """Perform ``op`` as one atomic step; raise :class:`StorageError` on failure."""
+
+    async def aexecute(self, op: Op[T]) -> T:
+        """Async twin of :meth:`execute` (never blocks the loop on I/O)."""
+
+    def key_lock(self, digest: bytes) -> KeyLock:
+        """A fresh, unheld cross-process lock for one key."""
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why the store is not usable right now, or ``None``."""
+
+    def close(self) -> None:
+        """Release this process's connections and descriptors."""
+
+    async def aclose(self) -> None:
+        """Async twin of :meth:`close`."""
+
+
+__all__ = [
+    "Backend",
+    "Backoff",
+    "Clear",
+    "Delete",
+    "Facts",
+    "GetBackoff",
+    "GetFacts",
+    "KeyLock",
+    "ListRows",
+    "LockResult",
+    "Op",
+    "Prune",
+    "Read",
+    "Replace",
+    "RowInfo",
+    "RowsNotUnder",
+    "SealedRow",
+    "SetBackoff",
+    "Snapshot",
+    "StorageError",
+    "StorageUnavailable",
+    "Touch",
+    "Write",
+]

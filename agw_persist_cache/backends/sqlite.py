@@ -1,0 +1,674 @@
+"""The SQLite backend: one file per host, shared by every process on it.
+
+Every operation of the contract is a *plan*: a generator that yields ``(sql, params)``
+and receives the rows, with no I/O of its own (the httpx ``auth_flow`` pattern). Two
+drivers run plans: :meth:`SqliteBackend.execute` on a pooled ``sqlite3`` connection,
+:meth:`SqliteBackend.aexecute` on this event loop's ``aiosqlite`` connection. Short
+primary-key reads run inline on the calling thread for both (a ~5 µs read beats a
+~60 µs hop to aiosqlite's thread), but never open or migrate the file on the loop.
+
+Resources stay bounded whatever the caller's threading model: sync work borrows from
+a small pool of connections (no connection per thread), each event loop gets one
+aiosqlite connection that is closed once its loop has closed, and a forked child
+starts afresh (see ``_forkgate``). WAL mode, ``synchronous=NORMAL``, a busy timeout,
+``BEGIN IMMEDIATE`` writes; versioned SQL from ``migrations/`` applied under a file
+lock and tracked in ``PRAGMA user_version``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.resources
+import os
+import re
+import sqlite3
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Generator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar, cast
+
+import aiosqlite
+import filelock
+
+from .._config import CacheConfig
+from .._log import Warnings
+from . import _forkgate
+from ._filelocks import KeyLockFiles
+from .contract import (
+    Backoff,
+    Clear,
+    Delete,
+    Facts,
+    GetBackoff,
+    GetFacts,
+    KeyLock,
+    ListRows,
+    Op,
+    Prune,
+    Read,
+    Replace,
+    RowInfo,
+    RowsNotUnder,
+    SealedRow,
+    SetBackoff,
+    Snapshot,
+    StorageError,
+    StorageUnavailable,
+    Touch,
+    Write,
+)
+
+T = TypeVar("T")
+Row = tuple[Any, ...]
+Stmt = tuple[str, Sequence[Any]]
+Plan = Generator[Stmt, list[Row], T]
+
+RETRY_UNAVAILABLE_SECONDS = 30.0
+POOL_IDLE = 8
+"""Idle ``sqlite3`` connections kept per cache; busier moments open and close extra ones."""
+APPLICATION_ID = int.from_bytes(b"AGWC", "big")
+_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+def migrations_dir() -> Any:
+    """The packaged ``_migrations`` (wheel) or the checkout's ``migrations/``."""
+    packaged = importlib.resources.files("agw_persist_cache").joinpath("_migrations")
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent.parent / "migrations"
+
+
+def load_migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) for every ``migrations/NNNN_name.sql``, in order."""
+    found = []
+    for entry in migrations_dir().iterdir():
+        match = _MIGRATION_NAME.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
+    found.sort()
+    versions = [v for v, _, _ in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise RuntimeError(f"migrations must be numbered 0001.. without gaps, found {versions}")
+    return found
+
+
+MIGRATIONS = load_migrations()
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+class SchemaTooNew(Exception):
+    """The file was migrated by a newer agw-persist-cache than this one."""
+
+
+# aiosqlite raises ValueError("no active connection") once its worker thread is gone.
+_FAILURES = (sqlite3.Error, OSError, filelock.Timeout, SchemaTooNew, ValueError)
+
+
+# -- plans: the SQL of each operation and the decisions between its statements -------------------
+
+_READ = (
+    "SELECT m.value, t.kind, t.kid, t.nonce, t.ct, t.expires_at, t.gen, t.last_used, t.created_at"
+    " FROM meta m LEFT JOIN tokens t ON t.k = ? WHERE m.name = 'generation'"
+)
+_INSERT = (
+    "INSERT {verb} INTO tokens (k, kind, kid, nonce, ct, expires_at, gen, last_used, created_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_GENERATION = "SELECT value FROM meta WHERE name = 'generation'"
+
+
+def plan_read(op: Read) -> Plan[Snapshot]:
+    generation = 0
+    for digest in op.digests:
+        rows = yield (_READ, (digest,))
+        if not rows:
+            raise sqlite3.DatabaseError("meta table has no generation")
+        generation, kind, *rest = rows[0]
+        if kind is not None:
+            return Snapshot(SealedRow(digest, kind, *rest), generation)
+    return Snapshot(None, generation)
+
+
+def plan_write(op: Write) -> Plan[bool]:
+    """Insert or replace a row; refuse if a clear() moved the generation it was sealed in."""
+    rows = yield (_GENERATION, ())
+    if not rows or rows[0][0] != op.row.generation:
+        return False
+    for digest in op.replaces:
+        yield ("DELETE FROM tokens WHERE k = ?", (digest,))
+    yield (_INSERT.format(verb="OR REPLACE"), tuple(op.row))
+    return True
+
+
+def plan_delete(op: Delete) -> Plan[int]:
+    removed = 0
+    for digest in op.digests:
+        if op.nonce is None:
+            gone = yield ("DELETE FROM tokens WHERE k = ? RETURNING 1", (digest,))
+        else:  # only the very row that was read: a replacement written since stays
+            gone = yield (
+                "DELETE FROM tokens WHERE k = ? AND nonce = ? RETURNING 1",
+                (digest, op.nonce),
+            )
+        removed += len(gone)
+    return removed
+
+
+def plan_clear(op: Clear) -> Plan[int]:
+    rows = yield (
+        "UPDATE meta SET value = value + 1 WHERE name = 'generation' RETURNING value",
+        (),
+    )
+    yield ("DELETE FROM tokens", ())
+    yield ("DELETE FROM backoff", ())
+    return int(rows[0][0])
+
+
+def plan_prune(op: Prune) -> Plan[int]:
+    """Expired rows first, then per kind every row older than its ``limit`` newest.
+
+    The OFFSET walks at most ``limit`` entries of the LRU index: no full count(*).
+    """
+    removed = yield ("DELETE FROM tokens WHERE expires_at <= ? RETURNING 1", (op.now,))
+    total = len(removed)
+    yield ("DELETE FROM backoff WHERE until <= ?", (op.now,))
+    for kind, limit in op.limits.items():
+        gone = yield (
+            "DELETE FROM tokens WHERE rowid IN (SELECT rowid FROM tokens WHERE kind = ?"
+            " ORDER BY last_used DESC LIMIT -1 OFFSET ?) RETURNING 1",
+            (kind, limit),
+        )
+        total += len(gone)
+    return total
+
+
+def plan_touch(op: Touch) -> Plan[None]:
+    yield ("UPDATE tokens SET last_used = ? WHERE k = ?", (op.now, op.digest))
+
+
+def plan_get_backoff(op: GetBackoff) -> Plan[Backoff | None]:
+    rows = yield ("SELECT until, cause, status FROM backoff WHERE k = ?", (op.digest,))
+    return Backoff(*rows[0]) if rows else None
+
+
+def plan_set_backoff(op: SetBackoff) -> Plan[None]:
+    yield (
+        "INSERT OR REPLACE INTO backoff (k, until, cause, status) VALUES (?, ?, ?, ?)",
+        (op.digest, *op.backoff),
+    )
+
+
+def plan_facts(op: GetFacts) -> Plan[Facts]:
+    by_kind = yield (
+        "SELECT kind, count(*), sum(expires_at <= ?), min(expires_at), max(expires_at)"
+        " FROM tokens GROUP BY kind",
+        (op.now,),
+    )
+    kids = yield ("SELECT DISTINCT kid FROM tokens ORDER BY kid", ())
+    ((version,),) = yield ("PRAGMA user_version", ())
+    counts = {kind: n for kind, n, _, _, _ in by_kind}
+    return Facts(
+        entries_system=counts.get("system", 0),
+        entries_user=counts.get("user", 0),
+        entries_expired=sum(int(e or 0) for _, _, e, _, _ in by_kind),
+        oldest_expiry=min((lo for *_, lo, _ in by_kind), default=None),
+        newest_expiry=max((hi for *_, hi in by_kind), default=None),
+        schema_version=int(version),
+        key_ids_in_use=tuple(k for (k,) in kids),
+        file_bytes=0,
+        wal_bytes=0,
+    )
+
+
+def plan_list(op: ListRows) -> Plan[list[RowInfo]]:
+    rows = yield (
+        "SELECT kind, k, expires_at, last_used, created_at, kid FROM tokens"
+        " ORDER BY kind, last_used DESC",
+        (),
+    )
+    return [RowInfo(kind, bytes(k), *rest) for kind, k, *rest in rows]
+
+
+def plan_rows_not_under(op: RowsNotUnder) -> Plan[list[SealedRow]]:
+    rows = yield (
+        "SELECT k, kind, kid, nonce, ct, expires_at, gen, last_used, created_at FROM tokens"
+        " WHERE kid != ? LIMIT ?",
+        (op.kid, op.limit + len(op.skip)),
+    )
+    skip = set(op.skip)
+    found = [SealedRow(bytes(k), *rest) for k, *rest in rows]
+    return [row for row in found if row.digest not in skip][: op.limit]
+
+
+def plan_replace(op: Replace) -> Plan[bool]:
+    """Re-seal one row in place of ``old`` unless a newer row already took the new digest."""
+    yield ("DELETE FROM tokens WHERE k = ?", (op.old,))
+    done = yield (
+        _INSERT.format(verb="") + " ON CONFLICT (k) DO NOTHING RETURNING 1",
+        tuple(op.row),
+    )
+    return bool(done)
+
+
+PLANS: dict[type[Op[Any]], Callable[[Any], Plan[Any]]] = {
+    Read: plan_read,
+    Write: plan_write,
+    Delete: plan_delete,
+    Clear: plan_clear,
+    Prune: plan_prune,
+    Touch: plan_touch,
+    GetBackoff: plan_get_backoff,
+    SetBackoff: plan_set_backoff,
+    GetFacts: plan_facts,
+    ListRows: plan_list,
+    RowsNotUnder: plan_rows_not_under,
+    Replace: plan_replace,
+}
+# Point lookups cheap enough to run on the event loop's thread (no hop to aiosqlite).
+# Touch is inline too: with no busy timeout it never waits, and a hit must not hop.
+_INLINE: tuple[type[Op[Any]], ...] = (Read, GetBackoff, Touch)
+
+
+def transaction(op: Op[T]) -> Plan[T]:
+    """The plan of ``op``, inside ``BEGIN IMMEDIATE ... COMMIT`` when it writes.
+
+    A best-effort (``nowait``) write first drops the busy timeout for itself, so that
+    it is skipped rather than queued behind another process's transaction.
+    """
+    plan = cast(Plan[T], PLANS[type(op)](op))
+    if not op.writes:
+        return (yield from plan)
+    if op.nowait:
+        yield ("PRAGMA busy_timeout = 0", ())
+    yield ("BEGIN IMMEDIATE", ())
+    result = yield from plan
+    yield ("COMMIT", ())
+    if isinstance(op, Prune):  # fold the WAL back; TRUNCATE waits for readers, PASSIVE never
+        yield (f"PRAGMA wal_checkpoint({'TRUNCATE' if op.compact else 'PASSIVE'})", ())
+    return result
+
+
+def _step(plan: Plan[T], rows: list[Row] | None) -> Stmt | StopIteration:
+    """Advance ``plan`` with the rows of its last statement (``None``: start it)."""
+    try:
+        return next(plan) if rows is None else plan.send(rows)
+    except StopIteration as done:
+        return done
+
+
+def run(conn: sqlite3.Connection, plan: Plan[T]) -> T:
+    """The sync driver: ``plan`` on a ``sqlite3`` connection, rolled back if it fails."""
+    try:
+        step = _step(plan, None)
+        while not isinstance(step, StopIteration):
+            step = _step(plan, conn.execute(*step).fetchall())
+        return cast(T, step.value)
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+
+async def arun(conn: aiosqlite.Connection, plan: Plan[T]) -> T:
+    """The async driver: the same loop, each statement awaited on aiosqlite's thread."""
+    try:
+        step = _step(plan, None)
+        while not isinstance(step, StopIteration):
+            step = _step(plan, list(await conn.execute_fetchall(*step)))  # type: ignore[arg-type]  # aiosqlite types rows as Row
+        return cast(T, step.value)
+    finally:
+        if conn.in_transaction:
+            await conn.execute("ROLLBACK")
+
+
+# -- the backend -------------------------------------------------------------------------------
+
+
+class _LoopConn:
+    """One event loop's aiosqlite connection and the lock that keeps its transactions whole."""
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self.conn = conn
+        self.lock = asyncio.Lock()
+
+
+def _stop(conn: aiosqlite.Connection) -> None:
+    """Close an aiosqlite connection without awaiting it, from a thread with no loop.
+
+    ``stop()`` hands its worker a future of whatever loop is current, which may be closed by
+    the time the worker answers; from a thread with no event loop it hands over none.
+    """
+    helper = threading.Thread(target=conn.stop, name="agw-cache-aiosqlite-stop")
+    helper.start()
+    helper.join()
+    worker = getattr(conn, "_thread", None)
+    if isinstance(worker, threading.Thread) and worker.is_alive():
+        worker.join(5.0)
+
+
+class SqliteBackend:
+    """The token store in one SQLite file; see the module docstring."""
+
+    name: ClassVar[str] = "sqlite"
+
+    def __init__(self, path: Path, config: CacheConfig, warnings: Warnings | None = None) -> None:
+        self.path = path
+        self.location = str(path)
+        self.lock_dir = path.with_name(path.name + ".locks")
+        self.config = config
+        self.files = KeyLockFiles(self.lock_dir, stripes=config.lock_stripes)
+        self.warnings = warnings or Warnings()
+        self._unavailable: str | None = None
+        self._retry_at = 0.0
+        busy_ms = int(config.busy_timeout_seconds * 1000)
+        self._pragmas = [
+            f"PRAGMA busy_timeout = {busy_ms}",
+            "PRAGMA synchronous = NORMAL",
+            "PRAGMA journal_size_limit = 4194304",
+            "PRAGMA foreign_keys = OFF",
+        ]
+        if config.max_db_bytes is not None:
+            self._pragmas.append(f"PRAGMA max_page_count = {max(16, config.max_db_bytes // 4096)}")
+        self._restore_busy = self._pragmas[0]
+        self._reset()
+
+    def _reset(self) -> None:
+        """Fresh per-process state (at construction and in a forked child)."""
+        self._pid = os.getpid()
+        self._mutex = threading.Lock()
+        self._ready = False
+        self._idle: deque[sqlite3.Connection] = deque()
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopConn] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def _check_fork(self) -> None:
+        # Connections inherited across fork are dropped, never used or closed: closing one
+        # in the child could checkpoint or unlink the parent's WAL under its feet.
+        if self._pid != os.getpid():
+            _ABANDONED.extend(self._idle)
+            _ABANDONED.extend(state.conn for state in self._loops.values())
+            self._reset()
+
+    # -- status ----------------------------------------------------------------------------
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why the file cannot be used right now (retried every 30 s), or None."""
+        if self._unavailable is not None and time.time() >= self._retry_at:
+            return None
+        return self._unavailable
+
+    def _disable(self, reason: str) -> None:
+        self._unavailable = reason
+        self._retry_at = time.time() + RETRY_UNAVAILABLE_SECONDS
+
+    def _failed(self, exc: BaseException) -> StorageError:
+        """Turn a failure into a ``StorageError``; after corruption, reopen next time."""
+        if isinstance(exc, SchemaTooNew):
+            self._disable(str(exc))
+            self.warnings.once(
+                "schema", "%s; the cache is disabled, tokens are fetched directly", exc
+            )
+            return StorageUnavailable(str(exc))
+        if not self._ready:
+            reason = f"cannot open cache file {self.path}: {type(exc).__name__}: {exc}"
+            self._disable(reason)
+            self.warnings.once(
+                "open",
+                "cannot open token cache at %s (%s: %s); tokens are fetched directly. "
+                "Set AGW_CACHE_PATH to a writable local path or run `agw-cache doctor`",
+                self.path,
+                type(exc).__name__,
+                exc,
+            )
+            return StorageUnavailable(reason)
+        if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
+            self._drop_connections()  # corruption under a running process: reopen, which
+            # moves a broken file aside
+        return StorageError(f"{type(exc).__name__}: {exc}")
+
+    # -- connections -------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=self.config.busy_timeout_seconds,
+        )
+        for stmt in self._pragmas:
+            conn.execute(stmt)
+        return conn
+
+    def _borrow(self) -> sqlite3.Connection:
+        try:
+            return self._idle.pop()
+        except IndexError:
+            pass
+        self._ensure_ready()
+        return self._connect()
+
+    def _give_back(self, conn: sqlite3.Connection) -> None:
+        if self._pid != os.getpid():
+            return  # a connection of the parent's: never reuse nor close it
+        if len(self._idle) < POOL_IDLE and self._ready:
+            self._idle.append(conn)
+        else:
+            conn.close()
+
+    async def _loop_conn(self) -> _LoopConn:
+        loop = asyncio.get_running_loop()
+        state = self._loops.get(loop)
+        if state is not None:
+            return state
+        for other, stale in list(self._loops.items()):
+            if other.is_closed():  # asyncio.run() per task: release what closed loops held
+                del self._loops[other]
+                await asyncio.to_thread(_stop, stale.conn)
+        await asyncio.to_thread(self._ensure_ready)
+        pending = aiosqlite.connect(
+            self.path, isolation_level=None, timeout=self.config.busy_timeout_seconds
+        )
+        # aiosqlite's worker is not a daemon: a cache nobody closed would hold the
+        # interpreter at exit. Only committed data matters, so it may die with us.
+        worker = getattr(pending, "_thread", None)
+        if isinstance(worker, threading.Thread):
+            worker.daemon = True
+        conn = await pending
+        for stmt in self._pragmas:
+            await conn.execute(stmt)
+        state = self._loops.setdefault(loop, _LoopConn(conn))
+        if state.conn is not conn:
+            await conn.close()
+        return state
+
+    def _drop_connections(self) -> None:
+        with self._mutex:
+            _ABANDONED.extend(self._idle)
+            self._idle.clear()
+            self._ready = False
+
+    # -- drivers -------------------------------------------------------------------------------
+
+    def execute(self, op: Op[T]) -> T:
+        """Perform ``op`` on a pooled connection of this thread's; raise ``StorageError``."""
+        self._check_fork()
+        gate = _forkgate.enter()
+        try:
+            conn = self._borrow()
+            try:
+                return self._finish(op, run(conn, transaction(op)))
+            finally:
+                if op.nowait:
+                    conn.execute(self._restore_busy)
+                self._give_back(conn)
+        except _FAILURES as exc:
+            if op.nowait and _is_busy(exc):
+                return cast(T, None)  # best effort: skipped while another process writes
+            raise self._failed(exc) from None
+        finally:
+            _forkgate.leave(gate)
+
+    async def aexecute(self, op: Op[T]) -> T:
+        """Perform ``op`` without blocking the loop on file I/O; raise ``StorageError``."""
+        self._check_fork()
+        if isinstance(op, _INLINE):
+            if not self._idle:  # open (and maybe migrate) off the loop, then read inline
+                try:
+                    conn = await asyncio.to_thread(self._borrow)
+                except _FAILURES as exc:
+                    raise self._failed(exc) from None
+                self._give_back(conn)
+            return self.execute(op)
+        gate = _forkgate.enter()
+        try:
+            state = await self._loop_conn()
+            async with state.lock:
+                return self._finish(op, await arun(state.conn, transaction(op)))
+        except _FAILURES as exc:
+            raise self._failed(exc) from None
+        finally:
+            _forkgate.leave(gate)
+
+    def _finish(self, op: Op[T], result: T) -> T:
+        if isinstance(result, Facts):  # sizes come from the file system, not from SQL
+            size, wal = self.sizes()
+            return cast(T, result._replace(file_bytes=size, wal_bytes=wal))
+        return result
+
+    def key_lock(self, digest: bytes) -> KeyLock:
+        """The key's lock: an OFD byte-range lock in ``<db>.locks/keys.lock`` (Linux)."""
+        return self.files.key_lock(digest)
+
+    # -- file set-up ---------------------------------------------------------------------------
+
+    def _ensure_ready(self) -> None:
+        if self._ready:
+            return
+        reason = self.unavailable
+        if reason is not None:
+            raise StorageUnavailable(reason)
+        with self._mutex:
+            if not self._ready:
+                self._initialize()
+                self._ready = True
+                self._unavailable = None
+
+    def prepare_dirs(self) -> None:
+        """Create the directory (0700) and the lock directory beside the database."""
+        for directory in (self.path.parent, self.lock_dir):
+            if not directory.is_dir():
+                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def _initialize(self) -> None:
+        self.prepare_dirs()
+        init_lock = filelock.FileLock(
+            self.lock_dir / "init.lock",
+            timeout=max(30.0, self.config.busy_timeout_seconds),
+            mode=0o600,
+            thread_local=False,
+            preserve_lock_file=True,
+        )
+        # Serialized: 32 processes opening a brand-new file must not race on the schema.
+        with init_lock:
+            # SQLite gives the -wal and -shm files the mode of the database file.
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+            try:
+                self._migrate()
+            except sqlite3.DatabaseError as exc:
+                if isinstance(exc, sqlite3.OperationalError):
+                    raise
+                self._move_aside(exc)
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+                self._migrate()
+
+    def _migrate(self) -> None:
+        conn = self._connect()
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise SchemaTooNew(
+                    f"cache file {self.path} has schema version {version}, newer than this "
+                    f"agw-persist-cache understands ({SCHEMA_VERSION}); upgrade the package on "
+                    "every process of this host or point AGW_CACHE_PATH elsewhere"
+                )
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
+            for number, _name, sql in MIGRATIONS:
+                if number <= version:
+                    continue
+                conn.executescript(
+                    f"BEGIN IMMEDIATE;\n{sql}\nPRAGMA user_version = {number};\nCOMMIT;"
+                )
+            if version:
+                conn.execute("SELECT count(*) FROM meta").fetchone()
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        finally:
+            conn.close()
+
+    def _move_aside(self, exc: BaseException) -> None:
+        stamp = f"corrupt-{int(time.time())}-{os.getpid()}"
+        for suffix in ("", "-wal", "-shm"):
+            src = self.path.with_name(self.path.name + suffix)
+            with contextlib.suppress(FileNotFoundError):
+                src.rename(src.with_name(f"{self.path.name}.{stamp}{suffix}"))
+        self.warnings.once(
+            "corrupt",
+            "cache file %s was not a usable SQLite database (%s); moved it aside as %s.%s "
+            "and started an empty one",
+            self.path,
+            type(exc).__name__,
+            self.path.name,
+            stamp,
+        )
+
+    # -- sizes and closing ---------------------------------------------------------------------
+
+    def sizes(self) -> tuple[int, int]:
+        """(database bytes, WAL bytes)."""
+        return _size(self.path), _size(self.path.with_name(self.path.name + "-wal"))
+
+    def close(self) -> None:
+        """Close this process's connections (the file and other processes are unaffected)."""
+        self._check_fork()
+        with self._mutex:
+            idle = list(self._idle)
+            self._idle.clear()
+            loops = list(self._loops.values())
+            self._loops.clear()
+        for conn in idle:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        for state in loops:
+            _stop(state.conn)
+
+    async def aclose(self) -> None:
+        """Close this loop's aiosqlite connection properly, then everything else."""
+        self._check_fork()
+        state = self._loops.pop(asyncio.get_running_loop(), None)
+        if state is not None:
+            with contextlib.suppress(*_FAILURES):
+                await state.conn.close()
+        await asyncio.to_thread(self.close)
+
+
+_ABANDONED: list[object] = []
+
+
+def _is_busy(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
