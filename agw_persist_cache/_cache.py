@@ -19,7 +19,7 @@ from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any, Literal, TypeAlias, TypeVar
 
-from ._config import CacheConfig, resolve_path
+from ._config import CacheConfig, resolve_path, split_location
 from ._crypto import (
     Envelope,
     Keyring,
@@ -34,6 +34,7 @@ from ._flight import AFetch, Driver, Fetch, Flight, Key, Lookup, fill
 from ._locks import KeyLocks
 from ._log import Warnings
 from ._stats import CacheStats, Counters, EntryInfo
+from .backends import open_backend
 from .backends.contract import (
     Backend,
     Clear,
@@ -73,13 +74,21 @@ class PersistentTokenCache:
     """
 
     def __init__(
-        self, path: str | os.PathLike[str] | None = None, *, config: CacheConfig | None = None
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        config: CacheConfig | None = None,
+        url: str | None = None,
     ) -> None:
         self.config = config or CacheConfig()
-        self.path: Path = resolve_path(path if path is not None else self.config.path)
+        path, url = split_location(
+            path if path is not None else self.config.path,
+            url if url is not None else self.config.url,
+        )
+        self.path: Path = resolve_path(path)
         self.counters = Counters()
         self.warnings = Warnings()
-        self._backend: Backend = SqliteBackend(self.path, self.config, self.warnings)
+        self._backend: Backend = open_backend(self.path, url, self.config, self.warnings)
         self.lock_dir: Path = self.path.with_name(self.path.name + ".locks")
         explicit = keys_from_config(self.config)
         self.key_source: str = explicit.source if explicit else "file"

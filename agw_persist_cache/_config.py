@@ -10,14 +10,16 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._errors import CacheConfigError
 
 ENV_PATH = "AGW_CACHE_PATH"
 ENV_KEY = "AGW_CACHE_KEY"
+ENV_URL = "AGW_CACHE_URL"
 DEFAULT_FILENAME = "tokens.db"
+NETWORK_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys")
 
 
 def default_cache_dir() -> Path:
@@ -40,6 +42,29 @@ def resolve_path(path: str | os.PathLike[str] | None) -> Path:
     return resolved
 
 
+def split_location(
+    path: str | os.PathLike[str] | None, url: str | None
+) -> tuple[str | os.PathLike[str] | None, str | None]:
+    """(SQLite path, networked store URL): an explicit ``url`` (or ``$AGW_CACHE_URL`` when no
+    path is given) of a networked scheme selects that store; ``sqlite:///...`` and plain
+    paths select the SQLite file."""
+    if url is None and path is None:
+        url = os.environ.get(ENV_URL) or None
+    if url is None:
+        return path, None
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme.lower() == "sqlite":
+        return (rest or None), None
+    if sep and scheme.lower() in NETWORK_SCHEMES:
+        return path, url
+    raise CacheConfigError(
+        f"cache URL scheme {scheme.lower()!r} is not supported; use redis://, rediss://, "
+        "unix:// or sqlite:///path"
+        if sep
+        else "cache URL must look like redis://host:6379/0 or sqlite:///path"
+    )
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """Settings of a :class:`PersistentTokenCache`. Invalid values raise ``CacheConfigError``
@@ -47,6 +72,9 @@ class CacheConfig:
 
     path: str | os.PathLike[str] | None = None
     """Database file; default ``$AGW_CACHE_PATH`` or ``~/.cache/agw-persist-cache/tokens.db``."""
+    url: str | None = field(default=None, repr=False)
+    """A networked store shared by many hosts (``redis://``, ``rediss://``, ``unix://``), or
+    ``sqlite:///path``; default ``$AGW_CACHE_URL``, else the SQLite file. Never logged."""
     keys: Sequence[str | bytes] | None = None
     """AES-256 keys (32 raw bytes or urlsafe base64 of them). The first seals new rows,
     all open old ones. Default: ``$AGW_CACHE_KEY`` (comma separated), else a key file."""
@@ -120,6 +148,15 @@ class CacheConfig:
                 "CacheConfig.max_db_bytes must be None or an int >= 65536, "
                 f"got {self.max_db_bytes!r}"
             )
+        if self.url is not None:
+            if not isinstance(self.url, str):
+                raise CacheConfigError(
+                    f"CacheConfig.url must be a str, not {type(self.url).__name__}"
+                )
+            try:
+                split_location(None, self.url)
+            except CacheConfigError as exc:
+                raise CacheConfigError(f"CacheConfig.url: {exc}") from None
         if self.keys is not None and (isinstance(self.keys, str | bytes) or not self.keys):
             raise CacheConfigError(
                 "CacheConfig.keys must be a non-empty list of keys (first seals, all open)"

@@ -48,6 +48,9 @@ INVALID: list[tuple[str, Any]] = [
     ("keys", []),
     ("keys", "a-single-string-is-not-a-list"),
     ("keys", b"\x00" * 32),
+    ("url", "ftp://host/x"),
+    ("url", "no-scheme-at-all"),
+    ("url", 6379),
 ]
 
 
