@@ -121,25 +121,31 @@ def fill(shelf: Shelf, key: Key, *, refresh: bool) -> Flight[CachedToken | None]
     token no longer due for refresh means another process already refreshed it (None).
     """
     config = shelf.config
-    locked = yield TakeLock(key.digest, None if refresh else config.lock_timeout_seconds)
-    if locked is LockResult.BUSY or (refresh and locked is not LockResult.HELD):
-        return None  # someone else is refreshing this very key
-    if locked is not LockResult.HELD:
-        shelf.lock_trouble(locked, key)
-    now = time.time()
+    deadline = time.monotonic() + config.lock_timeout_seconds
     generation: int | None = None
-    try:
-        snap: Snapshot = yield key.read  # another process may have just written it
-        generation = snap.generation
-        lookup = shelf.judge(key, snap, now)
-        if lookup.followup is not None:
-            yield lookup.followup
-        if lookup.entry is not None and not (refresh and lookup.due):
-            return None if refresh else lookup.entry
-        backoff: Backoff | None = yield GetBackoff(key.digest)
-    except StorageError as exc:
-        shelf.storage_failed(exc)
-        backoff = None
+    backoff: Backoff | None = None
+    while True:
+        wait = None if refresh else max(0.0, deadline - time.monotonic())
+        locked = yield TakeLock(key.digest, wait)
+        if locked is LockResult.BUSY or (refresh and locked is not LockResult.HELD):
+            return None  # someone else is refreshing this very key
+        if locked not in (LockResult.HELD, LockResult.WAITED):
+            shelf.lock_trouble(locked, key)
+        now = time.time()
+        try:
+            snap: Snapshot = yield key.read  # another process may have just written it
+            generation = snap.generation
+            lookup = shelf.judge(key, snap, now)
+            if lookup.followup is not None:
+                yield lookup.followup
+            if lookup.entry is not None and not (refresh and lookup.due):
+                return None if refresh else lookup.entry
+            if locked is LockResult.WAITED:
+                continue  # the holder let go without a token (its fetch failed): our turn
+            backoff = yield GetBackoff(key.digest)
+        except StorageError as exc:
+            shelf.storage_failed(exc)
+        break
     if backoff is not None and config.fetch_backoff_seconds > 0:
         # Capped on read: a stepped clock or a planted row never blocks a key for longer.
         left = min(backoff.until - now, config.fetch_backoff_seconds)

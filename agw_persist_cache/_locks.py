@@ -51,21 +51,6 @@ class KeyLocks:
         self._threads: _KeyedLocks[threading.Lock] = _KeyedLocks(threading.Lock)
         self._tasks: _KeyedLocks[asyncio.Lock] = _KeyedLocks(asyncio.Lock)
 
-    @staticmethod
-    def _held(
-        keyed: _KeyedLocks[L], key: Hashable, local: L | None, cross: KeyLock | None
-    ) -> Release:
-        """Undo, in reverse order, whatever of the two locks was taken."""
-
-        def release() -> None:
-            if cross is not None:
-                cross.release()
-            if local is not None:
-                local.release()
-            keyed.put(key)
-
-        return release
-
     def acquire(self, digest: bytes, wait: float | None) -> tuple[LockResult, Release]:
         """Both locks of ``digest`` within ``wait`` seconds (``None``: one try, no wait).
 
@@ -74,29 +59,38 @@ class KeyLocks:
         deadline = time.monotonic() + (wait or 0.0)
         local = self._threads.get(digest)
         if not (local.acquire(blocking=False) if wait is None else local.acquire(timeout=wait)):
-            return _refused(wait), self._held(self._threads, digest, None, None)
+            return _refused(wait), _releaser(self._threads, digest, None)
         cross = self._backend.key_lock(digest)
         result = cross.acquire(_left(wait, deadline))
-        held = cross if result is LockResult.HELD else None
-        return result, self._held(self._threads, digest, local, held)
+        return _settled(result, cross, _releaser(self._threads, digest, local))
 
     async def aacquire(self, digest: bytes, wait: float | None) -> tuple[LockResult, Release]:
         """The same from a task: waits without blocking the event loop."""
         deadline = time.monotonic() + (wait or 0.0)
         key = (asyncio.get_running_loop(), digest)
         local = self._tasks.get(key)
-        release = self._held(self._tasks, key, None, None)
+        release = _releaser(self._tasks, key, None)
         try:
             if not await _atake(local, wait):
                 return _refused(wait), release
-            release = self._held(self._tasks, key, local, None)
+            release = _releaser(self._tasks, key, local)
             cross = self._backend.key_lock(digest)
             result = await cross.aacquire(_left(wait, deadline))
         except BaseException:  # cancelled while waiting: give back what was taken
             release()
             raise
-        held = cross if result is LockResult.HELD else None
-        return result, self._held(self._tasks, key, local, held)
+        return _settled(result, cross, release)
+
+
+def _releaser(keyed: _KeyedLocks[L], key: Hashable, local: L | None) -> Release:
+    """Let go of the local lock (if taken) and of this user's reference to it."""
+
+    def release() -> None:
+        if local is not None:
+            local.release()
+        keyed.put(key)
+
+    return release
 
 
 async def _atake(lock: asyncio.Lock, wait: float | None) -> bool:
@@ -108,6 +102,26 @@ async def _atake(lock: asyncio.Lock, wait: float | None) -> bool:
         return await asyncio.wait_for(lock.acquire(), wait)
     except TimeoutError:
         return False
+
+
+def _settled(result: LockResult, cross: KeyLock, local: Release) -> tuple[LockResult, Release]:
+    """What the caller holds now. After WAITED nothing: the local lock is let go at once so
+    that this process's other waiters read the new token too, instead of queueing."""
+    if result is LockResult.WAITED:
+        local()
+        return result, _noop
+    if result is LockResult.HELD:
+
+        def release() -> None:
+            cross.release()
+            local()
+
+        return result, release
+    return result, local
+
+
+def _noop() -> None:
+    pass
 
 
 def _refused(wait: float | None) -> LockResult:

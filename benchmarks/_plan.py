@@ -36,6 +36,8 @@ class Plan:
     stampede_coroutines: int = 50
     stampede_delay: float = 0.2
     stampede_rounds: int = 3
+    distinct_procs: int = 4
+    distinct_users: int = 100
 
     @property
     def warmup(self) -> int:
@@ -77,5 +79,7 @@ TINY = Plan(
     stampede_coroutines=5,
     stampede_delay=0.05,
     stampede_rounds=1,
+    distinct_procs=2,
+    distinct_users=10,
 )
 PLANS = {plan.name: plan for plan in (FULL, QUICK, TINY)}

@@ -7,7 +7,7 @@ keep working while the core is missing or broken.
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,17 +53,22 @@ def populate_cache(
 
 
 def _bulk_fill(cache: Any, scopes: Sequence[str], tokens: Sequence[str], expires_at: float) -> None:
-    from agw_persist_cache import CachedToken
+    from agw_persist_cache._crypto import Envelope
+    from agw_persist_cache.backends.sqlite import _INSERT
 
-    def plan() -> Generator[Any, Any, None]:
-        for scope, token in zip(scopes, tokens, strict=True):
-            entry = CachedToken(token, expires_at)
-            steps = cache._store_steps(cache._key("system", scope, None), entry, None)
-            write = next(steps)  # the row's INSERT plan; memo and prune steps are skipped
-            yield from write.plan
-            steps.close()
-
-    cache._store.run(plan(), write=True, default=None)
+    ring, now, rows = cache._ring(), time.time(), []
+    for scope, token in zip(scopes, tokens, strict=True):
+        key = cache._key("system", scope, None)
+        envelope = Envelope(token, expires_at, scope, key.uhash, {})
+        kid, nonce, ct = ring.seal("system", key.digest, 0, envelope)  # generation 0: new file
+        rows.append((key.digest, "system", kid, nonce, ct, expires_at, 0, now, now))
+    conn = cache._backend._borrow()
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(_INSERT.format(verb="OR REPLACE"), rows)
+        conn.execute("COMMIT")
+    finally:
+        cache._backend._give_back(conn)
     missing = [s for s in (scopes[0], scopes[-1]) if cache.get_system_token(s) is None]
     if missing:
         raise AttributeError("bulk fill did not land; the core's internals changed")

@@ -28,6 +28,10 @@ from ._subject import open_cache
 SUBJECTS = ("in-memory per process", "cache")
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 1024  # hundreds of callers connect at once: no reset from the backlog
+
+
 class TokenEndpoint:
     """A token endpoint on 127.0.0.1 answering every request after ``delay`` with a new token."""
 
@@ -56,7 +60,7 @@ class TokenEndpoint:
             def log_message(self, format: str, *args: Any) -> None:
                 """Silent: one line per request would drown the progress output."""
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -74,6 +78,9 @@ class InMemoryCache:
     def __init__(self) -> None:
         self._tokens: dict[str, str] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+
+    async def user_token(self, user: str, scope: str, afetch: Callable[[], Awaitable[Any]]) -> str:
+        return await self.system_token(f"{user}\x00{scope}", afetch)
 
     async def system_token(self, scope: str, afetch: Callable[[], Awaitable[Any]]) -> str:
         if scope in self._tokens:
@@ -102,15 +109,25 @@ def _worker(
     url: str,
     scope: str,
     coroutines: int,
+    users: int,
     barrier: Any,
     results: Any,
 ) -> None:
-    results.put(asyncio.run(_stampede(subject, path, key, url, scope, coroutines, barrier)))
+    results.put(asyncio.run(_stampede(subject, path, key, url, scope, coroutines, users, barrier)))
 
 
 async def _stampede(
-    subject: str, path: Path, key: bytes, url: str, scope: str, coroutines: int, barrier: Any
+    subject: str,
+    path: Path,
+    key: bytes,
+    url: str,
+    scope: str,
+    coroutines: int,
+    users: int,
+    barrier: Any,
 ) -> Seen:
+    """``coroutines`` callers of the system token of ``scope``, or with ``users``, one caller
+    per user token (user ``i`` in every process): the same keys in every process."""
     async with httpx.AsyncClient(timeout=60) as http:
 
         async def afetch(path: str = "/oauth2/token") -> Any:
@@ -127,11 +144,16 @@ async def _stampede(
         await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
         start = time.time()
 
-        async def one() -> tuple[float, str]:
-            token = await get(scope, afetch)
+        async def one(i: int) -> tuple[float, str]:
+            if users:
+                user_token = cache.auser_token if cache is not None else memory.user_token
+                token = await user_token(f"user-jwt-{i}", scope, afetch)
+            else:
+                token = await get(scope, afetch)
             return time.time(), token
 
-        done = await asyncio.gather(*(one() for _ in range(coroutines)), return_exceptions=True)
+        callers = users or coroutines
+        done = await asyncio.gather(*(one(i) for i in range(callers)), return_exceptions=True)
         if cache is not None:
             await cache.aclose()
     ends = [d[0] for d in done if isinstance(d, tuple)]
@@ -161,12 +183,20 @@ class Phase:
 
 
 def _run_phase(
-    subject: str, path: Path, key: bytes, endpoint: TokenEndpoint, scope: str, plan: Plan
+    subject: str,
+    path: Path,
+    key: bytes,
+    endpoint: TokenEndpoint,
+    scope: str,
+    plan: Plan,
+    *,
+    procs: int,
+    users: int = 0,
 ) -> Phase:
     """Spawn the processes, release them together, count requests; reap every process."""
     before = endpoint.requests
-    args = (subject, path, key, endpoint.url, scope, plan.stampede_coroutines)
-    seen: list[Seen] = run_together(_worker, [args] * plan.stampede_procs, timeout=120)
+    args = (subject, path, key, endpoint.url, scope, plan.stampede_coroutines, users)
+    seen: list[Seen] = run_together(_worker, [args] * procs, timeout=120)
     starts = [s.start for s in seen]
     return Phase(
         requests=endpoint.requests - before,
@@ -193,7 +223,9 @@ def bench_stampede(workdir: Path, plan: Plan) -> Section:
                 with open_cache(path, key) as cache:  # the file exists; the token does not
                     cache.stats()
                 scope = f"urn:agw:bench:stampede:{r}"
-                outcome[subject].append(_run_phase(subject, path, key, endpoint, scope, plan))
+                outcome[subject].append(
+                    _run_phase(subject, path, key, endpoint, scope, plan, procs=plan.stampede_procs)
+                )
     finally:
         endpoint.close()
     callers = plan.stampede_procs * plan.stampede_coroutines
@@ -256,5 +288,78 @@ def bench_stampede(workdir: Path, plan: Plan) -> Section:
     walls = tuple(p.wall / plan.stampede_delay for p in phases)
     section.ratios.append(
         Ratio("stampede: wall / one fetch delay (cache)", statistics.median(walls), walls, 1.5)
+    )
+    return section
+
+
+def bench_distinct(workdir: Path, plan: Plan) -> Section:
+    """Distinct cold users: one fetch per user, and unrelated users never wait for each other."""
+    directory = workdir / "distinct"
+    directory.mkdir()
+    key = bench_key()
+    endpoint = TokenEndpoint(plan.stampede_delay)
+    phases: list[Phase] = []
+    try:
+        for r in range(plan.stampede_rounds):
+            path = directory / f"round-{r}.db"
+            with open_cache(path, key) as cache:
+                cache.stats()
+            phases.append(
+                _run_phase(
+                    "cache",
+                    path,
+                    key,
+                    endpoint,
+                    f"urn:agw:bench:distinct:{r}",
+                    plan,
+                    procs=plan.distinct_procs,
+                    users=plan.distinct_users,
+                )
+            )
+    finally:
+        endpoint.close()
+    table = Table(
+        f"{plan.distinct_procs} processes x {plan.distinct_users} distinct cold users (every "
+        f"process asks for every user), fetch delay {plan.stampede_delay * 1000:g} ms, "
+        f"{plan.stampede_rounds} round(s)",
+        ["round", "token requests", "wall ms", "wall / delay", "callers answered", "errors"],
+    )
+    for r, p in enumerate(phases):
+        table.rows.append(
+            [
+                str(r + 1),
+                str(p.requests),
+                f"{p.wall * 1000:.0f}",
+                f"{p.wall / plan.stampede_delay:.2f}",
+                f"{p.answered:,} / {plan.distinct_procs * plan.distinct_users:,}",
+                str(len(p.errors)),
+            ]
+        )
+    section = Section(
+        key="distinct",
+        title="8. Distinct cold users: per-key locks",
+        method=(
+            "As the stampede, but each process runs one coroutine per user, for the same users "
+            "in every process: every user's token is missing. Exactly one fetch per user, and "
+            "fetches of different users run side by side: no user waits behind another's fetch."
+        ),
+        tables=[table],
+    )
+    section.notes.extend(sorted({e for p in phases for e in p.errors}))
+    requests = tuple(float(p.requests) for p in phases)
+    worst = max(requests, key=lambda n: abs(n - plan.distinct_users))
+    section.ratios.append(
+        Ratio(
+            "distinct users: token requests per round (worst round)",
+            worst,
+            requests,
+            float(plan.distinct_users),
+            unit="",
+            exactly=True,
+        )
+    )
+    walls = tuple(p.wall / plan.stampede_delay for p in phases)
+    section.ratios.append(
+        Ratio("distinct users: wall / one fetch delay", statistics.median(walls), walls, 2.0)
     )
     return section

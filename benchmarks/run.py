@@ -20,7 +20,7 @@ from ._subject import core_available
 from .bench_latency import bench_async_hit, bench_hit, bench_prune, bench_set
 from .bench_peers import bench_peers
 from .bench_procs import bench_procs
-from .bench_stampede import bench_stampede
+from .bench_stampede import bench_distinct, bench_stampede
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 ON_FIXTURES: dict[str, Callable[[Sequence[Fixture], Plan], Section]] = {
@@ -33,8 +33,9 @@ ON_FIXTURES: dict[str, Callable[[Sequence[Fixture], Plan], Section]] = {
 ON_WORKDIR: dict[str, Callable[[Path, Plan], Section]] = {
     "procs": bench_procs,
     "stampede": bench_stampede,
+    "distinct": bench_distinct,
 }
-ORDER = ("hit", "async", "set", "procs", "stampede", "prune", "peers")
+ORDER = ("hit", "async", "set", "procs", "stampede", "prune", "peers", "distinct")
 
 
 def run(

@@ -23,6 +23,7 @@ TITLES = (
     "## 5. Cold stampede",
     "## 6. Prune",
     "## 7. Peers",
+    "## 8. Distinct cold users",
 )
 
 
@@ -35,3 +36,4 @@ def test_every_benchmark_runs_and_writes_results(tmp_path: Path) -> None:
     assert "| SQLite (sqlite3 module) |" in text
     assert "| stampede: token requests per round (cache, worst round) | 1 | - | == 1 |" in text
     assert "| 'database is locked' reaching a caller (count) | 0 | - | <= 0 |" in text
+    assert "| distinct users: token requests per round (worst round) | 10 | - | == 10 |" in text

@@ -58,8 +58,21 @@ def finish(plan: Generator[Any, Any, Any], rows: list[Any]) -> Any:
 # -- plans by hand ---------------------------------------------------------------------------------
 
 
-def test_write_after_a_clear_reads_the_generation_and_writes_nothing() -> None:
+def test_a_write_is_one_statement_guarded_by_the_generation() -> None:
     plan = plan_write(Write(ROW))
+    sql, params = first(plan)
+    assert sql.startswith("INSERT OR REPLACE INTO tokens")
+    assert "WHERE (SELECT value FROM meta WHERE name = 'generation') = ?" in sql
+    assert params == (*ROW, 3)
+    assert finish(plan, []) is False  # a clear() moved the generation: nothing inserted
+    plan = plan_write(Write(ROW))
+    first(plan)
+    assert finish(plan, [(1,)]) is True
+    assert next(iter(transaction(Write(ROW))))[0].startswith("INSERT")  # no BEGIN
+
+
+def test_write_after_a_clear_with_rows_to_replace_writes_nothing() -> None:
+    plan = plan_write(Write(ROW, replaces=(b"o" * 32,)))
     sql, params = first(plan)
     assert sql.startswith("SELECT value FROM meta")
     assert params == ()

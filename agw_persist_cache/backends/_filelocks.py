@@ -64,14 +64,17 @@ class _Target:
         _OPEN.add(fd)
         return fd
 
-    def lock(self, fd: int, *, block: bool) -> bool:
-        """Take the lock on ``fd``; False if it is held elsewhere and ``block`` is off."""
+    def lock(self, fd: int, *, block: bool, shared: bool = False) -> bool:
+        """Take the lock on ``fd`` (``shared``: a read lock, which only waits for the
+        holder); False if it is held elsewhere and ``block`` is off."""
         try:
             if self.offset is None:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+                mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+                fcntl.flock(fd, mode | (0 if block else fcntl.LOCK_NB))
             else:
                 cmd = fcntl.F_OFD_SETLKW if block else fcntl.F_OFD_SETLK
-                fcntl.fcntl(fd, cmd, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, self.offset, 1, 0))
+                kind = fcntl.F_RDLCK if shared else fcntl.F_WRLCK
+                fcntl.fcntl(fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, self.offset, 1, 0))
         except OSError as exc:
             if not block and exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 return False
@@ -100,7 +103,10 @@ def _close(fd: int) -> None:
 
 
 class _Waiter:
-    """A thread blocked in the kernel until the lock is granted, then hands it over."""
+    """A thread blocked in the kernel until the holder lets go (a shared lock is granted).
+
+    Every waiter of a key gets its shared lock at the same moment, drops it at once and
+    reports WAITED: they all read the token the holder stored, none queues for the lock."""
 
     def __init__(self, target: _Target, fd: int) -> None:
         self.target = target
@@ -117,15 +123,15 @@ class _Waiter:
 
     def _run(self) -> None:
         try:
-            self.target.lock(self.fd, block=True)
+            self.target.lock(self.fd, block=True, shared=True)
         except OSError as exc:
             self.error = exc
+        else:
+            self.target.unlock_and_close(self.fd)
         with self._mutex:
-            if self._abandoned:  # the caller timed out: give back what came too late
-                if self.error is None:
-                    self.target.unlock_and_close(self.fd)
-                else:
-                    _close(self.fd)
+            if self.error is not None:
+                _close(self.fd)
+            if self._abandoned:  # the caller gave up meanwhile: nothing left to hand over
                 return
             self.granted = self.error is None
             self.done.set()
@@ -144,10 +150,7 @@ class _Waiter:
         """The outcome now; if still waiting, give up (the thread cleans up later)."""
         with self._mutex:
             if self.done.is_set():
-                if self.granted:
-                    return LockResult.HELD
-                _close(self.fd)
-                return LockResult.ERROR
+                return LockResult.WAITED if self.granted else LockResult.ERROR
             self._abandoned = True
             return LockResult.TIMEOUT
 
@@ -185,9 +188,7 @@ class FileKeyLock:
 
     def _end(self, waiter: _Waiter) -> LockResult:
         result = waiter.settle()
-        if result is LockResult.HELD:
-            self._fd = waiter.fd
-        elif result is LockResult.ERROR:
+        if result is LockResult.ERROR:
             self.error = f"cannot lock {self._target.path}: {_reason(waiter.error)}"
         return result
 
@@ -215,9 +216,8 @@ class FileKeyLock:
             await asyncio.wait_for(asyncio.shield(woken), wait)
         except TimeoutError:
             pass
-        except BaseException:  # cancelled: never leave a lock behind that nobody releases
-            if self._end(begun) is LockResult.HELD:
-                self.release()
+        except BaseException:  # cancelled: the waiter thread cleans up by itself
+            self._end(begun)
             raise
         return self._end(begun)
 

@@ -206,6 +206,7 @@ class LockResult(enum.Enum):
     """How an attempt at a key's cross-process lock ended."""
 
     HELD = "held"
+    WAITED = "waited"  # another process held it and has let go: read again, then retry
     TIMEOUT = "timeout"  # another process held it past the wait: fetch anyway
     BUSY = "busy"  # a non-blocking try found it held (refresh-ahead: someone else does it)
     ERROR = "error"  # the lock itself failed (I/O): fetch anyway, counted apart
@@ -215,7 +216,11 @@ class KeyLock(Protocol):
     """A per-key lock shared by every process using the store. Unrelated keys never wait."""
 
     def acquire(self, wait: float | None) -> LockResult:
-        """Take the lock within ``wait`` seconds (``None``: one non-blocking try)."""
+        """Take the lock at once, or wait up to ``wait`` seconds for its holder to let go.
+
+        ``None``: one non-blocking try. After a wait the lock is *not* held (WAITED): every
+        waiter wakes at once and reads what the holder stored, instead of queueing for it.
+        """
 
     async def aacquire(self, wait: float | None) -> LockResult:
         """The same without blocking the event loop."""

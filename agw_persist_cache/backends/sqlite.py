@@ -119,6 +119,10 @@ _INSERT = (
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _GENERATION = "SELECT value FROM meta WHERE name = 'generation'"
+_INSERT_IF_GENERATION = (
+    "INSERT OR REPLACE INTO tokens (k, kind, kid, nonce, ct, expires_at, gen, last_used,"
+    " created_at) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE (" + _GENERATION + ") = ? RETURNING 1"
+)
 
 
 def plan_read(op: Read) -> Plan[Snapshot]:
@@ -134,7 +138,14 @@ def plan_read(op: Read) -> Plan[Snapshot]:
 
 
 def plan_write(op: Write) -> Plan[bool]:
-    """Insert or replace a row; refuse if a clear() moved the generation it was sealed in."""
+    """Insert or replace a row; refuse if a clear() moved the generation it was sealed in.
+
+    Without rows to replace it is one statement, atomic by itself: no transaction around
+    it, so the write lock is held for one step (writers of other processes wait less).
+    """
+    if not op.replaces:
+        done = yield (_INSERT_IF_GENERATION, (*op.row, op.row.generation))
+        return bool(done)
     rows = yield (_GENERATION, ())
     if not rows or rows[0][0] != op.row.generation:
         return False
@@ -280,16 +291,25 @@ def transaction(op: Op[T]) -> Plan[T]:
     it is skipped rather than queued behind another process's transaction.
     """
     plan = cast(Plan[T], PLANS[type(op)](op))
-    if not op.writes:
-        return (yield from plan)
     if op.nowait:
         yield ("PRAGMA busy_timeout = 0", ())
+    if not op.writes or _one_statement(op):
+        return (yield from plan)
     yield ("BEGIN IMMEDIATE", ())
     result = yield from plan
     yield ("COMMIT", ())
     if isinstance(op, Prune):  # fold the WAL back; TRUNCATE waits for readers, PASSIVE never
         yield (f"PRAGMA wal_checkpoint({'TRUNCATE' if op.compact else 'PASSIVE'})", ())
     return result
+
+
+def _one_statement(op: Op[Any]) -> bool:
+    """Writes whose plan is a single statement (atomic without BEGIN ... COMMIT)."""
+    if isinstance(op, Write):
+        return not op.replaces
+    if isinstance(op, Delete):
+        return len(op.digests) == 1
+    return isinstance(op, Touch | SetBackoff)
 
 
 def _step(plan: Plan[T], rows: list[Row] | None) -> Stmt | StopIteration:
