@@ -23,3 +23,15 @@ class Warnings:
                 self._last.clear()
             self._last[category] = now
             log.warning(message, *args)
+
+
+def warn_unopenable(warnings: Warnings, location: object, exc: BaseException) -> None:
+    """The one warning for a store that cannot be opened at all."""
+    warnings.once(
+        "open",
+        "cannot open token cache at %s (%s: %s); tokens are fetched directly. "
+        "Set AGW_CACHE_PATH to a writable local path or run `agw-cache doctor`",
+        location,
+        type(exc).__name__,
+        exc,
+    )

@@ -104,7 +104,7 @@ async def test_the_async_api_opens_migrates_and_makes_the_key_file_off_the_loop(
         return make_key(path)
 
     monkeypatch.setattr(sqlite_module.sqlite3, "connect", spy_connect)
-    monkeypatch.setattr("agw_persist_cache._cache.load_or_create_key_file", spy_key)
+    monkeypatch.setattr("agw_persist_cache._shelf.load_or_create_key_file", spy_key)
     cache = PersistentTokenCache(db_path, config=CacheConfig())  # a key file, made on first use
     assert await cache.aget_system_token("first-hit-of-a-new-file") is None
     assert await cache.aset_system_token("s", "token") is True

@@ -35,7 +35,7 @@ import aiosqlite
 import filelock
 
 from .._config import CacheConfig
-from .._log import Warnings
+from .._log import Warnings, warn_unopenable
 from . import _forkgate
 from ._filelocks import KeyLockFiles
 from .contract import (
@@ -437,14 +437,7 @@ class SqliteBackend:
         if not self._ready:
             reason = f"cannot open cache file {self.path}: {type(exc).__name__}: {exc}"
             self._disable(reason)
-            self.warnings.once(
-                "open",
-                "cannot open token cache at %s (%s: %s); tokens are fetched directly. "
-                "Set AGW_CACHE_PATH to a writable local path or run `agw-cache doctor`",
-                self.path,
-                type(exc).__name__,
-                exc,
-            )
+            warn_unopenable(self.warnings, self.path, exc)
             return StorageUnavailable(reason)
         if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
             self._drop_connections()  # corruption under a running process: reopen, which

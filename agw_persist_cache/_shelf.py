@@ -1,0 +1,528 @@
+"""The cache's decisions, as flights: what a row means, what to store, what to forget.
+
+:class:`TokenShelf` holds one cache's keys, memo and counters and writes every decision
+of the cache once, as a generator of steps (see ``_flight``): a get, a get-or-fetch
+(whose miss path is ``_flight.fill``), a set, an invalidation, a clear, a prune, the
+facts for ``stats()``, a re-seal. It performs no I/O of its own except reading or
+creating the key file; ``PersistentTokenCache`` runs its flights with a sync or an async
+driver.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import MappingProxyType
+
+from ._config import CacheConfig
+from ._crypto import (
+    Envelope,
+    Keyring,
+    UnsealError,
+    keys_from_config,
+    load_or_create_key_file,
+    user_hash,
+)
+from ._errors import CacheStorageError, CacheUsageError
+from ._expiry import CachedToken, TokenData, normalize
+from ._flight import FETCH, Flight, Key, Lookup, fill
+from ._log import Warnings, warn_unopenable
+from ._stats import CacheStats, Counters, EntryInfo
+from .backends.contract import (
+    Backend,
+    Clear,
+    Delete,
+    GetFacts,
+    ListRows,
+    LockResult,
+    Prune,
+    Read,
+    Replace,
+    RowsNotUnder,
+    SealedRow,
+    Snapshot,
+    StorageError,
+    StorageUnavailable,
+    Touch,
+    Write,
+)
+from .backends.sqlite import SqliteBackend
+
+_MEMO_MAX = 4096
+_REFRESH_RETRY_SECONDS = 2.0
+MAX_SCOPE_KEY_CHARS = 8 * 1024
+MAX_USER_JWT_CHARS = 64 * 1024
+
+
+class TokenShelf:
+    """One cache's keys, memo of opened rows and counters, and its decisions as flights."""
+
+    def __init__(
+        self, path: Path, config: CacheConfig, backend: Backend, warnings: Warnings
+    ) -> None:
+        self.path = path
+        self.config = config
+        self.backend = backend
+        self.warnings = warnings
+        self.counters = Counters()
+        explicit = keys_from_config(config)
+        self.key_source: str = explicit.source if explicit else "file"
+        self.key_file: Path | None = None
+        if explicit is None:
+            kf = config.key_file
+            self.key_file = Path(os.fspath(kf)) if kf else path.with_name(path.name + ".key")
+        self._keyring: Keyring | None = Keyring(explicit.keys) if explicit else None
+        self._memo: dict[bytes, tuple[bytes, CachedToken]] = {}
+        self._keys: dict[tuple[str, str, str | None], Key] = {}
+        self._jitter = random.uniform(0.0, 0.3)
+        self._last_prune = 0.0
+        self._generation = 0  # the last clear() generation seen; sets seal under it
+        self._refresh_attempts: dict[bytes, float] = {}
+
+    @property
+    def needs_key_file(self) -> bool:
+        """The key comes from a file not read yet (file I/O: keep it off event loops)."""
+        return self._keyring is None and self.key_file is not None
+
+    def ring(self) -> Keyring | None:
+        if self._keyring is None and self.key_file is not None and not self.backend.unavailable:
+            try:
+                if isinstance(self.backend, SqliteBackend):
+                    self.backend.prepare_dirs()
+                self._keyring = Keyring([load_or_create_key_file(self.key_file)])
+            except OSError as exc:  # the directory is unusable: the store's own warning
+                self.counters.storage_errors += 1
+                warn_unopenable(self.warnings, self.path, exc)
+                return None
+            except ValueError as exc:
+                self._trouble(
+                    "storage_errors",
+                    "keyfile",
+                    "cannot use key file %s (%s); tokens are fetched directly. Delete the file "
+                    "to regenerate it, or set AGW_CACHE_KEY",
+                    self.key_file,
+                    type(exc).__name__,
+                )
+                return None
+        return self._keyring
+
+    def key(self, kind: str, scope_key: str, user_jwt: str | None) -> Key | None:
+        """The key of a (kind, scope, user); checks the arguments (the API boundary)."""
+        cached = self._keys.get((kind, scope_key, user_jwt))
+        if cached is not None:
+            return cached
+        _check_identity(kind, scope_key, user_jwt)
+        ring = self.ring()
+        if ring is None:
+            return None
+        uhash = user_hash(user_jwt if kind == "user" else None)
+        digests = ring.digests(kind, scope_key, uhash)
+        key = Key(kind, scope_key, uhash, digests, Read(digests))
+        if len(self._keys) >= _MEMO_MAX:
+            self._keys.clear()
+        self._keys[(kind, scope_key, user_jwt)] = key
+        return key
+
+    # -- what a row means (shared by hits and flights) -----------------------------------------
+
+    def judge(self, key: Key, snap: Snapshot, now: float) -> Lookup:
+        """The usable entry in ``snap`` (or None), a write to do afterwards, refresh due.
+
+        The memo holds what this process last opened per row, keyed by the row's random
+        nonce: an unchanged row is not decrypted again, a rewritten one always is.
+        """
+        row = snap.row
+        if row is None:
+            return Lookup(None, None, False)
+        self._generation = snap.generation
+        if row.generation != snap.generation:  # written before a clear(), or replayed
+            return Lookup(None, Delete((row.digest,), row.nonce), False)
+        memo = self._memo.get(row.digest)
+        if memo is not None and memo[0] == row.nonce:
+            entry: CachedToken | None = memo[1]
+        else:
+            entry = self._open(key, row)
+            if entry is None:
+                return Lookup(None, Delete((row.digest,), row.nonce), False)
+        assert entry is not None
+        # Capped on read: a row written under a clock running ahead is not served for longer.
+        expires_at = min(entry.expires_at, now + self.config.max_token_ttl_seconds)
+        remaining = expires_at - self.config.token_expiry_buffer_seconds - now
+        if remaining <= 0:
+            return Lookup(None, None, False)
+        followup = None
+        if now - row.last_used >= self.config.last_used_interval_seconds:
+            followup = Touch(row.digest, now)
+        ratio = self.config.refresh_ahead_ratio
+        lifetime = entry.expires_at - row.created_at
+        due = ratio > 0 and remaining <= ratio * (1 - self._jitter) * lifetime
+        return Lookup(entry, followup, due)
+
+    def _open(self, key: Key, row: SealedRow) -> CachedToken | None:
+        ring = self.ring()
+        try:
+            if ring is None:
+                raise UnsealError("no key")
+            envelope = ring.open(row)
+            if envelope.scope_key != key.scope_key or envelope.uhash != key.uhash:
+                raise UnsealError("envelope belongs to another key")
+        except UnsealError as exc:
+            self._trouble(
+                "decrypt_failures",
+                "unseal",
+                "a cached token in %s did not open (%s); dropped it and fetching anew. "
+                "Rows sealed under another key or altered in storage are treated as misses",
+                self.backend.location,
+                exc,
+            )
+            return None
+        entry = CachedToken(
+            envelope.token, envelope.expires_at, MappingProxyType(dict(envelope.extra))
+        )
+        if len(self._memo) >= _MEMO_MAX:
+            self._memo.pop(next(iter(self._memo), b""), None)
+        self._memo[row.digest] = (row.nonce, entry)
+        return entry
+
+    def _counted(self, key: Key, snap: Snapshot) -> Lookup:
+        lookup = self.judge(key, snap, time.time())
+        if lookup.entry is None:
+            self.counters.misses += 1
+        else:
+            self.counters.hits += 1
+        return lookup
+
+    def lookup(self, key: Key | None) -> Flight[Lookup]:
+        """A hit or a miss; storage trouble is a miss (counted, warned once)."""
+        if key is None:
+            self.counters.misses += 1
+            return Lookup(None, None, False)
+        try:
+            lookup = self._counted(key, (yield key.read))
+        except StorageError as exc:
+            self.storage_failed(exc)
+            self.counters.misses += 1
+            return Lookup(None, None, False)
+        if lookup.followup is not None:
+            try:
+                yield lookup.followup
+            except StorageError as exc:
+                self.storage_failed(exc)
+        return lookup
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def store(self, key: Key, entry: CachedToken, generation: int | None) -> Flight[bool]:
+        """Seal and write ``entry``. With ``generation`` (a fetch), refuse if a clear() came
+        since; without (a plain set), seal under the current generation."""
+        ring = self.ring()
+        if ring is None:
+            return False
+        now = time.time()
+        short = entry.expires_at - self.config.token_expiry_buffer_seconds <= now
+        if short and generation is not None:
+            self.warnings.once(
+                "short-lived",
+                "a fetched token expires within token_expiry_buffer_seconds (%.0fs): it was "
+                "handed to its caller but not stored, since it could never be served. Lower "
+                "CacheConfig.token_expiry_buffer_seconds",
+                self.config.token_expiry_buffer_seconds,
+            )
+            return False
+        envelope = Envelope(entry.token, entry.expires_at, key.scope_key, key.uhash, entry.extra)
+        gen = self._generation if generation is None else generation
+        for _attempt in range(2):
+            kid, nonce, ct = ring.seal(key.kind, key.digest, gen, envelope)
+            row = SealedRow(key.digest, key.kind, kid, nonce, ct, entry.expires_at, gen, now, now)
+            if (yield Write(row, key.digests[1:])):
+                self._memo[key.digest] = (nonce, entry)
+                for old in key.digests[1:]:
+                    self._memo.pop(old, None)
+                return True
+            if generation is not None:  # the fetch began before a clear(): do not write back
+                self.counters.stale_writes_skipped += 1
+                return False
+            snap: Snapshot = yield key.read  # a clear() we had not seen: learn its generation
+            gen = self._generation = snap.generation
+        return False
+
+    def set(
+        self,
+        kind: str,
+        scope_key: str,
+        token_data: TokenData,
+        user_jwt: str | None,
+        expires_at: float | None,
+    ) -> Flight[tuple[CachedToken, bool]]:
+        """Store a token; the flight returns it and whether it was stored."""
+        key = self.key(kind, scope_key, user_jwt)
+        entry = normalize(token_data, now=time.time(), expires_at=expires_at, config=self.config)
+        ok = False
+        if key is not None:
+            try:
+                ok = yield from self.store(key, entry, None)
+                yield from self.prune_if_due()
+            except StorageError as exc:
+                self.storage_failed(exc)
+        if not ok:  # why was warned where it happened (storage, key, clear race)
+            self.counters.sets_not_stored += 1
+        return entry, ok
+
+    def invalidate(
+        self, kind: str, scope_key: str, user_jwt: str | None, token: str | None
+    ) -> Flight[bool]:
+        key = self.key(kind, scope_key, user_jwt)
+        if key is None:
+            return False  # no usable key: nothing of ours can be in service
+        try:
+            if token is None:
+                for digest in key.digests:
+                    self._memo.pop(digest, None)
+                removed: int = yield Delete(key.digests)
+                return removed > 0
+            snap: Snapshot = yield key.read
+            row = snap.row
+            if row is None:
+                return False
+            entry = self.judge(key, snap, time.time()).entry
+            if entry is not None and not hmac.compare_digest(entry.token, token):
+                return False  # another process already replaced the rejected token: keep it
+            self._memo.pop(row.digest, None)
+            gone: int = yield Delete((row.digest,), row.nonce)
+            return gone > 0
+        except StorageError as exc:
+            raise_if(self._reported(exc, "invalidate"))
+        return False
+
+    def clear(self) -> Flight[None]:
+        self._memo.clear()
+        try:
+            self._generation = yield Clear()
+        except StorageError as exc:
+            raise_if(self._reported(exc, "clear"))
+
+    def prune_if_due(self) -> Flight[int]:
+        """Prune after a write if this process has not for ``prune_interval_seconds``."""
+        if time.time() - self._last_prune < self.config.prune_interval_seconds:
+            return 0
+        return (yield from self._prune(compact=False))
+
+    def _prune(self, *, compact: bool) -> Flight[int]:
+        now = self._last_prune = time.time()
+        limits = {
+            "system": self.config.max_system_token_cache_size,
+            "user": self.config.max_user_token_cache_size,
+        }
+        removed: int = yield Prune(now, limits, compact)
+        return removed
+
+    def prune(self) -> Flight[int]:
+        try:
+            return (yield from self._prune(compact=True))
+        except StorageError as exc:
+            raise_if(self._reported(exc, "prune"))
+        return 0
+
+    def _reported(self, exc: StorageError, what: str) -> CacheStorageError | None:
+        """The error a change that did not happen raises; None for an unusable store.
+
+        An unusable store (no file, newer schema) serves this process nothing, so there is
+        nothing of its to forget: that is counted, not raised.
+        """
+        self.storage_failed(exc)
+        if isinstance(exc, StorageUnavailable):
+            return None
+        return CacheStorageError(
+            f"{what} did not take effect: {exc}; the token cache was not changed (retry, or "
+            "run `agw-cache doctor`)"
+        )
+
+    # -- trouble, counted once -----------------------------------------------------------------
+
+    def _trouble(self, counter: str, category: str, message: str, *args: object) -> None:
+        """Count an event in ``counters.<counter>`` and warn about it at most once a minute."""
+        setattr(self.counters, counter, getattr(self.counters, counter) + 1)
+        self.warnings.once(category, message, *args)
+
+    def storage_failed(self, exc: StorageError) -> None:
+        """Count a storage failure and warn once; the caller carries on without the cache."""
+        self.counters.storage_errors += 1
+        if isinstance(exc, StorageUnavailable):
+            return  # the store said why when it gave up on the file
+        self.warnings.once(
+            f"storage:{exc}",
+            "token cache operation failed on %s (%s); carrying on without it",
+            self.backend.location,
+            exc,
+        )
+
+    def lock_trouble(self, result: LockResult, key: Key) -> None:
+        """A lock not had: after a timeout, or because the lock itself failed (I/O)."""
+        if result is LockResult.TIMEOUT:
+            self._trouble(
+                "lock_timeouts",
+                "lock",
+                "waited %.1fs for another process's token fetch; fetching anyway "
+                "(raise CacheConfig.lock_timeout_seconds if fetches are slow)",
+                self.config.lock_timeout_seconds,
+            )
+        else:
+            self._trouble(
+                "lock_errors",
+                "lock-error",
+                "the cross-process lock of the token cache at %s failed; fetching without "
+                "de-duplication across processes (run `agw-cache doctor`)",
+                self.backend.location,
+            )
+
+    # -- get, get-or-fetch ---------------------------------------------------------------------
+
+    def get(self, kind: str, scope_key: str, user_jwt: str | None) -> Flight[CachedToken | None]:
+        """The cached token, or None."""
+        return (yield from self.lookup(self.key(kind, scope_key, user_jwt))).entry
+
+    def fetch(
+        self,
+        kind: str,
+        scope_key: str,
+        user_jwt: str | None,
+        refresh_later: Callable[[Key], None],
+    ) -> Flight[CachedToken]:
+        """Get-or-fetch: a hit (maybe handing a due refresh to ``refresh_later``), or the
+        single flight; straight to the fetch when the store is unusable."""
+        key = self.key(kind, scope_key, user_jwt)
+        lookup = yield from self.lookup(key)
+        if lookup.entry is not None:
+            if lookup.due and key is not None and self._may_refresh(key):
+                refresh_later(key)
+            return lookup.entry
+        if key is None or self.backend.unavailable:
+            data: TokenData = yield FETCH
+            self.counters.fetches += 1
+            return normalize(data, now=time.time(), expires_at=None, config=self.config)
+        entry = yield from fill(self, key, refresh=False)
+        assert entry is not None  # only a refresh ends without a token
+        return entry
+
+    def _may_refresh(self, key: Key) -> bool:
+        """At most one attempt per key per process every couple of seconds."""
+        now = time.monotonic()
+        if now - self._refresh_attempts.get(key.digest, -1e9) < _REFRESH_RETRY_SECONDS:
+            return False
+        if len(self._refresh_attempts) >= _MEMO_MAX:
+            self._refresh_attempts.clear()
+        self._refresh_attempts[key.digest] = now
+        return True
+
+    def refreshed(self, outcome: CachedToken | BaseException | None) -> None:
+        """Count a background refresh, or warn that it failed (the old token stays)."""
+        if isinstance(outcome, BaseException):
+            self.warnings.once(
+                "refresh",
+                "background token refresh failed (%s); the cached token stays in use until "
+                "it expires",
+                type(outcome).__name__,
+            )
+        elif outcome is not None:
+            self.counters.refreshes += 1
+
+    # -- whole-store facts and re-sealing -------------------------------------------------------
+
+    def facts(self) -> Flight[CacheStats]:
+        try:
+            facts = yield GetFacts(time.time())
+        except StorageError as exc:
+            self.storage_failed(exc)
+            facts = None
+        c = self.counters
+        return CacheStats(
+            hits=c.hits,
+            misses=c.misses,
+            fetches=c.fetches,
+            stale_writes_skipped=c.stale_writes_skipped,
+            lock_timeouts=c.lock_timeouts,
+            lock_errors=c.lock_errors,
+            decrypt_failures=c.decrypt_failures,
+            storage_errors=c.storage_errors,
+            sets_not_stored=c.sets_not_stored,
+            refreshes=c.refreshes,
+            backoff_rejections=c.backoff_rejections,
+            entries_system=facts.entries_system if facts else 0,
+            entries_user=facts.entries_user if facts else 0,
+            entries_expired=facts.entries_expired if facts else 0,
+            oldest_expiry=facts.oldest_expiry if facts else None,
+            newest_expiry=facts.newest_expiry if facts else None,
+            file_bytes=facts.file_bytes if facts else 0,
+            wal_bytes=facts.wal_bytes if facts else 0,
+            schema_version=facts.schema_version if facts else None,
+            key_ids_in_use=facts.key_ids_in_use if facts else (),
+            disabled_reason=self.backend.unavailable,
+            backend=self.backend.name,
+        )
+
+    def entries(self) -> Flight[list[EntryInfo]]:
+        try:
+            rows = yield ListRows()
+        except StorageError as exc:
+            self.storage_failed(exc)
+            return []
+        return [
+            EntryInfo(r.kind, r.digest.hex()[:12], r.expires_at, r.last_used, r.created_at, r.kid)
+            for r in rows
+        ]
+
+    def reseal(self, batch: int) -> Flight[int]:
+        """Re-seal every row not under the primary key; rows no key opens are left to expire."""
+        ring = self.ring()
+        if ring is None:
+            return 0
+        done = 0
+        skip: tuple[bytes, ...] = ()
+        while True:
+            rows: list[SealedRow] = yield RowsNotUnder(ring.primary.kid, batch, skip)
+            if not rows:
+                return done
+            for row in rows:
+                try:
+                    envelope = ring.open(row)
+                except UnsealError:
+                    skip += (row.digest,)
+                    continue
+                (digest, *_) = ring.digests(row.kind, envelope.scope_key, envelope.uhash)
+                kid, nonce, ct = ring.seal(row.kind, digest, row.generation, envelope)
+                new = row._replace(digest=digest, kid=kid, nonce=nonce, ct=ct)
+                yield Replace(row.digest, new)
+                self._memo.pop(row.digest, None)
+                done += 1
+
+
+def _check_identity(kind: str, scope_key: str, user_jwt: str | None) -> None:
+    """Arguments are checked once, here; messages name them and never echo their values."""
+    if kind not in ("system", "user"):
+        raise CacheUsageError("kind must be 'system' or 'user'")
+    if not isinstance(scope_key, str):
+        raise CacheUsageError(f"scope_key must be a str, not {type(scope_key).__name__}")
+    if len(scope_key) > MAX_SCOPE_KEY_CHARS:
+        raise CacheUsageError(f"scope_key is longer than {MAX_SCOPE_KEY_CHARS} characters")
+    if kind == "system":
+        if user_jwt is not None:
+            raise CacheUsageError("user_jwt must be None for system tokens")
+        return
+    if not isinstance(user_jwt, str):
+        raise CacheUsageError(
+            f"user_jwt must be a str for user tokens, not {type(user_jwt).__name__}"
+        )
+    if not user_jwt.strip():
+        raise CacheUsageError("user_jwt must not be empty or whitespace for user tokens")
+    if len(user_jwt) > MAX_USER_JWT_CHARS:
+        raise CacheUsageError(f"user_jwt is longer than {MAX_USER_JWT_CHARS} characters")
+
+
+def raise_if(error: CacheStorageError | None) -> None:
+    """Raise ``error`` if there is one, without chaining the storage error behind it."""
+    if error is not None:
+        raise error from None
