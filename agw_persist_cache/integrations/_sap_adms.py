@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import time
 
-from sap_cloud_sdk.adms import TokenCache
-
 from agw_persist_cache import PersistentTokenCache
 
+from ._sap_compat import TokenCache
 from ._sap_time import stored_expiry
 
 _SCOPE_PREFIX = "sap-cloud-sdk/adms:"

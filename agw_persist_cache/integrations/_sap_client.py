@@ -22,20 +22,24 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sap_cloud_sdk.agentgateway import AgentGatewayClient, AuthResult, ClientConfig, MCPTool
-from sap_cloud_sdk.agentgateway._customer import (
-    _cache_scope_key,
-    detect_customer_agent_credentials,
-    detect_transparent_credentials,
-    load_customer_credentials,
-    load_customer_credentials_from_env,
-)
-from sap_cloud_sdk.agentgateway._lob import _system_scope_key, _user_scope_key
-from sap_cloud_sdk.agentgateway._token_cache import _TokenCache
-from sap_cloud_sdk.agentgateway.exceptions import AgentGatewaySDKError
-
 from agw_persist_cache import FetchBackoffError, PersistentTokenCache
 
+from ._defaults import default_cache
+from ._sap_compat import (
+    AgentGatewayClient,
+    AgentGatewaySDKError,
+    AuthResult,
+    ClientConfig,
+    MCPTool,
+    Module,
+    Operation,
+    _cache_scope_key,
+    _system_scope_key,
+    _TokenCache,
+    _user_scope_key,
+    record_metrics,
+    sdk_client_module,
+)
 from ._sap_time import monotonic_to_epoch, stored_expiry
 from ._sap_unauthorized import rejected_by_server
 
@@ -46,6 +50,17 @@ _SCOPE_PREFIX = "sap-cloud-sdk/agentgateway:"
 _GATEWAY_URL = "gateway_url"
 _MAX_PENDING = 1024
 _FAILURE = {"system": "System auth acquisition failed", "user": "User auth exchange failed"}
+
+# The SDK's methods without their telemetry decorator (``functools.wraps`` keeps them as
+# ``__wrapped__``): this class's overrides carry the same decorator, so every call, hit or
+# miss, records the SDK's metrics exactly once.
+_sdk_get_system_auth: Callable[[AgentGatewayClient], Awaitable[AuthResult]] = (
+    AgentGatewayClient.get_system_auth.__wrapped__
+)
+_sdk_get_user_auth: Callable[[AgentGatewayClient, str], Awaitable[AuthResult]] = (
+    AgentGatewayClient.get_user_auth.__wrapped__
+)
+_sdk_call_mcp_tool: Callable[..., Awaitable[str]] = AgentGatewayClient.call_mcp_tool.__wrapped__
 
 
 def shared_scope_key(sdk_scope_key: str) -> str:
@@ -150,7 +165,8 @@ class PersistentAgentGatewayClient(AgentGatewayClient):
 
     Every process on the host that uses the same cache file shares the tokens; a cold start of
     many processes and coroutines makes one token request per (flow, credentials or tenant,
-    user). Create it with :func:`agw_persist_cache.integrations.sap.create_client`.
+    user). Takes every argument of the SDK's ``AgentGatewayClient`` (forwarded unchanged), plus
+    ``cache`` (default: :func:`agw_persist_cache.integrations.sap.default_cache`).
     """
 
     _token_cache: _SharedTokenCache
@@ -159,11 +175,16 @@ class PersistentAgentGatewayClient(AgentGatewayClient):
         self,
         tenant_subdomain: str | Callable[[], str] | None = None,
         config: ClientConfig | None = None,
+        _telemetry_source: Module | None = None,
         *,
-        cache: PersistentTokenCache,
+        cache: PersistentTokenCache | None = None,
     ) -> None:
-        super().__init__(tenant_subdomain, config)
-        self._token_cache = _SharedTokenCache(self._config, cache)
+        super().__init__(
+            tenant_subdomain=tenant_subdomain, config=config, _telemetry_source=_telemetry_source
+        )
+        self._token_cache = _SharedTokenCache(
+            self._config, cache if cache is not None else default_cache()
+        )
 
     @property
     def token_cache(self) -> PersistentTokenCache:
@@ -174,16 +195,18 @@ class PersistentAgentGatewayClient(AgentGatewayClient):
         """Drop every cached token on the host: the next call in any process fetches anew."""
         self._token_cache.clear()
 
+    @record_metrics(Module.AGENTGATEWAY, Operation.AGENTGATEWAY_GET_SYSTEM_AUTH)
     async def get_system_auth(self) -> AuthResult:
         """As the SDK's, served from the shared cache; one fetch per key across processes."""
-        return await self._auth("system", None, super().get_system_auth)
+        return await self._auth("system", None, lambda: _sdk_get_system_auth(self))
 
+    @record_metrics(Module.AGENTGATEWAY, Operation.AGENTGATEWAY_GET_USER_AUTH)
     async def get_user_auth(self, user_token: str | Callable[[], str] | None) -> AuthResult:
         """As the SDK's, served from the shared cache; one exchange per user across processes."""
         user_jwt = self._resolve_value(user_token, "user_token is required for token exchange.")
-        sdk_get_user_auth = super().get_user_auth
-        return await self._auth("user", user_jwt, lambda: sdk_get_user_auth(user_jwt))
+        return await self._auth("user", user_jwt, lambda: _sdk_get_user_auth(self, user_jwt))
 
+    @record_metrics(Module.AGENTGATEWAY, Operation.AGENTGATEWAY_CALL_MCP_TOOL)
     async def call_mcp_tool(
         self,
         tool: MCPTool,
@@ -193,8 +216,7 @@ class PersistentAgentGatewayClient(AgentGatewayClient):
         """As the SDK's; if the MCP server answers 401, forget that token everywhere, retry once."""
         _served.set(None)
         try:
-            result: str = await super().call_mcp_tool(tool, user_token, **kwargs)
-            return result
+            return await _sdk_call_mcp_tool(self, tool, user_token, **kwargs)
         except AgentGatewaySDKError as exc:
             served = _served.get()
             if served is None or not await rejected_by_server(
@@ -203,15 +225,21 @@ class PersistentAgentGatewayClient(AgentGatewayClient):
                 raise
             log.info("MCP server rejected the cached token (401); fetching a new one, once")
             await self._forget(served)
-        retried: str = await super().call_mcp_tool(tool, user_token, **kwargs)
-        return retried
+        return await _sdk_call_mcp_tool(self, tool, user_token, **kwargs)
 
     def _flow(self, kind: Kind) -> _Flow:
-        """Mirror the SDK's dispatch (binding file, transparent env, LoB) to name the key."""
-        path = detect_customer_agent_credentials()
-        if path or detect_transparent_credentials():
+        """Mirror the SDK's dispatch (binding file, transparent env, LoB) to name the key.
+
+        The detection functions are looked up where the SDK's client looks them up (its
+        ``agw_client`` module), at call time, so patches and wrappers on those names apply here.
+        """
+        sdk = sdk_client_module
+        path = sdk.detect_customer_agent_credentials()
+        if path or sdk.detect_transparent_credentials():
             creds = (
-                load_customer_credentials(path) if path else load_customer_credentials_from_env()
+                sdk.load_customer_credentials(path)
+                if path
+                else sdk.load_customer_credentials_from_env()
             )
             return _Flow(_cache_scope_key(creds), creds.gateway_url)
         tenant = self._resolve_tenant_subdomain()
