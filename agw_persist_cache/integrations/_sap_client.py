@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import re
 import threading
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -23,6 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from agw_persist_cache import FetchBackoffError, PersistentTokenCache
+from agw_persist_cache.agentgateway._retry import (
+    TRANSIENT_STATUSES,
+    retry_policy,
+    transient_transport_error,
+)
 
 from ._defaults import default_cache
 from ._sap_compat import (
@@ -61,6 +67,47 @@ _sdk_get_user_auth: Callable[[AgentGatewayClient, str], Awaitable[AuthResult]] =
     AgentGatewayClient.get_user_auth.__wrapped__
 )
 _sdk_call_mcp_tool: Callable[..., Awaitable[str]] = AgentGatewayClient.call_mcp_tool.__wrapped__
+
+
+# The SDK reports IAS errors as AgentGatewaySDKError("Token request failed with status N: ...").
+_SDK_STATUS = re.compile(r"\bstatus (\d{3})\b")
+
+
+class _TransientSdkError(Exception):
+    """Stands in for a transient SDK error while it is retried, so that the retry log names
+    the kind of failure, never the SDK's message (which may quote the IAS response body)."""
+
+    def __init__(self, original: AgentGatewaySDKError, why: str) -> None:
+        super().__init__(why)
+        self.original = original
+
+
+def _why_transient(exc: AgentGatewaySDKError) -> str | None:
+    """``"transport"`` or ``"HTTP 503"`` when ``exc`` is worth a second attempt, else None."""
+    if transient_transport_error(exc):
+        return "transport"
+    match = _SDK_STATUS.search(str(exc))
+    if match and int(match.group(1)) in TRANSIENT_STATUSES:
+        return f"HTTP {match.group(1)}"
+    return None
+
+
+async def _with_retries(acquire: Callable[[], Awaitable[AuthResult]]) -> AuthResult:
+    """The SDK's acquisition, a transient failure retried (see ``agentgateway._retry``)."""
+    try:
+        async for attempt in retry_policy(on=_TransientSdkError):
+            with attempt:
+                try:
+                    return await acquire()
+                except AgentGatewaySDKError as exc:
+                    why = _why_transient(exc)
+                    if why is None:
+                        raise
+                    raise _TransientSdkError(exc, why) from None
+    except _TransientSdkError as exhausted:
+        original = exhausted.original
+        raise original from original.__cause__  # the SDK's error as it was, cause included
+    raise AssertionError("unreachable: the last failed attempt re-raises")  # pragma: no cover
 
 
 def shared_scope_key(sdk_scope_key: str) -> str:
@@ -257,7 +304,7 @@ class PersistentAgentGatewayClient(AgentGatewayClient):
 
         async def fetch() -> dict[str, Any]:
             with shared.fetching(kind, flow.scope_key, user_jwt):
-                auth = await sdk_auth()
+                auth = await _with_retries(sdk_auth)
             data: dict[str, Any] = {
                 "access_token": auth.access_token,
                 "extra": {_GATEWAY_URL: auth.gateway_url},
