@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _otel_reader import points, reader, value
 from _sap_harness import SDK_SCANDIR_LEAK, SapEnv, cache, gateway, sap_env
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from sap_cloud_sdk.agentgateway import AgentGatewayClient, agw_client
 from sap_cloud_sdk.agentgateway import create_client as sdk_create_client
 from sap_cloud_sdk.core.telemetry import Module, metrics_decorator
@@ -26,7 +28,7 @@ from agw_persist_cache.integrations.sap import (
 )
 
 pytestmark = [pytest.mark.filterwarnings(SDK_SCANDIR_LEAK), pytest.mark.timeout(120)]
-__all__ = ["cache", "gateway", "sap_env"]  # fixtures, imported for pytest to find
+__all__ = ["cache", "gateway", "reader", "sap_env"]  # fixtures, imported for pytest to find
 
 
 def _hints(func: Callable[..., Any]) -> dict[str, Any]:
@@ -167,3 +169,19 @@ def test_an_unwrapped_sdk_method_is_reported_too(monkeypatch: pytest.MonkeyPatch
     assert _sap_compat.missing() == [
         "sap_cloud_sdk.agentgateway.agw_client:AgentGatewayClient.get_system_auth.__wrapped__"
     ]
+
+
+async def test_drop_in_fetches_and_hits_reach_opentelemetry(
+    sap_env: SapEnv, cache: PersistentTokenCache, reader: InMemoryMetricReader
+) -> None:
+    client = create_client(cache=cache)
+    for _ in range(3):
+        await client.get_system_auth()
+        await client.get_user_auth("alice")
+    found = points(reader)
+    for kind in ("system", "user"):
+        labels = {"kind": kind, "backend": "sqlite", "outcome": "ok"}
+        assert value(found, "agw_cache.fetches", **labels) == 1
+        assert value(found, "agw_cache.fetch.duration", **labels) == 1
+    assert value(found, "agw_cache.hits", backend="sqlite") >= 4
+    assert sap_env.count() == 2

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from agw_persist_cache import FetchBackoffError, PersistentTokenCache
+from agw_persist_cache import FetchBackoffError, PersistentTokenCache, _otel
 from agw_persist_cache.agentgateway._retry import (
     TRANSIENT_STATUSES,
     retry_policy,
@@ -232,6 +232,8 @@ class PersistentAgentGatewayClient(AgentGatewayClient):
         self._token_cache = _SharedTokenCache(
             self._config, cache if cache is not None else default_cache()
         )
+        self._agw_backend = _otel.backend_of(self._token_cache.cache)
+        _otel.register(self._token_cache.cache)
 
     @property
     def token_cache(self) -> PersistentTokenCache:
@@ -303,7 +305,10 @@ class PersistentAgentGatewayClient(AgentGatewayClient):
         shared = self._token_cache
 
         async def fetch() -> dict[str, Any]:
-            with shared.fetching(kind, flow.scope_key, user_jwt):
+            with (
+                _otel.fetch_timer(kind, self._agw_backend),
+                shared.fetching(kind, flow.scope_key, user_jwt),
+            ):
                 auth = await _with_retries(sdk_auth)
             data: dict[str, Any] = {
                 "access_token": auth.access_token,
