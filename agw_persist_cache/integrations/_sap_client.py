@@ -2,17 +2,20 @@
 
 The seam: every public method of the SDK client gets its token from ``get_system_auth`` or
 ``get_user_auth``, and both consult ``self._token_cache`` before fetching. This subclass
-overrides those two methods only to put ``PersistentTokenCache.afetch_entry`` (cross-process
-single flight, persistence, refresh ahead) in front of the SDK's own methods, which still do
-all the acquisition: credential discovery, mTLS or transparent mode, LoB via the destination
-service. ``self._token_cache`` is replaced by :class:`_SharedTokenCache`, a ``_TokenCache``
+overrides those two methods (with the SDK's own telemetry decorator, so hits are counted as
+the SDK counts every call) to put ``PersistentTokenCache.afetch_entry`` (cross-process single
+flight, persistence, refresh ahead) in front of the SDK's acquisition: for customer flows the
+SDK's token functions (``get_system_token_mtls`` / ``exchange_user_token``) with the
+credentials already loaded to name the key, for LoB the SDK's own method body. Every SDK name
+is looked up in the SDK client's module at call time, so patches users put there apply.
+``self._token_cache`` is replaced by :class:`_SharedTokenCache`, a ``_TokenCache``
 whose reads miss while the SDK fetches on our behalf and whose writes hand the SDK's expiry
 back to us, so the one place that writes the shared file is ``afetch_entry`` (which honours a
-``clear()`` racing the fetch). ``call_mcp_tool`` additionally retries once after a 401.
-"""
+``clear()`` racing the fetch). ``call_mcp_tool`` additionally retries once after a 401."""
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import re
@@ -21,6 +24,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 from agw_persist_cache import FetchBackoffError, PersistentTokenCache, _otel
@@ -36,6 +40,7 @@ from ._sap_compat import (
     AgentGatewaySDKError,
     AuthResult,
     ClientConfig,
+    CustomerCredentials,
     MCPTool,
     Module,
     Operation,
@@ -186,10 +191,12 @@ class _SharedTokenCache(_TokenCache):
 
 @dataclass(frozen=True, slots=True)
 class _Flow:
-    """Where a token comes from: the SDK's scope key, and the gateway URL if known up front."""
+    """Where a token comes from: the SDK's scope key, the gateway URL if known up front, and
+    the customer credentials when the flow is a customer one (binding file or transparent)."""
 
     scope_key: str
     gateway_url: str | None
+    credentials: CustomerCredentials | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,7 +297,7 @@ class PersistentAgentGatewayClient(AgentGatewayClient):
                 if path
                 else sdk.load_customer_credentials_from_env()
             )
-            return _Flow(_cache_scope_key(creds), creds.gateway_url)
+            return _Flow(_cache_scope_key(creds), creds.gateway_url, creds)
         tenant = self._resolve_tenant_subdomain()
         lob_key = _system_scope_key(tenant) if kind == "system" else _user_scope_key(tenant)
         return _Flow(lob_key, None)
@@ -303,6 +310,8 @@ class PersistentAgentGatewayClient(AgentGatewayClient):
         except Exception:  # the SDK raises its own, familiar error for this
             return await sdk_auth()
         shared = self._token_cache
+        if flow.credentials is not None:
+            sdk_auth = partial(self._customer_auth, kind, flow.credentials, user_jwt)
 
         async def fetch() -> dict[str, Any]:
             with (
@@ -331,6 +340,29 @@ class PersistentAgentGatewayClient(AgentGatewayClient):
             raise AgentGatewaySDKError(f"{_FAILURE[kind]}: {exc}") from exc
         _served.set(_Served(kind, scope, user_jwt, entry.token))
         return AuthResult(access_token=entry.token, gateway_url=gateway_url)
+
+    async def _customer_auth(
+        self, kind: Kind, credentials: CustomerCredentials, user_jwt: str | None
+    ) -> AuthResult:
+        """The SDK's customer-flow acquisition with the credentials ``_flow`` already loaded
+        (the SDK's body would load them a second time), through the SDK's own token functions
+        and its error wrapping."""
+        sdk = sdk_client_module
+        loop = asyncio.get_running_loop()
+        timeout = self._config.timeout
+        try:
+            if user_jwt is None:
+                get = partial(sdk.get_system_token_mtls, credentials, timeout, self._token_cache)
+            else:
+                get = partial(
+                    sdk.exchange_user_token, credentials, user_jwt, timeout, self._token_cache
+                )
+            token = await loop.run_in_executor(None, get)
+        except AgentGatewaySDKError:
+            raise
+        except Exception as exc:
+            raise AgentGatewaySDKError(f"{_FAILURE[kind]}: {exc}") from exc
+        return AuthResult(access_token=token, gateway_url=credentials.gateway_url)
 
     async def _forget(self, served: _Served) -> None:
         """Invalidate ``served`` unless another process already replaced it."""

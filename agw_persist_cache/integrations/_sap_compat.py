@@ -38,6 +38,8 @@ REQUIRED: tuple[tuple[str, str], ...] = (
     ("sap_cloud_sdk.agentgateway.agw_client", "detect_transparent_credentials"),
     ("sap_cloud_sdk.agentgateway.agw_client", "load_customer_credentials"),
     ("sap_cloud_sdk.agentgateway.agw_client", "load_customer_credentials_from_env"),
+    ("sap_cloud_sdk.agentgateway.agw_client", "get_system_token_mtls"),
+    ("sap_cloud_sdk.agentgateway.agw_client", "exchange_user_token"),
     ("sap_cloud_sdk.agentgateway._customer", "_cache_scope_key"),
     ("sap_cloud_sdk.agentgateway._lob", "_system_scope_key"),
     ("sap_cloud_sdk.agentgateway._lob", "_user_scope_key"),
@@ -120,6 +122,16 @@ class _SdkClientModule(Protocol):
     def detect_transparent_credentials(self) -> bool: ...
     def load_customer_credentials(self, path: str) -> CustomerCredentials: ...
     def load_customer_credentials_from_env(self) -> CustomerCredentials: ...
+    def get_system_token_mtls(
+        self, credentials: CustomerCredentials, timeout: float, token_cache: _TokenCache | None
+    ) -> str: ...
+    def exchange_user_token(
+        self,
+        credentials: CustomerCredentials,
+        user_token: str,
+        timeout: float,
+        token_cache: _TokenCache | None,
+    ) -> str: ...
 
 
 sdk_client_module = cast(
