@@ -84,6 +84,7 @@ class _Instruments:
 
 
 _lock = threading.Lock()
+_setup_lock = threading.Lock()  # one set-up at a time: instruments are created once per provider
 _registry: list[_Registered] = []
 _retired: dict[tuple[str, str], int] = {}
 """(backend, field): counts of caches that are gone, so that the counters never go down."""
@@ -109,12 +110,19 @@ def enable(meter_provider: MeterProvider | None = None) -> bool:
     Called by itself on the first registered cache; call it to use a provider of your own.
     Returns False when ``opentelemetry-api`` is not installed.
     """
-    global _instruments, _switched_off
     if not _api_available():
         return False
     from opentelemetry import metrics
 
-    provider = meter_provider or metrics.get_meter_provider()
+    with _setup_lock:
+        provider = meter_provider or metrics.get_meter_provider()
+        if _instruments is None or _instruments.provider is not provider:
+            _set_up(provider)
+    return True
+
+
+def _set_up(provider: MeterProvider) -> None:
+    global _instruments, _switched_off
     meter = provider.get_meter(METER_NAME, __version__)
     for name, (field, description) in EVENT_COUNTERS.items():
         meter.create_observable_counter(
@@ -140,7 +148,6 @@ def enable(meter_provider: MeterProvider | None = None) -> bool:
             ),
             provider=provider,
         )
-    return True
 
 
 def disable() -> None:
@@ -166,7 +173,7 @@ def register(cache: object) -> None:
     if _switched_off or (_instruments is None and not (_wanted() and _api_available())):
         return
     if _instruments is None:
-        enable()
+        enable()  # the global provider; a second caller finds it set up
     counters = getattr(cache, "_counters", None)
     if counters is None:
         return
