@@ -1,8 +1,11 @@
 """``httpx.Auth`` for Agent Gateway: bearer token from the shared cache, one retry on 401.
 
 The decisions live in one generator (:meth:`AgentGatewayAuth._flow`) that yields either a
-request to send or a :class:`_NeedToken` marker; ``sync_auth_flow`` and
-``async_auth_flow`` only differ in how they satisfy the marker (sync vs awaited cache).
+request to send or a :class:`_NeedToken` marker. ``sync_auth_flow`` and ``async_auth_flow``
+only differ in how they satisfy the marker (sync vs awaited cache); every send goes through
+httpx's own driver (``httpx.Auth.sync_auth_flow`` / ``async_auth_flow`` over
+:meth:`AgentGatewayAuth.auth_flow`), which reads a streamed request body before the first
+send because ``requires_request_body`` is set, so the retry after a 401 can send it again.
 
 The class is also an ``httpx2.Auth`` when ``httpx2`` is installed (``mcp`` 2.x builds its
 clients with it): both libraries drive an auth through the same generator protocol.
@@ -100,8 +103,8 @@ class AgentGatewayAuth(httpx.Auth, _Httpx2Auth):
         return await self.tokens.atoken(need.user_jwt)
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        """Not used: getting a token differs between sync and async clients."""
-        raise NotImplementedError("use AgentGatewayAuth through httpx.Client or AsyncClient")
+        """One send of ``request`` as prepared (bearer set), run by httpx's own drivers."""
+        yield request
 
     def sync_auth_flow(
         self, request: httpx.Request
@@ -110,7 +113,10 @@ class AgentGatewayAuth(httpx.Auth, _Httpx2Auth):
         flow = self._flow(request)
         item = next(flow)
         while True:
-            reply = self._provide(item) if isinstance(item, _NeedToken) else (yield item)
+            if isinstance(item, _NeedToken):
+                reply: httpx.Response | str = self._provide(item)
+            else:
+                reply = yield from _last_response(super().sync_auth_flow(item))
             try:
                 item = flow.send(reply)
             except StopIteration:
@@ -123,8 +129,31 @@ class AgentGatewayAuth(httpx.Auth, _Httpx2Auth):
         flow = self._flow(request)
         item = next(flow)
         while True:
-            reply = await self._aprovide(item) if isinstance(item, _NeedToken) else (yield item)
+            if isinstance(item, _NeedToken):
+                reply: httpx.Response | str = await self._aprovide(item)
+            else:
+                sends = super().async_auth_flow(item)  # httpx's driver: awaits the body first
+                sent = await anext(sends)
+                while True:
+                    reply = yield sent
+                    try:
+                        sent = await sends.asend(reply)
+                    except StopAsyncIteration:
+                        break
             try:
                 item = flow.send(reply)
             except StopIteration:
                 return
+
+
+def _last_response(
+    sends: Generator[httpx.Request, httpx.Response, None],
+) -> Generator[httpx.Request, httpx.Response, httpx.Response]:
+    """Relay httpx's driver ``sends`` and return the last response it received."""
+    sent = next(sends)
+    while True:
+        response = yield sent
+        try:
+            sent = sends.send(response)
+        except StopIteration:
+            return response

@@ -17,7 +17,8 @@ import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,6 +26,7 @@ import httpx
 
 from .._errors import TokenFetchError
 from ._credentials import CredentialsError, CustomerCredentials
+from ._retry import TRANSIENT_STATUSES, retry_policy, transient_transport_error
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +134,13 @@ def _token_flow(
     return token_data
 
 
+def _transient(exc: Exception) -> bool:
+    """Worth a second attempt: a transport failure, or IAS answering 502/503/504."""
+    if not isinstance(exc, TokenFetchError):
+        return False
+    return exc.status in TRANSIENT_STATUSES or transient_transport_error(exc.__cause__)
+
+
 def _finish(flow: _Flow, result: httpx.Response | httpx.HTTPError) -> TokenDict:
     """Hand the flow its response and return what it makes of it."""
     try:
@@ -218,21 +227,23 @@ class IasTokenClient:
 
     def fetch_system_token(self) -> TokenDict:
         """client_credentials grant: a system-scoped Agent Gateway token."""
-        return self._run(_token_flow(self.credentials, self.timeout, *_system_request()))
+        return self._run(partial(_token_flow, self.credentials, self.timeout, *_system_request()))
 
     def exchange_user_token(self, user_jwt: str) -> TokenDict:
         """jwt-bearer grant: exchange ``user_jwt`` for a user-scoped Agent Gateway token."""
-        return self._run(_token_flow(self.credentials, self.timeout, *_user_request(user_jwt)))
+        request = _user_request(user_jwt)
+        return self._run(partial(_token_flow, self.credentials, self.timeout, *request))
 
     async def afetch_system_token(self) -> TokenDict:
         """Async :meth:`fetch_system_token`."""
-        return await self._arun(_token_flow(self.credentials, self.timeout, *_system_request()))
+        return await self._arun(
+            partial(_token_flow, self.credentials, self.timeout, *_system_request())
+        )
 
     async def aexchange_user_token(self, user_jwt: str) -> TokenDict:
         """Async :meth:`exchange_user_token`."""
-        return await self._arun(
-            _token_flow(self.credentials, self.timeout, *_user_request(user_jwt))
-        )
+        request = _user_request(user_jwt)
+        return await self._arun(partial(_token_flow, self.credentials, self.timeout, *request))
 
     def close(self) -> None:
         """Close the sync client (the async one needs :meth:`aclose`)."""
@@ -263,21 +274,33 @@ class IasTokenClient:
 
     # -- drivers --------------------------------------------------------------------------
 
-    def _run(self, flow: _Flow) -> TokenDict:
-        request = next(flow)
-        try:
-            result: httpx.Response | httpx.HTTPError = self._sync_client().send(request)
-        except httpx.HTTPError as exc:
-            result = exc
-        return _finish(flow, result)
+    def _run(self, make_flow: Callable[[], _Flow]) -> TokenDict:
+        """Run a fresh flow per attempt; a transient failure is retried (see ``_retry``)."""
+        for attempt in retry_policy(on=_transient):
+            with attempt:
+                flow = make_flow()
+                request = next(flow)
+                try:
+                    result: httpx.Response | httpx.HTTPError = self._sync_client().send(request)
+                except httpx.HTTPError as exc:
+                    result = exc
+                return _finish(flow, result)
+        raise AssertionError("unreachable: the last failed attempt re-raises")  # pragma: no cover
 
-    async def _arun(self, flow: _Flow) -> TokenDict:
-        request = next(flow)
-        try:
-            result: httpx.Response | httpx.HTTPError = await self._async_client().send(request)
-        except httpx.HTTPError as exc:
-            result = exc
-        return _finish(flow, result)
+    async def _arun(self, make_flow: Callable[[], _Flow]) -> TokenDict:
+        """Async :meth:`_run`."""
+        async for attempt in retry_policy(on=_transient):
+            with attempt:
+                flow = make_flow()
+                request = next(flow)
+                try:
+                    result: httpx.Response | httpx.HTTPError = await self._async_client().send(
+                        request
+                    )
+                except httpx.HTTPError as exc:
+                    result = exc
+                return _finish(flow, result)
+        raise AssertionError("unreachable: the last failed attempt re-raises")  # pragma: no cover
 
     # -- pooled clients -------------------------------------------------------------------
 

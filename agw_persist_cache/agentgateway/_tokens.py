@@ -5,7 +5,8 @@ from __future__ import annotations
 from functools import partial
 from typing import TYPE_CHECKING, Literal
 
-from ._ias import IasTokenClient
+from .. import _otel
+from ._ias import IasTokenClient, TokenDict
 
 if TYPE_CHECKING:
     from .._cache import PersistentTokenCache
@@ -28,6 +29,8 @@ class AgentGatewayTokens:
     def __init__(self, cache: PersistentTokenCache, ias_client: IasTokenClient) -> None:
         self.cache = cache
         self.ias_client = ias_client
+        self._backend = _otel.backend_of(cache)
+        _otel.register(cache)
 
     @property
     def scope_key(self) -> str:
@@ -42,24 +45,42 @@ class AgentGatewayTokens:
     def __repr__(self) -> str:
         return f"AgentGatewayTokens(scope_key={self.scope_key!r}, cache={self.cache!r})"
 
+    # -- the fetches the cache runs on a miss (timed for OpenTelemetry) ---------------------
+
+    def _fetch_system(self) -> TokenDict:
+        with _otel.fetch_timer("system", self._backend):
+            return self.ias_client.fetch_system_token()
+
+    def _fetch_user(self, user_jwt: str) -> TokenDict:
+        with _otel.fetch_timer("user", self._backend):
+            return self.ias_client.exchange_user_token(user_jwt)
+
+    async def _afetch_system(self) -> TokenDict:
+        with _otel.fetch_timer("system", self._backend):
+            return await self.ias_client.afetch_system_token()
+
+    async def _afetch_user(self, user_jwt: str) -> TokenDict:
+        with _otel.fetch_timer("user", self._backend):
+            return await self.ias_client.aexchange_user_token(user_jwt)
+
     # -- get-or-fetch ---------------------------------------------------------------------
 
     def system_token(self) -> str:
         """A valid system-scoped token (client_credentials), from the cache or IAS."""
-        return self.cache.system_token(self.scope_key, self.ias_client.fetch_system_token)
+        return self.cache.system_token(self.scope_key, self._fetch_system)
 
     def user_token(self, user_jwt: str) -> str:
         """A valid user-scoped token exchanged for ``user_jwt``, from the cache or IAS."""
-        fetch = partial(self.ias_client.exchange_user_token, user_jwt)
+        fetch = partial(self._fetch_user, user_jwt)
         return self.cache.user_token(user_jwt, self.scope_key, fetch)
 
     async def asystem_token(self) -> str:
         """Async :meth:`system_token`."""
-        return await self.cache.asystem_token(self.scope_key, self.ias_client.afetch_system_token)
+        return await self.cache.asystem_token(self.scope_key, self._afetch_system)
 
     async def auser_token(self, user_jwt: str) -> str:
         """Async :meth:`user_token`."""
-        afetch = partial(self.ias_client.aexchange_user_token, user_jwt)
+        afetch = partial(self._afetch_user, user_jwt)
         return await self.cache.auser_token(user_jwt, self.scope_key, afetch)
 
     def token(self, user_jwt: str | None = None) -> str:

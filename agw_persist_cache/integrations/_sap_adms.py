@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import time
 
-from sap_cloud_sdk.adms import TokenCache
+from agw_persist_cache import PersistentTokenCache, _otel
 
-from agw_persist_cache import PersistentTokenCache
-
+from ._sap_compat import TokenCache
 from ._sap_time import stored_expiry
 
 _SCOPE_PREFIX = "sap-cloud-sdk/adms:"
@@ -26,6 +25,7 @@ class AdmsTokenCache(TokenCache):
 
     def __init__(self, cache: PersistentTokenCache, *, namespace: str = "default") -> None:
         self.cache = cache
+        _otel.register(cache)
         self._prefix = f"{_SCOPE_PREFIX}{namespace}:"
 
     def get(self, key: str) -> str | None:

@@ -2,40 +2,55 @@
 
 The seam: every public method of the SDK client gets its token from ``get_system_auth`` or
 ``get_user_auth``, and both consult ``self._token_cache`` before fetching. This subclass
-overrides those two methods only to put ``PersistentTokenCache.afetch_entry`` (cross-process
-single flight, persistence, refresh ahead) in front of the SDK's own methods, which still do
-all the acquisition: credential discovery, mTLS or transparent mode, LoB via the destination
-service. ``self._token_cache`` is replaced by :class:`_SharedTokenCache`, a ``_TokenCache``
+overrides those two methods (with the SDK's own telemetry decorator, so hits are counted as
+the SDK counts every call) to put ``PersistentTokenCache.afetch_entry`` (cross-process single
+flight, persistence, refresh ahead) in front of the SDK's acquisition: for customer flows the
+SDK's token functions (``get_system_token_mtls`` / ``exchange_user_token``) with the
+credentials already loaded to name the key, for LoB the SDK's own method body. Every SDK name
+is looked up in the SDK client's module at call time, so patches users put there apply.
+``self._token_cache`` is replaced by :class:`_SharedTokenCache`, a ``_TokenCache``
 whose reads miss while the SDK fetches on our behalf and whose writes hand the SDK's expiry
 back to us, so the one place that writes the shared file is ``afetch_entry`` (which honours a
-``clear()`` racing the fetch). ``call_mcp_tool`` additionally retries once after a 401.
-"""
+``clear()`` racing the fetch). ``call_mcp_tool`` additionally retries once after a 401."""
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
+import re
 import threading
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
-from sap_cloud_sdk.agentgateway import AgentGatewayClient, AuthResult, ClientConfig, MCPTool
-from sap_cloud_sdk.agentgateway._customer import (
-    _cache_scope_key,
-    detect_customer_agent_credentials,
-    detect_transparent_credentials,
-    load_customer_credentials,
-    load_customer_credentials_from_env,
+from agw_persist_cache import FetchBackoffError, PersistentTokenCache, _otel
+from agw_persist_cache.agentgateway._retry import (
+    TRANSIENT_STATUSES,
+    retry_policy,
+    transient_transport_error,
 )
-from sap_cloud_sdk.agentgateway._lob import _system_scope_key, _user_scope_key
-from sap_cloud_sdk.agentgateway._token_cache import _TokenCache
-from sap_cloud_sdk.agentgateway.exceptions import AgentGatewaySDKError
 
-from agw_persist_cache import FetchBackoffError, PersistentTokenCache
-
+from ._defaults import default_cache
+from ._sap_compat import (
+    AgentGatewayClient,
+    AgentGatewaySDKError,
+    AuthResult,
+    ClientConfig,
+    CustomerCredentials,
+    MCPTool,
+    Module,
+    Operation,
+    _cache_scope_key,
+    _system_scope_key,
+    _TokenCache,
+    _user_scope_key,
+    record_metrics,
+    sdk_client_module,
+)
 from ._sap_time import monotonic_to_epoch, stored_expiry
 from ._sap_unauthorized import rejected_by_server
 
@@ -46,6 +61,58 @@ _SCOPE_PREFIX = "sap-cloud-sdk/agentgateway:"
 _GATEWAY_URL = "gateway_url"
 _MAX_PENDING = 1024
 _FAILURE = {"system": "System auth acquisition failed", "user": "User auth exchange failed"}
+
+# The SDK's methods without their telemetry decorator (``functools.wraps`` keeps them as
+# ``__wrapped__``): this class's overrides carry the same decorator, so every call, hit or
+# miss, records the SDK's metrics exactly once.
+_sdk_get_system_auth: Callable[[AgentGatewayClient], Awaitable[AuthResult]] = (
+    AgentGatewayClient.get_system_auth.__wrapped__
+)
+_sdk_get_user_auth: Callable[[AgentGatewayClient, str], Awaitable[AuthResult]] = (
+    AgentGatewayClient.get_user_auth.__wrapped__
+)
+_sdk_call_mcp_tool: Callable[..., Awaitable[str]] = AgentGatewayClient.call_mcp_tool.__wrapped__
+
+
+# The SDK reports IAS errors as AgentGatewaySDKError("Token request failed with status N: ...").
+_SDK_STATUS = re.compile(r"\bstatus (\d{3})\b")
+
+
+class _TransientSdkError(Exception):
+    """Stands in for a transient SDK error while it is retried, so that the retry log names
+    the kind of failure, never the SDK's message (which may quote the IAS response body)."""
+
+    def __init__(self, original: AgentGatewaySDKError, why: str) -> None:
+        super().__init__(why)
+        self.original = original
+
+
+def _why_transient(exc: AgentGatewaySDKError) -> str | None:
+    """``"transport"`` or ``"HTTP 503"`` when ``exc`` is worth a second attempt, else None."""
+    if transient_transport_error(exc):
+        return "transport"
+    match = _SDK_STATUS.search(str(exc))
+    if match and int(match.group(1)) in TRANSIENT_STATUSES:
+        return f"HTTP {match.group(1)}"
+    return None
+
+
+async def _with_retries(acquire: Callable[[], Awaitable[AuthResult]]) -> AuthResult:
+    """The SDK's acquisition, a transient failure retried (see ``agentgateway._retry``)."""
+    try:
+        async for attempt in retry_policy(on=_TransientSdkError):
+            with attempt:
+                try:
+                    return await acquire()
+                except AgentGatewaySDKError as exc:
+                    why = _why_transient(exc)
+                    if why is None:
+                        raise
+                    raise _TransientSdkError(exc, why) from None
+    except _TransientSdkError as exhausted:
+        original = exhausted.original
+        raise original from original.__cause__  # the SDK's error as it was, cause included
+    raise AssertionError("unreachable: the last failed attempt re-raises")  # pragma: no cover
 
 
 def shared_scope_key(sdk_scope_key: str) -> str:
@@ -124,10 +191,12 @@ class _SharedTokenCache(_TokenCache):
 
 @dataclass(frozen=True, slots=True)
 class _Flow:
-    """Where a token comes from: the SDK's scope key, and the gateway URL if known up front."""
+    """Where a token comes from: the SDK's scope key, the gateway URL if known up front, and
+    the customer credentials when the flow is a customer one (binding file or transparent)."""
 
     scope_key: str
     gateway_url: str | None
+    credentials: CustomerCredentials | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +219,8 @@ class PersistentAgentGatewayClient(AgentGatewayClient):
 
     Every process on the host that uses the same cache file shares the tokens; a cold start of
     many processes and coroutines makes one token request per (flow, credentials or tenant,
-    user). Create it with :func:`agw_persist_cache.integrations.sap.create_client`.
+    user). Takes every argument of the SDK's ``AgentGatewayClient`` (forwarded unchanged), plus
+    ``cache`` (default: :func:`agw_persist_cache.integrations.sap.default_cache`).
     """
 
     _token_cache: _SharedTokenCache
@@ -159,11 +229,18 @@ class PersistentAgentGatewayClient(AgentGatewayClient):
         self,
         tenant_subdomain: str | Callable[[], str] | None = None,
         config: ClientConfig | None = None,
+        _telemetry_source: Module | None = None,
         *,
-        cache: PersistentTokenCache,
+        cache: PersistentTokenCache | None = None,
     ) -> None:
-        super().__init__(tenant_subdomain, config)
-        self._token_cache = _SharedTokenCache(self._config, cache)
+        super().__init__(
+            tenant_subdomain=tenant_subdomain, config=config, _telemetry_source=_telemetry_source
+        )
+        self._token_cache = _SharedTokenCache(
+            self._config, cache if cache is not None else default_cache()
+        )
+        self._agw_backend = _otel.backend_of(self._token_cache.cache)
+        _otel.register(self._token_cache.cache)
 
     @property
     def token_cache(self) -> PersistentTokenCache:
@@ -174,16 +251,18 @@ class PersistentAgentGatewayClient(AgentGatewayClient):
         """Drop every cached token on the host: the next call in any process fetches anew."""
         self._token_cache.clear()
 
+    @record_metrics(Module.AGENTGATEWAY, Operation.AGENTGATEWAY_GET_SYSTEM_AUTH)
     async def get_system_auth(self) -> AuthResult:
         """As the SDK's, served from the shared cache; one fetch per key across processes."""
-        return await self._auth("system", None, super().get_system_auth)
+        return await self._auth("system", None, lambda: _sdk_get_system_auth(self))
 
+    @record_metrics(Module.AGENTGATEWAY, Operation.AGENTGATEWAY_GET_USER_AUTH)
     async def get_user_auth(self, user_token: str | Callable[[], str] | None) -> AuthResult:
         """As the SDK's, served from the shared cache; one exchange per user across processes."""
         user_jwt = self._resolve_value(user_token, "user_token is required for token exchange.")
-        sdk_get_user_auth = super().get_user_auth
-        return await self._auth("user", user_jwt, lambda: sdk_get_user_auth(user_jwt))
+        return await self._auth("user", user_jwt, lambda: _sdk_get_user_auth(self, user_jwt))
 
+    @record_metrics(Module.AGENTGATEWAY, Operation.AGENTGATEWAY_CALL_MCP_TOOL)
     async def call_mcp_tool(
         self,
         tool: MCPTool,
@@ -193,8 +272,7 @@ class PersistentAgentGatewayClient(AgentGatewayClient):
         """As the SDK's; if the MCP server answers 401, forget that token everywhere, retry once."""
         _served.set(None)
         try:
-            result: str = await super().call_mcp_tool(tool, user_token, **kwargs)
-            return result
+            return await _sdk_call_mcp_tool(self, tool, user_token, **kwargs)
         except AgentGatewaySDKError as exc:
             served = _served.get()
             if served is None or not await rejected_by_server(
@@ -203,17 +281,23 @@ class PersistentAgentGatewayClient(AgentGatewayClient):
                 raise
             log.info("MCP server rejected the cached token (401); fetching a new one, once")
             await self._forget(served)
-        retried: str = await super().call_mcp_tool(tool, user_token, **kwargs)
-        return retried
+        return await _sdk_call_mcp_tool(self, tool, user_token, **kwargs)
 
     def _flow(self, kind: Kind) -> _Flow:
-        """Mirror the SDK's dispatch (binding file, transparent env, LoB) to name the key."""
-        path = detect_customer_agent_credentials()
-        if path or detect_transparent_credentials():
+        """Mirror the SDK's dispatch (binding file, transparent env, LoB) to name the key.
+
+        The detection functions are looked up where the SDK's client looks them up (its
+        ``agw_client`` module), at call time, so patches and wrappers on those names apply here.
+        """
+        sdk = sdk_client_module
+        path = sdk.detect_customer_agent_credentials()
+        if path or sdk.detect_transparent_credentials():
             creds = (
-                load_customer_credentials(path) if path else load_customer_credentials_from_env()
+                sdk.load_customer_credentials(path)
+                if path
+                else sdk.load_customer_credentials_from_env()
             )
-            return _Flow(_cache_scope_key(creds), creds.gateway_url)
+            return _Flow(_cache_scope_key(creds), creds.gateway_url, creds)
         tenant = self._resolve_tenant_subdomain()
         lob_key = _system_scope_key(tenant) if kind == "system" else _user_scope_key(tenant)
         return _Flow(lob_key, None)
@@ -226,10 +310,15 @@ class PersistentAgentGatewayClient(AgentGatewayClient):
         except Exception:  # the SDK raises its own, familiar error for this
             return await sdk_auth()
         shared = self._token_cache
+        if flow.credentials is not None:
+            sdk_auth = partial(self._customer_auth, kind, flow.credentials, user_jwt)
 
         async def fetch() -> dict[str, Any]:
-            with shared.fetching(kind, flow.scope_key, user_jwt):
-                auth = await sdk_auth()
+            with (
+                _otel.fetch_timer(kind, self._agw_backend),
+                shared.fetching(kind, flow.scope_key, user_jwt),
+            ):
+                auth = await _with_retries(sdk_auth)
             data: dict[str, Any] = {
                 "access_token": auth.access_token,
                 "extra": {_GATEWAY_URL: auth.gateway_url},
@@ -251,6 +340,29 @@ class PersistentAgentGatewayClient(AgentGatewayClient):
             raise AgentGatewaySDKError(f"{_FAILURE[kind]}: {exc}") from exc
         _served.set(_Served(kind, scope, user_jwt, entry.token))
         return AuthResult(access_token=entry.token, gateway_url=gateway_url)
+
+    async def _customer_auth(
+        self, kind: Kind, credentials: CustomerCredentials, user_jwt: str | None
+    ) -> AuthResult:
+        """The SDK's customer-flow acquisition with the credentials ``_flow`` already loaded
+        (the SDK's body would load them a second time), through the SDK's own token functions
+        and its error wrapping."""
+        sdk = sdk_client_module
+        loop = asyncio.get_running_loop()
+        timeout = self._config.timeout
+        try:
+            if user_jwt is None:
+                get = partial(sdk.get_system_token_mtls, credentials, timeout, self._token_cache)
+            else:
+                get = partial(
+                    sdk.exchange_user_token, credentials, user_jwt, timeout, self._token_cache
+                )
+            token = await loop.run_in_executor(None, get)
+        except AgentGatewaySDKError:
+            raise
+        except Exception as exc:
+            raise AgentGatewaySDKError(f"{_FAILURE[kind]}: {exc}") from exc
+        return AuthResult(access_token=token, gateway_url=credentials.gateway_url)
 
     async def _forget(self, served: _Served) -> None:
         """Invalidate ``served`` unless another process already replaced it."""

@@ -1,51 +1,43 @@
 """Drop-in for ``sap-cloud-sdk``: one changed import shares tokens across processes and restarts.
 
 Replace ``from sap_cloud_sdk.agentgateway import create_client`` with
-``from agw_persist_cache.integrations.sap import create_client``. Requires the ``[sap]`` extra.
+``from agw_persist_cache.integrations.sap import create_client``. Requires the ``[sap]`` extra
+(sap-cloud-sdk ``>=0.62,<1``); importing this module with an SDK release that lacks a name the
+drop-in relies on raises ``ImportError`` naming that release and the name.
 This is the only public module that imports ``sap_cloud_sdk``.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
-from pathlib import Path
-
-from sap_cloud_sdk.agentgateway import ClientConfig
 
 from agw_persist_cache import PersistentTokenCache
-from agw_persist_cache._config import resolve_path
 
+from ._defaults import default_cache
 from ._sap_adms import AdmsTokenCache
 from ._sap_client import PersistentAgentGatewayClient
+from ._sap_compat import ClientConfig, Module
 
 __all__ = ["AdmsTokenCache", "PersistentAgentGatewayClient", "create_client", "default_cache"]
-
-_defaults: dict[Path, PersistentTokenCache] = {}
-_defaults_lock = threading.Lock()
-
-
-def default_cache() -> PersistentTokenCache:
-    """This process's cache at the default path (``$AGW_CACHE_PATH`` or the user cache dir)."""
-    path = resolve_path(None)
-    with _defaults_lock:
-        cache = _defaults.get(path)
-        if cache is None:
-            cache = _defaults[path] = PersistentTokenCache(path)
-        return cache
 
 
 def create_client(
     tenant_subdomain: str | Callable[[], str] | None = None,
     config: ClientConfig | None = None,
     *,
+    _telemetry_source: Module | None = None,
     cache: PersistentTokenCache | None = None,
 ) -> PersistentAgentGatewayClient:
     """``sap_cloud_sdk.agentgateway.create_client`` with tokens in a host-wide cache.
 
-    Same arguments and behaviour; ``cache`` defaults to :func:`default_cache`. The client is an
+    Takes every argument the SDK's ``create_client`` takes (private ones such as
+    ``_telemetry_source``, which the SDK's extensibility module passes, included) and forwards
+    them unchanged; ``cache`` defaults to :func:`default_cache`. The client is an
     ``AgentGatewayClient`` subclass that also offers ``clear_token_cache()``.
     """
     return PersistentAgentGatewayClient(
-        tenant_subdomain, config, cache=cache if cache is not None else default_cache()
+        tenant_subdomain=tenant_subdomain,
+        config=config,
+        _telemetry_source=_telemetry_source,
+        cache=cache,
     )
