@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any, Literal, TypeAlias, TypeVar
 
+from . import _otel
 from ._config import CacheConfig, resolve_path, split_location
 from ._expiry import CachedToken, TokenData
 from ._flight import AFetch, Driver, Fetch, Flight, Key, fill
@@ -57,7 +58,10 @@ class PersistentTokenCache:
         self._backend = open_backend(self.path, url, self.config, warnings)
         self._shelf = TokenShelf(self.path, self.config, self._backend, warnings)
         self._memo = self._shelf._memo  # the benchmarks empty it to time a first open
+        self._counters = self._shelf.counters  # what OpenTelemetry's callbacks read
+        self.backend_name: str = self._backend.name
         self._fork_reset()
+        _otel.register(self)
 
     def _fork_reset(self) -> None:
         self._pid = os.getpid()

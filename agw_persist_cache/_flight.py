@@ -112,6 +112,9 @@ class Shelf(Protocol):
     def lock_trouble(self, result: LockResult, key: Key) -> None:
         """Count and warn about a lock that was not had (timeout or I/O error)."""
 
+    def timed(self, what: str, key: Key, seconds: float, ok: bool = True) -> None:
+        """A fetch (``what="fetch"``) or a lock wait (``"lock"``) took ``seconds``."""
+
 
 def fill(shelf: Shelf, key: Key, *, refresh: bool) -> Flight[CachedToken | None]:
     """Under the key's locks: re-read, honour back-off, fetch, store unless cleared meanwhile.
@@ -125,7 +128,9 @@ def fill(shelf: Shelf, key: Key, *, refresh: bool) -> Flight[CachedToken | None]
     backoff: Backoff | None = None
     while True:
         wait = None if refresh else max(0.0, deadline - time.monotonic())
+        asked = time.monotonic()
         locked = yield TakeLock(key.digest, wait)
+        shelf.timed("lock", key, time.monotonic() - asked)
         if locked is LockResult.BUSY or (refresh and locked is not LockResult.HELD):
             return None  # someone else is refreshing this very key
         if locked not in (LockResult.HELD, LockResult.WAITED):
@@ -161,6 +166,7 @@ def fill(shelf: Shelf, key: Key, *, refresh: bool) -> Flight[CachedToken | None]
         failure: Exception | None = exc
     else:
         failure = None
+    shelf.timed("fetch", key, time.time() - started, ok=failure is None)
     if failure is not None:  # not raised inside the except: a storage error stays unchained
         if config.fetch_backoff_seconds > 0 and generation is not None:
             status = failure.status if isinstance(failure, TokenFetchError) else None

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import MappingProxyType
 
+from . import _otel
 from ._config import CacheConfig
 from ._crypto import (
     Envelope,
@@ -343,6 +344,14 @@ class TokenShelf:
 
     # -- trouble, counted once -----------------------------------------------------------------
 
+    def timed(self, what: str, key: Key, seconds: float, ok: bool = True) -> None:
+        """Hand a fetch's or a lock wait's duration to OpenTelemetry (no-op without it)."""
+        if what == "fetch":
+            outcome = "ok" if ok else "error"
+            _otel.record_fetch(seconds, kind=key.kind, backend=self.backend.name, outcome=outcome)
+        else:
+            _otel.record_lock_wait(seconds, kind=key.kind, backend=self.backend.name)
+
     def _trouble(self, counter: str, category: str, message: str, *args: object) -> None:
         """Count an event in ``counters.<counter>`` and warn about it at most once a minute."""
         setattr(self.counters, counter, getattr(self.counters, counter) + 1)
@@ -401,8 +410,11 @@ class TokenShelf:
                 refresh_later(key)
             return lookup.entry
         if key is None or self.backend.unavailable:
-            data: TokenData = yield FETCH
             self.counters.fetches += 1
+            started = time.time()
+            data: TokenData = yield FETCH
+            if key is not None:
+                self.timed("fetch", key, time.time() - started)
             return normalize(data, now=time.time(), expires_at=None, config=self.config)
         entry = yield from fill(self, key, refresh=False)
         assert entry is not None  # only a refresh ends without a token

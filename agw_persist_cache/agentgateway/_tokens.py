@@ -29,8 +29,7 @@ class AgentGatewayTokens:
     def __init__(self, cache: PersistentTokenCache, ias_client: IasTokenClient) -> None:
         self.cache = cache
         self.ias_client = ias_client
-        self._backend = _otel.backend_of(cache)
-        _otel.register(cache)
+        _otel.register(cache)  # again: OpenTelemetry may have been set up since
 
     @property
     def scope_key(self) -> str:
@@ -45,23 +44,19 @@ class AgentGatewayTokens:
     def __repr__(self) -> str:
         return f"AgentGatewayTokens(scope_key={self.scope_key!r}, cache={self.cache!r})"
 
-    # -- the fetches the cache runs on a miss (timed for OpenTelemetry) ---------------------
+    # -- the fetches the cache runs on a miss (the core times them for OpenTelemetry) -------
 
     def _fetch_system(self) -> TokenDict:
-        with _otel.fetch_timer("system", self._backend):
-            return self.ias_client.fetch_system_token()
+        return self.ias_client.fetch_system_token()
 
     def _fetch_user(self, user_jwt: str) -> TokenDict:
-        with _otel.fetch_timer("user", self._backend):
-            return self.ias_client.exchange_user_token(user_jwt)
+        return self.ias_client.exchange_user_token(user_jwt)
 
     async def _afetch_system(self) -> TokenDict:
-        with _otel.fetch_timer("system", self._backend):
-            return await self.ias_client.afetch_system_token()
+        return await self.ias_client.afetch_system_token()
 
     async def _afetch_user(self, user_jwt: str) -> TokenDict:
-        with _otel.fetch_timer("user", self._backend):
-            return await self.ias_client.aexchange_user_token(user_jwt)
+        return await self.ias_client.aexchange_user_token(user_jwt)
 
     # -- get-or-fetch ---------------------------------------------------------------------
 

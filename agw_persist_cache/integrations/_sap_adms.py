@@ -25,7 +25,7 @@ class AdmsTokenCache(TokenCache):
 
     def __init__(self, cache: PersistentTokenCache, *, namespace: str = "default") -> None:
         self.cache = cache
-        _otel.register(cache)
+        _otel.register(cache)  # again: OpenTelemetry may have been set up since
         self._prefix = f"{_SCOPE_PREFIX}{namespace}:"
 
     def get(self, key: str) -> str | None:

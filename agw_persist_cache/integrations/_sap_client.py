@@ -239,8 +239,7 @@ class PersistentAgentGatewayClient(AgentGatewayClient):
         self._token_cache = _SharedTokenCache(
             self._config, cache if cache is not None else default_cache()
         )
-        self._agw_backend = _otel.backend_of(self._token_cache.cache)
-        _otel.register(self._token_cache.cache)
+        _otel.register(self._token_cache.cache)  # again: OpenTelemetry may be set up since
 
     @property
     def token_cache(self) -> PersistentTokenCache:
@@ -314,10 +313,7 @@ class PersistentAgentGatewayClient(AgentGatewayClient):
             sdk_auth = partial(self._customer_auth, kind, flow.credentials, user_jwt)
 
         async def fetch() -> dict[str, Any]:
-            with (
-                _otel.fetch_timer(kind, self._agw_backend),
-                shared.fetching(kind, flow.scope_key, user_jwt),
-            ):
+            with shared.fetching(kind, flow.scope_key, user_jwt):
                 auth = await _with_retries(sdk_auth)
             data: dict[str, Any] = {
                 "access_token": auth.access_token,
