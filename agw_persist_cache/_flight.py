@@ -182,11 +182,13 @@ def fill(shelf: Shelf, key: Key, *, refresh: bool) -> Flight[CachedToken | None]
             yield from shelf.store(key, entry, generation)
         except StorageError as exc:
             shelf.storage_failed(exc)
+            generation = None  # waited once already: no more writes in this call
     yield UNLOCK
-    try:
-        yield from shelf.prune_if_due()
-    except StorageError as exc:
-        shelf.storage_failed(exc)
+    if generation is not None:
+        try:
+            yield from shelf.prune_if_due()  # best effort: never waits for the write lock
+        except StorageError as exc:
+            shelf.storage_failed(exc)
     return entry
 
 

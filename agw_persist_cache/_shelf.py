@@ -318,8 +318,8 @@ class TokenShelf:
             "system": self.config.max_system_token_cache_size,
             "user": self.config.max_user_token_cache_size,
         }
-        removed: int = yield Prune(now, limits, compact)
-        return removed
+        removed: int | None = yield Prune(now, limits, compact)
+        return removed or 0  # None: skipped, another process was writing
 
     def prune(self) -> Flight[int]:
         try:

@@ -68,6 +68,8 @@ Stmt = tuple[str, Sequence[Any]]
 Plan = Generator[Stmt, list[Row], T]
 
 RETRY_UNAVAILABLE_SECONDS = 30.0
+IDENTITY_CHECK_SECONDS = 2.0
+"""How often a process that only reads checks that the path still names its file."""
 POOL_IDLE = 8
 """Idle ``sqlite3`` connections kept per cache; busier moments open and close extra ones."""
 APPLICATION_ID = int.from_bytes(b"AGWC", "big")
@@ -285,14 +287,9 @@ _INLINE: tuple[type[Op[Any]], ...] = (Read, GetBackoff, Touch)
 
 
 def transaction(op: Op[T]) -> Plan[T]:
-    """The plan of ``op``, inside ``BEGIN IMMEDIATE ... COMMIT`` when it writes.
-
-    A best-effort (``nowait``) write first drops the busy timeout for itself, so that
-    it is skipped rather than queued behind another process's transaction.
-    """
+    """The plan of ``op``, inside ``BEGIN IMMEDIATE ... COMMIT`` when it writes more than
+    one statement."""
     plan = cast(Plan[T], PLANS[type(op)](op))
-    if op.nowait:
-        yield ("PRAGMA busy_timeout = 0", ())
     if not op.writes or _one_statement(op):
         return (yield from plan)
     yield ("BEGIN IMMEDIATE", ())
@@ -301,6 +298,12 @@ def transaction(op: Op[T]) -> Plan[T]:
     if isinstance(op, Prune):  # fold the WAL back; TRUNCATE waits for readers, PASSIVE never
         yield (f"PRAGMA wal_checkpoint({'TRUNCATE' if op.compact else 'PASSIVE'})", ())
     return result
+
+
+def quick(op: Op[Any]) -> bool:
+    """Best-effort writes: skipped, never queued, while another process holds the write lock
+    (the LRU touch of a hit, the prune that follows a write)."""
+    return op.nowait or (isinstance(op, Prune) and not op.compact)
 
 
 def _one_statement(op: Op[Any]) -> bool:
@@ -392,7 +395,6 @@ class SqliteBackend:
         ]
         if config.max_db_bytes is not None:
             self._pragmas.append(f"PRAGMA max_page_count = {max(16, config.max_db_bytes // 4096)}")
-        self._restore_busy = self._pragmas[0]
         self._reset()
 
     def _reset(self) -> None:
@@ -400,7 +402,10 @@ class SqliteBackend:
         self._pid = os.getpid()
         self._mutex = threading.Lock()
         self._ready = False
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we use
+        self._next_check = 0.0
         self._idle: deque[sqlite3.Connection] = deque()
+        self._idle_quick: deque[sqlite3.Connection] = deque()
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopConn] = (
             weakref.WeakKeyDictionary()
         )
@@ -410,6 +415,7 @@ class SqliteBackend:
         # in the child could checkpoint or unlink the parent's WAL under its feet.
         if self._pid != os.getpid():
             _ABANDONED.extend(self._idle)
+            _ABANDONED.extend(self._idle_quick)
             _ABANDONED.extend(state.conn for state in self._loops.values())
             self._reset()
 
@@ -439,39 +445,49 @@ class SqliteBackend:
             self._disable(reason)
             warn_unopenable(self.warnings, self.path, exc)
             return StorageUnavailable(reason)
-        if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
-            self._drop_connections()  # corruption under a running process: reopen, which
-            # moves a broken file aside
+        if _is_corrupt(exc):
+            self._quarantine(exc)
         return StorageError(f"{type(exc).__name__}: {exc}")
 
     # -- connections -------------------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, *, quick: bool = False) -> sqlite3.Connection:
         conn = sqlite3.connect(
             self.path,
             isolation_level=None,
             check_same_thread=False,
-            timeout=self.config.busy_timeout_seconds,
+            timeout=0 if quick else self.config.busy_timeout_seconds,
         )
-        for stmt in self._pragmas:
+        for stmt in self._pragmas[1:] if quick else self._pragmas:
             conn.execute(stmt)
         return conn
 
-    def _borrow(self) -> sqlite3.Connection:
+    def _borrow(self, quick: bool = False) -> sqlite3.Connection:
+        """An idle pooled connection (``quick``: one that never waits for the write lock)."""
         try:
-            return self._idle.pop()
+            return (self._idle_quick if quick else self._idle).pop()
         except IndexError:
             pass
         self._ensure_ready()
-        return self._connect()
+        return self._connect(quick=quick)
 
-    def _give_back(self, conn: sqlite3.Connection) -> None:
+    def _give_back(self, conn: sqlite3.Connection, quick: bool = False) -> None:
         if self._pid != os.getpid():
             return  # a connection of the parent's: never reuse nor close it
-        if len(self._idle) < POOL_IDLE and self._ready:
-            self._idle.append(conn)
+        idle = self._idle_quick if quick else self._idle
+        if len(idle) < POOL_IDLE and self._ready:
+            idle.append(conn)
         else:
             conn.close()
+
+    def _check_identity(self, op: Op[Any]) -> None:
+        """Reopen when the path names another file than ours (another process moved a
+        corrupt file aside and started a new one): on every write, and every few seconds."""
+        if self._identity is None or (not op.writes and time.monotonic() < self._next_check):
+            return
+        self._next_check = time.monotonic() + IDENTITY_CHECK_SECONDS
+        if _identity_of(self.path) != self._identity:
+            self._drop_connections()
 
     async def _loop_conn(self) -> _LoopConn:
         loop = asyncio.get_running_loop()
@@ -500,28 +516,54 @@ class SqliteBackend:
         return state
 
     def _drop_connections(self) -> None:
+        """Close this process's connections; the next operation opens the path afresh.
+
+        Connections in use are closed when given back (the pool is no longer ready)."""
         with self._mutex:
-            _ABANDONED.extend(self._idle)
+            idle = [*self._idle, *self._idle_quick]
             self._idle.clear()
+            self._idle_quick.clear()
+            loops = list(self._loops.values())
+            self._loops.clear()
             self._ready = False
+            self._identity = None
+        for conn in idle:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        for state in loops:  # their workers close them; nobody waits for that
+            threading.Thread(target=_stop, args=(state.conn,), daemon=True).start()
+
+    def _quarantine(self, exc: BaseException) -> None:
+        """Corruption found while working: move the file aside and start a new one, once.
+
+        Under the migration lock, and only if the path still names the very file that failed
+        (another process may have replaced it already: then just reopen)."""
+        failed = self._identity
+        self._drop_connections()
+        try:
+            with self._init_lock():
+                if failed is not None and _identity_of(self.path) == failed:
+                    self._move_aside(exc)
+        except (OSError, filelock.Timeout):
+            pass  # the next open tries again
 
     # -- drivers -------------------------------------------------------------------------------
 
     def execute(self, op: Op[T]) -> T:
-        """Perform ``op`` on a pooled connection of this thread's; raise ``StorageError``."""
+        """Perform ``op`` on a pooled connection, in this thread; raise ``StorageError``."""
         self._check_fork()
+        self._check_identity(op)
+        best_effort = quick(op)
         gate = _forkgate.enter()
         try:
-            conn = self._borrow()
+            conn = self._borrow(best_effort)
             try:
                 return self._finish(op, run(conn, transaction(op)))
             finally:
-                if op.nowait:
-                    conn.execute(self._restore_busy)
-                self._give_back(conn)
+                self._give_back(conn, best_effort)
         except _FAILURES as exc:
-            if op.nowait and _is_busy(exc):
-                return cast(T, None)  # best effort: skipped while another process writes
+            if best_effort and _is_busy(exc):
+                return cast(T, None)  # skipped while another process writes
             raise self._failed(exc) from None
         finally:
             _forkgate.leave(gate)
@@ -529,6 +571,8 @@ class SqliteBackend:
     async def aexecute(self, op: Op[T]) -> T:
         """Perform ``op`` without blocking the loop on file I/O; raise ``StorageError``."""
         self._check_fork()
+        if quick(op) and not isinstance(op, _INLINE):  # its own connection, in a thread
+            return await asyncio.to_thread(self.execute, op)
         if isinstance(op, _INLINE):
             if not self._idle:  # open (and maybe migrate) off the loop, then read inline
                 try:
@@ -537,6 +581,7 @@ class SqliteBackend:
                     raise self._failed(exc) from None
                 self._give_back(conn)
             return self.execute(op)
+        self._check_identity(op)
         gate = _forkgate.enter()
         try:
             state = await self._loop_conn()
@@ -577,17 +622,20 @@ class SqliteBackend:
             if not directory.is_dir():
                 directory.mkdir(mode=0o700, parents=True, exist_ok=True)
 
-    def _initialize(self) -> None:
-        self.prepare_dirs()
-        init_lock = filelock.FileLock(
+    def _init_lock(self) -> filelock.FileLock:
+        """Serializes schema creation, migration and quarantine across processes."""
+        return filelock.FileLock(
             self.lock_dir / "init.lock",
             timeout=max(30.0, self.config.busy_timeout_seconds),
             mode=0o600,
             thread_local=False,
             preserve_lock_file=True,
         )
+
+    def _initialize(self) -> None:
+        self.prepare_dirs()
         # Serialized: 32 processes opening a brand-new file must not race on the schema.
-        with init_lock:
+        with self._init_lock():
             # SQLite gives the -wal and -shm files the mode of the database file.
             with contextlib.suppress(FileExistsError):
                 os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
@@ -599,6 +647,8 @@ class SqliteBackend:
                 self._move_aside(exc)
                 os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
                 self._migrate()
+            self._identity = _identity_of(self.path)
+            self._next_check = time.monotonic() + IDENTITY_CHECK_SECONDS
 
     def _migrate(self) -> None:
         conn = self._connect()
@@ -653,8 +703,9 @@ class SqliteBackend:
         """Close this process's connections (the file and other processes are unaffected)."""
         self._check_fork()
         with self._mutex:
-            idle = list(self._idle)
+            idle = [*self._idle, *self._idle_quick]
             self._idle.clear()
+            self._idle_quick.clear()
             loops = list(self._loops.values())
             self._loops.clear()
         for conn in idle:
@@ -678,6 +729,20 @@ _ABANDONED: list[object] = []
 
 def _is_busy(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+
+
+def _is_corrupt(exc: BaseException) -> bool:
+    """SQLITE_CORRUPT or SQLITE_NOTADB (any extended code)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.DatabaseError) and code is not None and code & 0xFF in (11, 26)
+
+
+def _identity_of(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _size(path: Path) -> int:
