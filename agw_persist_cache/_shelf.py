@@ -150,9 +150,12 @@ class TokenShelf:
             if entry is None:
                 return Lookup(None, Delete((row.digest,), row.nonce), False)
         assert entry is not None
-        # Capped on read: a row written under a clock running ahead is not served for longer.
-        expires_at = min(entry.expires_at, now + self.config.max_token_ttl_seconds)
-        remaining = expires_at - self.config.token_expiry_buffer_seconds - now
+        # Capped on read: a row written under a clock running ahead (or planted) is not
+        # served for longer than max_token_ttl_seconds from now.
+        latest = now + self.config.max_token_ttl_seconds
+        if entry.expires_at > latest:
+            entry = CachedToken(entry.token, latest, entry.extra)
+        remaining = entry.expires_at - self.config.token_expiry_buffer_seconds - now
         if remaining <= 0:
             return Lookup(None, None, False)
         followup = None

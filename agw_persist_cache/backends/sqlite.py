@@ -70,7 +70,7 @@ Plan = Generator[Stmt, list[Row], T]
 RETRY_UNAVAILABLE_SECONDS = 30.0
 IDENTITY_CHECK_SECONDS = 2.0
 """How often a process that only reads checks that the path still names its file."""
-POOL_IDLE = 8
+POOL_IDLE = 4
 """Idle ``sqlite3`` connections kept per cache; busier moments open and close extra ones."""
 APPLICATION_ID = int.from_bytes(b"AGWC", "big")
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
@@ -350,6 +350,12 @@ async def arun(conn: aiosqlite.Connection, plan: Plan[T]) -> T:
 # -- the backend -------------------------------------------------------------------------------
 
 
+class _Conn(sqlite3.Connection):
+    """A pooled connection, tagged with the pool epoch it was opened in."""
+
+    epoch = 0
+
+
 class _LoopConn:
     """One event loop's aiosqlite connection and the lock that keeps its transactions whole."""
 
@@ -404,8 +410,9 @@ class SqliteBackend:
         self._ready = False
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we use
         self._next_check = 0.0
-        self._idle: deque[sqlite3.Connection] = deque()
-        self._idle_quick: deque[sqlite3.Connection] = deque()
+        self._epoch = 0  # bumped whenever the connections are dropped (file replaced)
+        self._idle: deque[_Conn] = deque()
+        self._idle_quick: deque[_Conn] = deque()
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopConn] = (
             weakref.WeakKeyDictionary()
         )
@@ -451,18 +458,20 @@ class SqliteBackend:
 
     # -- connections -------------------------------------------------------------------------
 
-    def _connect(self, *, quick: bool = False) -> sqlite3.Connection:
+    def _connect(self, *, quick: bool = False) -> _Conn:
         conn = sqlite3.connect(
             self.path,
             isolation_level=None,
             check_same_thread=False,
             timeout=0 if quick else self.config.busy_timeout_seconds,
+            factory=_Conn,
         )
+        conn.epoch = self._epoch
         for stmt in self._pragmas[1:] if quick else self._pragmas:
             conn.execute(stmt)
         return conn
 
-    def _borrow(self, quick: bool = False) -> sqlite3.Connection:
+    def _borrow(self, quick: bool = False) -> _Conn:
         """An idle pooled connection (``quick``: one that never waits for the write lock)."""
         try:
             return (self._idle_quick if quick else self._idle).pop()
@@ -471,11 +480,11 @@ class SqliteBackend:
         self._ensure_ready()
         return self._connect(quick=quick)
 
-    def _give_back(self, conn: sqlite3.Connection, quick: bool = False) -> None:
+    def _give_back(self, conn: _Conn, quick: bool = False) -> None:
         if self._pid != os.getpid():
             return  # a connection of the parent's: never reuse nor close it
         idle = self._idle_quick if quick else self._idle
-        if len(idle) < POOL_IDLE and self._ready:
+        if len(idle) < POOL_IDLE and conn.epoch == self._epoch:
             idle.append(conn)
         else:
             conn.close()
@@ -527,6 +536,7 @@ class SqliteBackend:
             self._loops.clear()
             self._ready = False
             self._identity = None
+            self._epoch += 1
         for conn in idle:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
