@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ._config import ENV_KEY, CacheConfig
 from ._errors import CacheConfigError
+from ._files import NOFOLLOW, read_private
 from .backends.contract import SealedRow
 
 ENVELOPE_VERSION = 2
@@ -96,15 +97,18 @@ def keys_from_config(config: CacheConfig) -> KeySource | None:
 def load_or_create_key_file(path: Path) -> bytes:
     """Read the key file, creating it 0600 first if absent; race-free across processes.
 
+    An existing key file must be ours (``NotOurs``, a ``ValueError`` to the caller's eyes,
+    otherwise): a link or another user's file could hold a key someone else knows.
+
     The new key is written to a private temp file and hard-linked into place, so a
     concurrent reader sees either no file or a complete one, and exactly one key wins.
     """
     try:
-        return decode_key(path.read_text("ascii"), what=f"key file {path}")
+        return decode_key(read_private(path), what=f"key file {path}")
     except FileNotFoundError:
         pass
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "w", encoding="ascii") as handle:
             handle.write(encode_key(os.urandom(KEY_BYTES)) + "\n")
@@ -117,7 +121,7 @@ def load_or_create_key_file(path: Path) -> bytes:
                 raise
     finally:
         tmp.unlink(missing_ok=True)
-    return decode_key(path.read_text("ascii"), what=f"key file {path}")
+    return decode_key(read_private(path), what=f"key file {path}")
 
 
 class _Key:

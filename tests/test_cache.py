@@ -582,8 +582,9 @@ async def test_a_hit_does_not_write_last_used_within_the_interval(open_api: ApiF
 async def test_corrupt_file_is_moved_aside_and_the_cache_works_afterwards(
     open_api: ApiFactory, db_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    db_path.parent.mkdir(mode=0o700)
-    db_path.write_bytes(os.urandom(16384))
+    with PersistentTokenCache(db_path, config=make_config()) as first:  # our file, locks
+        first.set_system_token("scope", "before")
+    db_path.write_bytes(os.urandom(16384))  # damaged in place: still ours (owner, 0600)
     caplog.set_level(logging.WARNING)
     api = open_api()
     assert await api.get("scope") is None

@@ -220,6 +220,7 @@ def test_a_version_1_file_is_migrated_and_its_old_rows_dropped(db_path: Path) ->
         "INSERT INTO tokens VALUES (?, 'system', 'kid', ?, ?, 2e9, 1, 1)", (b"k", b"n", b"c")
     )
     con.close()
+    db_path.chmod(0o600)
     store = _store(db_path)
     assert store.execute(Read((b"k",))) == Snapshot(None, 0)
     store.close()
@@ -277,13 +278,42 @@ def test_a_page_cap_is_applied_when_max_db_bytes_is_set(db_path: Path) -> None:
     store.close()
 
 
-def test_a_cache_on_a_non_sqlite_file_keeps_the_bytes_aside(db_path: Path) -> None:
+@pytest.mark.parametrize("mode", [0o600, 0o644])
+def test_a_file_that_is_not_ours_is_left_alone_and_the_cache_fetches(
+    db_path: Path, mode: int, caplog: pytest.LogCaptureFixture
+) -> None:
     db_path.parent.mkdir()
-    db_path.write_bytes(b"not a database, but maybe someone's data" * 100)
+    data = b"not a database, but maybe someone's data\n" * 100
+    db_path.write_bytes(data)
+    db_path.chmod(mode)
     with PersistentTokenCache(db_path, config=CacheConfig(keys=[b"k" * 32])) as cache:
-        cache.set_system_token("scope", "token")
-    (aside,) = db_path.parent.glob("tokens.db.corrupt-*")
-    assert aside.read_bytes().startswith(b"not a database")
-    with sqlite3.connect(db_path) as con:
-        assert con.execute("SELECT count(*) FROM tokens").fetchone() == (1,)
-    con.close()
+        assert cache.set_system_token("scope", "token") is False
+        assert cache.system_token("scope", lambda: "fetched") == "fetched"
+        assert cache.stats().disabled_reason is not None
+    assert db_path.read_bytes() == data  # not moved, not rewritten
+    assert {p.name for p in db_path.parent.iterdir()} <= {"tokens.db", "tokens.db.locks"}
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert str(db_path) in warning and "someone" not in warning
+
+
+def test_another_applications_sqlite_file_is_never_migrated(db_path: Path) -> None:
+    db_path.parent.mkdir()
+    other = sqlite3.connect(db_path)
+    other.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY, item TEXT)")
+    other.commit()
+    other.close()
+    db_path.chmod(0o600)
+    before = db_path.read_bytes()
+    with PersistentTokenCache(db_path, config=CacheConfig(keys=[b"k" * 32])) as cache:
+        assert cache.get_system_token("scope") is None
+        assert "tables of its own" in str(cache.stats().disabled_reason)
+    assert db_path.read_bytes() == before
+    assert raw_rows(db_path, "PRAGMA journal_mode") == [("delete",)]  # not switched to WAL
+
+
+def test_an_empty_file_of_ours_is_adopted(db_path: Path) -> None:
+    db_path.parent.mkdir()
+    db_path.touch(mode=0o600)
+    with PersistentTokenCache(db_path, config=CacheConfig(keys=[b"k" * 32])) as cache:
+        assert cache.set_system_token("scope", "token") is True
+    assert raw_rows(db_path, "PRAGMA application_id") == [(APPLICATION_ID,)]

@@ -34,7 +34,9 @@ from typing import Any, ClassVar, TypeVar, cast
 import aiosqlite
 import filelock
 
+from .. import _files as files
 from .._config import CacheConfig
+from .._files import make_private_dirs
 from .._log import Warnings, warn_unopenable
 from . import _forkgate
 from ._filelocks import KeyLockFiles
@@ -628,9 +630,8 @@ class SqliteBackend:
 
     def prepare_dirs(self) -> None:
         """Create the directory (0700) and the lock directory beside the database."""
-        for directory in (self.path.parent, self.lock_dir):
-            if not directory.is_dir():
-                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_dirs(self.path.parent)
+        make_private_dirs(self.lock_dir)
 
     def _init_lock(self) -> filelock.FileLock:
         """Serializes schema creation, migration and quarantine across processes."""
@@ -643,19 +644,27 @@ class SqliteBackend:
         )
 
     def _initialize(self) -> None:
+        beside_our_locks = self.lock_dir.is_dir()  # before this process makes it
+        for suffix in ("", "-wal", "-shm"):  # another user's file: say so before anything else
+            files.check(self.path.with_name(self.path.name + suffix))
         self.prepare_dirs()
+        files.check_dir(self.lock_dir)
+        files.check(self.lock_dir / "init.lock")
         # Serialized: 32 processes opening a brand-new file must not race on the schema.
         with self._init_lock():
+            verdict = recognize(self.path, beside_our_locks)
+            if verdict == "damaged":
+                self._move_aside(sqlite3.DatabaseError("not an SQLite file any more"))
             # SQLite gives the -wal and -shm files the mode of the database file.
             with contextlib.suppress(FileExistsError):
-                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+                os.close(os.open(self.path, _CREATE, 0o600))
             try:
                 self._migrate()
             except sqlite3.DatabaseError as exc:
                 if isinstance(exc, sqlite3.OperationalError):
                     raise
-                self._move_aside(exc)
-                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+                self._move_aside(exc)  # ours (recognized above), and broken
+                os.close(os.open(self.path, _CREATE, 0o600))
                 self._migrate()
             self._identity = _identity_of(self.path)
             self._next_check = time.monotonic() + IDENTITY_CHECK_SECONDS
@@ -735,6 +744,62 @@ class SqliteBackend:
 
 
 _ABANDONED: list[object] = []
+
+
+_CREATE = os.O_RDWR | os.O_CREAT | os.O_EXCL | files.NOFOLLOW
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+OUR_TABLES = frozenset({"tokens", "meta", "backoff", "key_checks"})
+
+
+def recognize(path: Path, beside_our_locks: bool) -> str:
+    """Is the file at ``path`` ours? ``"missing"``, ``"ours"`` (also: empty, or SQLite with
+    only our tables), ``"damaged"`` (not SQLite any more, but owned by us, 0600, beside our
+    lock directory: quarantine it). Anything else raises ``NotOurs``: never moved, rewritten
+    or migrated."""
+    for suffix in ("-wal", "-shm"):
+        files.check(path.with_name(path.name + suffix))
+    if not files.check(path):
+        return "missing"
+    with open(path, "rb", opener=_no_follow) as fh:
+        header = fh.read(100)
+    if not header:
+        return "ours"  # an empty file of our own user's: adopted
+    if not header.startswith(_SQLITE_MAGIC) or len(header) < 100:
+        if beside_our_locks:
+            return "damaged"
+        raise files.NotOurs(f"{path} is not an SQLite file this cache made; it is left alone")
+    app_id = int.from_bytes(header[68:72], "big")
+    if app_id == APPLICATION_ID:
+        return "ours"
+    if app_id:
+        raise files.NotOurs(f"{path} belongs to another application (application_id {app_id})")
+    tables = _tables(path)
+    if tables is None:
+        if beside_our_locks:
+            return "damaged"
+        raise files.NotOurs(f"{path} is not an SQLite file this cache made; it is left alone")
+    if tables - OUR_TABLES:
+        raise files.NotOurs(
+            f"{path} is an SQLite database with tables of its own; it is left alone"
+        )
+    return "ours"  # no tables yet, or a version-1 cache file (before the mark)
+
+
+def _tables(path: Path) -> set[str] | None:
+    """The table names of an SQLite file, read-only; None if it does not open."""
+    try:
+        conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+        try:
+            listed = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            return {name for (name,) in listed}
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        return None
+
+
+def _no_follow(path: str, flags: int) -> int:
+    return os.open(path, flags | files.NOFOLLOW | os.O_CLOEXEC)
 
 
 def _is_busy(exc: BaseException) -> bool:

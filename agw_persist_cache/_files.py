@@ -1,0 +1,107 @@
+"""Only what is ours: the checks every file and directory of the cache passes before use.
+
+An existing database, ``-wal``/``-shm``, key file or lock file must be a regular file (never
+a symbolic link: they are refused, not followed), owned by the effective user and closed
+to group and others. Otherwise another local user could have planted it to read the tokens
+(a 0666 database makes SQLite create 0666 ``-wal`` files) or to make us use a key they know.
+Directories the cache creates are 0700 whatever the umask.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+class NotOurs(PermissionError):
+    """A path holds something the cache did not make, or that others could read or swap.
+
+    The message names the path, its owner and mode (never its contents) and what to do.
+    """
+
+
+def problem(path: Path, st: os.stat_result) -> str | None:
+    """Why the file ``st`` (from ``lstat`` or ``fstat``) describes is not ours, or None."""
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path} is a symbolic link; the cache never follows one (point it at the target)"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path} is not a regular file"
+    euid = os.geteuid()
+    if st.st_uid != euid:
+        return (
+            f"{path} is owned by uid {st.st_uid}, not by this user (uid {euid}); the cache "
+            "uses only files its own user made"
+        )
+    if st.st_mode & 0o077:
+        return (
+            f"{path} has mode {stat.S_IMODE(st.st_mode):04o}: others could read or change it "
+            f"(chmod 600 {path} if it is yours)"
+        )
+    return None
+
+
+def check(path: Path) -> bool:
+    """Raise :class:`NotOurs` if an existing ``path`` is not ours; False if it is missing."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    reason = problem(path, st)
+    if reason is not None:
+        raise NotOurs(reason)
+    return True
+
+
+def check_dir(directory: Path) -> None:
+    """A directory of the cache's own (the lock directory): ours, not a link."""
+    st = os.lstat(directory)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise NotOurs(f"{directory} is not a directory (a link is never followed)")
+    if st.st_uid != os.geteuid():
+        raise NotOurs(
+            f"{directory} is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
+        )
+
+
+def read_private(path: Path) -> bytes:
+    """The bytes of a file that is ours (``NotOurs`` otherwise), read without following links."""
+    fd = os.open(path, os.O_RDONLY | NOFOLLOW | os.O_CLOEXEC)
+    try:
+        reason = problem(path, os.fstat(fd))
+        if reason is not None:
+            raise NotOurs(reason)
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read()
+    finally:
+        os.close(fd)
+
+
+def make_private_dirs(directory: Path) -> None:
+    """Create ``directory`` and missing parents 0700 (whatever the umask). An existing one
+    is used as it is (it may be a shared volume): what must be ours are the files in it."""
+    missing = []
+    at = directory
+    while not at.exists() and at != at.parent:
+        missing.append(at)
+        at = at.parent
+    for new in reversed(missing):
+        try:
+            new.mkdir(mode=0o700)
+        except FileExistsError:
+            continue  # another process made it meanwhile; checked below
+        os.chmod(new, 0o700)
+    if not directory.is_dir():
+        raise NotADirectoryError(f"{directory} is not a directory")
+
+
+def others_may_write(directory: Path) -> bool:
+    """A directory others can write to without the sticky bit (e.g. a Kubernetes emptyDir):
+    they could replace our files there. Used, but ``agw-cache doctor`` warns."""
+    try:
+        mode = os.stat(directory).st_mode
+    except OSError:
+        return False
+    return bool(mode & 0o022) and not mode & stat.S_ISVTX
