@@ -125,13 +125,17 @@ def load_or_create_key_file(path: Path) -> bytes:
 
 
 class _Key:
-    __slots__ = ("aead", "kid", "kid_bytes", "mac")
+    __slots__ = ("aead", "check", "kid", "kid_bytes", "mac")
 
     def __init__(self, master: bytes) -> None:
         self.aead = AESGCM(_hkdf(master, b"agw-persist-cache/v1/seal", 32))
         self.mac = _hkdf(master, b"agw-persist-cache/v1/digest", 32)
         self.kid = _hkdf(master, b"agw-persist-cache/v1/key-id", 8).hex()
         self.kid_bytes = self.kid.encode("ascii")
+        # Stored per key id, so that a wrong key is noticed (and named) instead of missing.
+        self.check = hmac.digest(
+            _hkdf(master, b"agw-persist-cache/v1/key-check", 32), b"key check", "sha256"
+        )
 
 
 def _field(value: str) -> bytes:
@@ -207,6 +211,11 @@ class Keyring:
 
     def __repr__(self) -> str:
         return f"Keyring(kids={self.kids!r})"
+
+    def matches(self, checks: Sequence[tuple[str, bytes]]) -> bool:
+        """Whether any configured key has one of the stored (key id, check value) pairs."""
+        mine = {(k.kid, k.check) for k in self.keys}
+        return any((kid, bytes(check)) in mine for kid, check in checks)
 
     @staticmethod
     def digest_input(kind: str, scope_key: str, uhash: str) -> bytes:

@@ -37,6 +37,7 @@ from .backends.contract import (
     Backend,
     Clear,
     Delete,
+    Facts,
     GetFacts,
     ListRows,
     LockResult,
@@ -83,6 +84,8 @@ class TokenShelf:
         self._last_prune = 0.0
         self._generation = 0  # the last clear() generation seen; sets seal under it
         self._refresh_attempts: dict[bytes, float] = {}
+        self._checked: set[str] = set()  # key ids whose check value this process stored
+        self._keys_compared = False
 
     @property
     def needs_key_file(self) -> bool:
@@ -207,6 +210,8 @@ class TokenShelf:
             return Lookup(None, None, False)
         try:
             lookup = self._counted(key, (yield key.read))
+            if lookup.entry is None and not self._keys_compared:
+                yield from self._compare_keys()
         except StorageError as exc:
             self.storage_failed(exc)
             self.counters.misses += 1
@@ -242,7 +247,9 @@ class TokenShelf:
         for _attempt in range(2):
             kid, nonce, ct = ring.seal(key.kind, key.digest, gen, envelope)
             row = SealedRow(key.digest, key.kind, kid, nonce, ct, entry.expires_at, gen, now, now)
-            if (yield Write(row, key.digests[1:])):
+            check = None if kid in self._checked else ring.primary.check
+            if (yield Write(row, key.digests[1:], check)):
+                self._checked.add(kid)
                 self._memo[key.digest] = (nonce, entry)
                 for old in key.digests[1:]:
                     self._memo.pop(old, None)
@@ -346,6 +353,34 @@ class TokenShelf:
         )
 
     # -- trouble, counted once -----------------------------------------------------------------
+
+    def _compare_keys(self) -> Flight[None]:
+        """Once per process, at the first miss: rows written under keys we do not have are
+        a wrong key (digests are keyed, so they would only ever miss). Say so, and count."""
+        self._keys_compared = True
+        ring = self.ring()
+        facts: Facts = yield GetFacts(time.time())
+        rows = facts.entries_system + facts.entries_user
+        if ring is None or not rows:
+            return
+        if facts.key_checks:
+            mine = ring.matches(facts.key_checks)
+            written_under = tuple(kid for kid, _ in facts.key_checks)
+        else:  # a store that keeps no check values: the key ids of the rows
+            mine = bool(set(ring.kids) & set(facts.key_ids_in_use))
+            written_under = facts.key_ids_in_use
+        if not mine:
+            self._trouble(
+                "key_mismatch",
+                "key-mismatch",
+                "the configured key does not open the token cache at %s: %d rows were written "
+                "under key ids %s, this process has %s. Deploy the same AGW_CACHE_KEY to every "
+                "process (`agw-cache doctor` checks it)",
+                self.backend.location,
+                rows,
+                ", ".join(written_under) or "-",
+                ", ".join(ring.kids),
+            )
 
     def timed(self, what: str, key: Key, seconds: float, ok: bool = True) -> None:
         """Hand a fetch's or a lock wait's duration to OpenTelemetry (no-op without it)."""
@@ -462,6 +497,7 @@ class TokenShelf:
             lock_timeouts=c.lock_timeouts,
             lock_errors=c.lock_errors,
             decrypt_failures=c.decrypt_failures,
+            key_mismatch=c.key_mismatch,
             storage_errors=c.storage_errors,
             sets_not_stored=c.sets_not_stored,
             refreshes=c.refreshes,

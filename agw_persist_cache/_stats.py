@@ -16,6 +16,7 @@ class Counters:
     lock_timeouts: int = 0
     lock_errors: int = 0
     decrypt_failures: int = 0
+    key_mismatch: int = 0
     storage_errors: int = 0
     sets_not_stored: int = 0
     refreshes: int = 0
@@ -45,6 +46,7 @@ class CacheStats:
     lock_timeouts: int
     lock_errors: int
     decrypt_failures: int
+    key_mismatch: int
     storage_errors: int
     sets_not_stored: int
     refreshes: int

@@ -378,3 +378,27 @@ def test_a_back_off_is_capped_when_the_clock_steps_back(db_path: Path) -> None:
         cache.system_token("scope", failing)
     assert info.value.retry_after <= 5
     cache.close()
+
+
+# -- honest keys ----------------------------------------------------------------------------------
+
+
+def test_a_wrong_key_is_named_and_counted_not_silent(
+    db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    right, wrong = new_key(), new_key()
+    writer = PersistentTokenCache(db_path, config=make_config(keys=[right]))
+    for i in range(3):
+        writer.set_system_token(f"scope-{i}", f"token-{i}")
+    other = PersistentTokenCache(db_path, config=make_config(keys=[wrong]))
+    assert other.system_token("scope-0", Counting()) == "fetched-1"  # a miss, fetched
+    assert other.get_system_token("scope-1") is None
+    assert other.stats().key_mismatch == 1  # once per process
+    (warning,) = [r.getMessage() for r in caplog.records if "does not open" in r.getMessage()]
+    assert "3 rows" in warning and writer.key_ids[0] in warning and other.key_ids[0] in warning
+    assert right not in warning and wrong not in warning
+    rotated = PersistentTokenCache(db_path, config=make_config(keys=[wrong, right]))
+    assert rotated.get_system_token("nothing") is None
+    assert rotated.stats().key_mismatch == 0  # new,old: the old key still opens them
+    for cache in (writer, other, rotated):
+        cache.close()

@@ -153,6 +153,7 @@ def test_facts_are_aggregated_per_kind() -> None:
     first(plan)
     send(plan, [("system", 2, 1, 900.0, 1500.0), ("user", 3, 0, 1100.0, 1200.0)])
     send(plan, [("kid-a",), ("kid-b",)])
+    send(plan, [("kid-a", b"check-a")])
     facts = finish(plan, [(2,)])
     assert facts._asdict() == {
         "entries_system": 2,
@@ -164,6 +165,7 @@ def test_facts_are_aggregated_per_kind() -> None:
         "key_ids_in_use": ("kid-a", "kid-b"),
         "file_bytes": 0,
         "wal_bytes": 0,
+        "key_checks": (("kid-a", b"check-a"),),
     }
 
 

@@ -75,6 +75,7 @@ class Facts(NamedTuple):
     key_ids_in_use: tuple[str, ...]
     file_bytes: int
     wal_bytes: int
+    key_checks: tuple[tuple[str, bytes], ...] = ()  # (key id, check value) of keys that wrote
 
 
 class StorageError(Exception):
@@ -115,6 +116,7 @@ class Write(Op[bool]):
     writes: ClassVar[bool] = True
     row: SealedRow
     replaces: tuple[bytes, ...] = ()
+    key_check: bytes | None = None  # record the check value of row.kid too (once a process)
 
 
 @dataclass(frozen=True, slots=True)

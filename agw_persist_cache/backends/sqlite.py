@@ -147,12 +147,17 @@ def plan_write(op: Write) -> Plan[bool]:
     Without rows to replace it is one statement, atomic by itself: no transaction around
     it, so the write lock is held for one step (writers of other processes wait less).
     """
-    if not op.replaces:
+    if _one_statement(op):
         done = yield (_INSERT_IF_GENERATION, (*op.row, op.row.generation))
         return bool(done)
     rows = yield (_GENERATION, ())
     if not rows or rows[0][0] != op.row.generation:
         return False
+    if op.key_check is not None:
+        yield (
+            "INSERT OR IGNORE INTO key_checks (kid, check_value) VALUES (?, ?)",
+            (op.row.kid, op.key_check),
+        )
     for digest in op.replaces:
         yield ("DELETE FROM tokens WHERE k = ?", (digest,))
     yield (_INSERT.format(verb="OR REPLACE"), tuple(op.row))
@@ -224,6 +229,7 @@ def plan_facts(op: GetFacts) -> Plan[Facts]:
         (op.now,),
     )
     kids = yield ("SELECT DISTINCT kid FROM tokens ORDER BY kid", ())
+    checks = yield ("SELECT kid, check_value FROM key_checks ORDER BY kid", ())
     ((version,),) = yield ("PRAGMA user_version", ())
     counts = {kind: n for kind, n, _, _, _ in by_kind}
     return Facts(
@@ -236,6 +242,7 @@ def plan_facts(op: GetFacts) -> Plan[Facts]:
         key_ids_in_use=tuple(k for (k,) in kids),
         file_bytes=0,
         wal_bytes=0,
+        key_checks=tuple((kid, bytes(check)) for kid, check in checks),
     )
 
 
@@ -311,7 +318,7 @@ def quick(op: Op[Any]) -> bool:
 def _one_statement(op: Op[Any]) -> bool:
     """Writes whose plan is a single statement (atomic without BEGIN ... COMMIT)."""
     if isinstance(op, Write):
-        return not op.replaces
+        return not op.replaces and op.key_check is None
     if isinstance(op, Delete):
         return len(op.digests) == 1
     return isinstance(op, Touch | SetBackoff)
