@@ -35,6 +35,7 @@ class PersistentTokenCache:
 
     ``path`` (or ``config.path``, ``$AGW_CACHE_PATH``, the user cache dir) names the
     SQLite database; ``url`` (or ``config.url``, ``$AGW_CACHE_URL``) a networked store.
+    ``read_only=True`` (diagnostics) reads an existing store and creates or writes nothing.
     Keys come from ``config.keys``, ``$AGW_CACHE_KEY`` or a 0600 key file beside the
     database. Storage failures never fail a get or a get-or-fetch: they degrade to
     fetching.
@@ -46,8 +47,10 @@ class PersistentTokenCache:
         *,
         config: CacheConfig | None = None,
         url: str | None = None,
+        read_only: bool = False,
     ) -> None:
         self.config = config or CacheConfig()
+        self.read_only = read_only
         path, url = split_location(
             path if path is not None else self.config.path,
             url if url is not None else self.config.url,
@@ -55,8 +58,10 @@ class PersistentTokenCache:
         self.path: Path = resolve_path(path)
         self.lock_dir: Path = self.path.with_name(self.path.name + ".locks")
         warnings = Warnings()
-        self._backend = open_backend(self.path, url, self.config, warnings)
-        self._shelf = TokenShelf(self.path, self.config, self._backend, warnings)
+        self._backend = open_backend(self.path, url, self.config, warnings, read_only=read_only)
+        self._shelf = TokenShelf(
+            self.path, self.config, self._backend, warnings, read_only=read_only
+        )
         self._memo = self._shelf._memo  # the benchmarks empty it to time a first open
         self._counters = self._shelf.counters  # what OpenTelemetry's callbacks read
         self.backend_name: str = self._backend.name

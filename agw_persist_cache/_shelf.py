@@ -24,12 +24,14 @@ from ._crypto import (
     Envelope,
     Keyring,
     UnsealError,
+    decode_key,
     keys_from_config,
     load_or_create_key_file,
     user_hash,
 )
 from ._errors import CacheStorageError, CacheUsageError
 from ._expiry import CachedToken, TokenData, normalize
+from ._files import read_private
 from ._flight import FETCH, Flight, Key, Lookup, fill
 from ._log import Warnings, warn_unopenable
 from ._stats import CacheStats, Counters, EntryInfo
@@ -64,9 +66,16 @@ class TokenShelf:
     """One cache's keys, memo of opened rows and counters, and its decisions as flights."""
 
     def __init__(
-        self, path: Path, config: CacheConfig, backend: Backend, warnings: Warnings
+        self,
+        path: Path,
+        config: CacheConfig,
+        backend: Backend,
+        warnings: Warnings,
+        *,
+        read_only: bool = False,
     ) -> None:
         self.path = path
+        self.read_only = read_only  # never create a key file
         self.config = config
         self.backend = backend
         self.warnings = warnings
@@ -95,10 +104,17 @@ class TokenShelf:
     def ring(self) -> Keyring | None:
         if self._keyring is None and self.key_file is not None and not self.backend.unavailable:
             try:
-                if isinstance(self.backend, SqliteBackend):
-                    self.backend.prepare_dirs()
-                self._keyring = Keyring([load_or_create_key_file(self.key_file)])
+                if self.read_only:  # diagnostics read a key file, never make one
+                    what = f"key file {self.key_file}"
+                    master = decode_key(read_private(self.key_file), what=what)
+                else:
+                    if isinstance(self.backend, SqliteBackend):
+                        self.backend.prepare_dirs()
+                    master = load_or_create_key_file(self.key_file)
+                self._keyring = Keyring([master])
             except OSError as exc:  # the directory is unusable: the store's own warning
+                if self.read_only and isinstance(exc, FileNotFoundError):
+                    return None  # no key file: rows are counted, not opened
                 self.counters.storage_errors += 1
                 warn_unopenable(self.warnings, self.path, exc)
                 return None

@@ -319,3 +319,26 @@ def test_an_empty_file_of_ours_is_adopted(db_path: Path) -> None:
     with PersistentTokenCache(db_path, config=CacheConfig(keys=[b"k" * 32])) as cache:
         assert cache.set_system_token("scope", "token") is True
     assert raw_rows(db_path, "PRAGMA application_id") == [(APPLICATION_ID,)]
+
+
+def test_a_read_only_look_at_a_missing_path_creates_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "typo" / "tokens.db"
+    with PersistentTokenCache(path, read_only=True) as cache:
+        stats = cache.stats()
+        assert cache.list_entries() == []
+    assert stats.disabled_reason == f"no cache at {path}"
+    assert not (tmp_path / "typo").exists()  # no directory, database, key or lock file
+
+
+async def test_a_read_only_look_reads_rows_and_writes_nothing(db_path: Path) -> None:
+    with PersistentTokenCache(db_path) as worker:  # a key file, as workers use
+        worker.set_system_token("scope", "token")
+    raw_exec(db_path, "PRAGMA wal_checkpoint(TRUNCATE)")
+    before = {p.name: p.stat().st_mtime_ns for p in db_path.parent.iterdir()}
+    with PersistentTokenCache(db_path, read_only=True) as look:
+        assert look.stats().entries_system == 1
+        assert [e.kind for e in await look.alist_entries()] == ["system"]
+        assert look.get_system_token("scope") == "token"
+        assert look.set_system_token("other", "t") is False
+    after = {p.name: p.stat().st_mtime_ns for p in db_path.parent.iterdir()}
+    assert after == before

@@ -108,6 +108,10 @@ class SchemaTooNew(Exception):
     """The file was migrated by a newer agw-persist-cache than this one."""
 
 
+class NoCache(FileNotFoundError):
+    """A read-only look found no cache file at the path (nothing was created)."""
+
+
 # aiosqlite raises ValueError("no active connection") once its worker thread is gone.
 _FAILURES = (sqlite3.Error, OSError, filelock.Timeout, SchemaTooNew, ValueError)
 
@@ -392,8 +396,16 @@ class SqliteBackend:
 
     name: ClassVar[str] = "sqlite"
 
-    def __init__(self, path: Path, config: CacheConfig, warnings: Warnings | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        config: CacheConfig,
+        warnings: Warnings | None = None,
+        *,
+        read_only: bool = False,
+    ) -> None:
         self.path = path
+        self.read_only = read_only  # diagnostics: open an existing file, create and write nothing
         self.location = str(path)
         self.lock_dir = path.with_name(path.name + ".locks")
         self.config = config
@@ -450,6 +462,9 @@ class SqliteBackend:
 
     def _failed(self, exc: BaseException) -> StorageError:
         """Turn a failure into a ``StorageError``; after corruption, reopen next time."""
+        if isinstance(exc, NoCache):
+            self._disable(str(exc))
+            return StorageUnavailable(str(exc))
         if isinstance(exc, SchemaTooNew):
             self._disable(str(exc))
             self.warnings.once(
@@ -468,8 +483,13 @@ class SqliteBackend:
     # -- connections -------------------------------------------------------------------------
 
     def _connect(self, *, quick: bool = False) -> _Conn:
+        target: str | Path = self.path
+        if self.read_only:  # no -wal: nothing to merge, and nothing gets created either
+            wal = self.path.with_name(self.path.name + "-wal").exists()
+            target = f"{self.path.as_uri()}?mode=ro{'' if wal else '&immutable=1'}"
         conn = sqlite3.connect(
-            self.path,
+            target,
+            uri=self.read_only,
             isolation_level=None,
             check_same_thread=False,
             timeout=0 if quick else self.config.busy_timeout_seconds,
@@ -571,6 +591,10 @@ class SqliteBackend:
     def execute(self, op: Op[T]) -> T:
         """Perform ``op`` on a pooled connection, in this thread; raise ``StorageError``."""
         self._check_fork()
+        if op.writes and self.read_only:
+            if quick(op):
+                return cast(T, None)  # a hit's LRU touch: nothing to write in a diagnostic
+            raise StorageError(f"{self.path} was opened read-only")
         self._check_identity(op)
         best_effort = quick(op)
         gate = _forkgate.enter()
@@ -631,7 +655,7 @@ class SqliteBackend:
             raise StorageUnavailable(reason)
         with self._mutex:
             if not self._ready:
-                self._initialize()
+                self._inspect() if self.read_only else self._initialize()
                 self._ready = True
                 self._unavailable = None
 
@@ -639,6 +663,26 @@ class SqliteBackend:
         """Create the directory (0700) and the lock directory beside the database."""
         make_private_dirs(self.path.parent)
         make_private_dirs(self.lock_dir)
+
+    def _inspect(self) -> None:
+        """Read-only: an existing file of this cache's, at the current schema; else why not."""
+        if not self.path.exists() and not self.path.is_symlink():
+            raise NoCache(f"no cache at {self.path}")
+        if self.path.is_symlink():
+            raise files.NotOurs(f"{self.path} is a symbolic link; the cache never follows one")
+        conn = self._connect()
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        finally:
+            conn.close()
+        if version != SCHEMA_VERSION:
+            newer = "newer" if version > SCHEMA_VERSION else "older"
+            raise SchemaTooNew(
+                f"cache file {self.path} has schema version {version}, {newer} than this "
+                f"agw-cache reads ({SCHEMA_VERSION}); a worker of the same version migrates "
+                "it when it next opens it"
+            )
+        self._identity = _identity_of(self.path)
 
     def _init_lock(self) -> filelock.FileLock:
         """Serializes schema creation, migration and quarantine across processes."""
