@@ -18,12 +18,12 @@ from typing import Any, Literal, TypeAlias, TypeVar
 from . import _otel
 from ._config import CacheConfig, resolve_path, split_location
 from ._expiry import CachedToken, TokenData
-from ._flight import AFetch, Driver, Fetch, Flight, Key, fill
+from ._flight import AFetch, Driver, Fetch, Flight, Hit, Key, fill
 from ._locks import KeyLocks
 from ._log import Warnings
 from ._shelf import TokenShelf
 from ._stats import CacheStats, Counters, EntryInfo
-from .backends import open_backend
+from .backends import _forkgate, open_backend
 
 Kind: TypeAlias = Literal["system", "user"]
 T = TypeVar("T")
@@ -69,7 +69,7 @@ class PersistentTokenCache:
         _otel.register(self)
 
     def _fork_reset(self) -> None:
-        self._pid = os.getpid()
+        self._forks = _forkgate.forks
         self._driver = Driver(self._backend, KeyLocks(self._backend))
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -97,12 +97,12 @@ class PersistentTokenCache:
     # -- the two drivers -------------------------------------------------------------------------
 
     def _run(self, flight: Flight[T], fetch: Fetch | None = None) -> T:
-        if self._pid != os.getpid():
+        if self._forks != _forkgate.forks:
             self._fork_reset()
         return self._driver.run(flight, fetch)
 
     async def _arun(self, flight: Flight[T], afetch: AFetch | None = None) -> T:
-        if self._pid != os.getpid():
+        if self._forks != _forkgate.forks:
             self._fork_reset()
         if self._shelf.needs_key_file:  # read or create it off the event loop's thread
             await asyncio.to_thread(self._shelf.ring)
@@ -114,13 +114,20 @@ class PersistentTokenCache:
         self, kind: Kind, scope_key: str, *, user_jwt: str | None = None
     ) -> CachedToken | None:
         """The cached token, or None (missing, expired within the buffer, unreadable)."""
-        return self._run(self._shelf.get(kind, scope_key, user_jwt))
+        hit = self._shelf.hit(kind, scope_key, user_jwt, self._backend.execute)
+        return hit.entry if hit else self._run(self._shelf.get(kind, scope_key, user_jwt))
 
     async def aget_entry(
         self, kind: Kind, scope_key: str, *, user_jwt: str | None = None
     ) -> CachedToken | None:
-        """Async twin of ``get_entry``."""
-        return await self._arun(self._shelf.get(kind, scope_key, user_jwt))
+        """Async twin of ``get_entry``: a hit stays on the loop's thread, with no hop."""
+        hit = self._inline_hit(kind, scope_key, user_jwt)
+        return hit.entry if hit else await self._arun(self._shelf.get(kind, scope_key, user_jwt))
+
+    def _inline_hit(self, kind: str, scope_key: str, user_jwt: str | None) -> Hit | None:
+        if self._shelf.needs_key_file:
+            return None  # reading the key file is file work: off the loop, in _arun
+        return self._shelf.hit(kind, scope_key, user_jwt, self._backend.read_inline)
 
     def set_entry(
         self,
@@ -176,6 +183,10 @@ class PersistentTokenCache:
         """Get-or-fetch with single flight: one ``fetch`` per key for every process on the
         host; a token near its expiry is refreshed in a background thread."""
 
+        hit = self._shelf.hit(kind, scope_key, user_jwt, self._backend.execute)
+        if hit is not None and not hit.due:
+            return hit.entry  # (a refresh due, a miss: the flight looks again and decides)
+
         def refresh_later(key: Key) -> None:
             threading.Thread(
                 target=self._refresh, args=(key, fetch), name="agw-cache-refresh", daemon=True
@@ -187,6 +198,9 @@ class PersistentTokenCache:
         self, kind: Kind, scope_key: str, afetch: AFetch, *, user_jwt: str | None = None
     ) -> CachedToken:
         """Async twin of ``fetch_entry`` (the refresh runs as a task of this loop)."""
+        hit = self._inline_hit(kind, scope_key, user_jwt)
+        if hit is not None and not hit.due:
+            return hit.entry
 
         def refresh_later(key: Key) -> None:
             task = asyncio.get_running_loop().create_task(self._arefresh(key, afetch))

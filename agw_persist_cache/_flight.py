@@ -91,6 +91,13 @@ class Lookup(NamedTuple):
     due: bool
 
 
+class Hit(NamedTuple):
+    """A clean hit: the token, and whether it is due for a refresh ahead of its expiry."""
+
+    entry: CachedToken
+    due: bool
+
+
 class Shelf(Protocol):
     """What a flight needs of the cache around it."""
 

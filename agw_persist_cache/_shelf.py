@@ -32,7 +32,7 @@ from ._crypto import (
 from ._errors import CacheStorageError, CacheUsageError
 from ._expiry import CachedToken, TokenData, normalize
 from ._files import read_private
-from ._flight import FETCH, Flight, Key, Lookup, fill
+from ._flight import FETCH, Flight, Hit, Key, Lookup, fill
 from ._log import Warnings, warn_unopenable
 from ._stats import CacheStats, Counters, EntryInfo
 from .backends.contract import (
@@ -57,6 +57,7 @@ from .backends.contract import (
 from .backends.sqlite import SqliteBackend
 
 _MEMO_MAX = 4096
+_MISS = Lookup(None, None, False)
 _REFRESH_RETRY_SECONDS = 2.0
 MAX_SCOPE_KEY_CHARS = 8 * 1024
 MAX_USER_JWT_CHARS = 64 * 1024
@@ -89,11 +90,18 @@ class TokenShelf:
         self._keyring: Keyring | None = Keyring(explicit.keys) if explicit else None
         self._memo: dict[bytes, tuple[bytes, CachedToken]] = {}
         self._keys: dict[tuple[str, str, str | None], Key] = {}
-        self._jitter = random.uniform(0.0, 0.3)
+        jitter = random.uniform(0.0, 0.3)
+        self._max_ttl = config.max_token_ttl_seconds
+        self._buffer = config.token_expiry_buffer_seconds
+        self._touch_every = config.last_used_interval_seconds
+        # Refresh during the last ratio of a lifetime, jittered per process; 0 disables (-1).
+        ratio = config.refresh_ahead_ratio
+        self._refresh_share = ratio * (1 - jitter) if ratio > 0 else -1.0
         self._last_prune = 0.0
         self._generation = 0  # the last clear() generation seen; sets seal under it
         self._refresh_attempts: dict[bytes, float] = {}
         self._checked: set[str] = set()  # key ids whose check value this process stored
+        self._unopened: dict[bytes, bytes] = {}  # digest -> nonce of rows that did not open
         self._keys_compared = False
 
     @property
@@ -153,37 +161,34 @@ class TokenShelf:
         """The usable entry in ``snap`` (or None), a write to do afterwards, refresh due.
 
         The memo holds what this process last opened per row, keyed by the row's random
-        nonce: an unchanged row is not decrypted again, a rewritten one always is.
+        nonce: an unchanged row is not decrypted again, a rewritten one always is. (The hot
+        path of every hit: settings are read from attributes set up once.)
         """
         row = snap.row
         if row is None:
-            return Lookup(None, None, False)
+            return _MISS
         self._generation = snap.generation
         if row.generation != snap.generation:  # written before a clear(), or replayed
             return Lookup(None, Delete((row.digest,), row.nonce), False)
         memo = self._memo.get(row.digest)
         if memo is not None and memo[0] == row.nonce:
-            entry: CachedToken | None = memo[1]
+            entry = memo[1]
         else:
-            entry = self._open(key, row)
-            if entry is None:
+            opened = self._open(key, row)
+            if opened is None:
                 return Lookup(None, Delete((row.digest,), row.nonce), False)
-        assert entry is not None
+            entry = opened
         # Capped on read: a row written under a clock running ahead (or planted) is not
         # served for longer than max_token_ttl_seconds from now.
-        latest = now + self.config.max_token_ttl_seconds
+        latest = now + self._max_ttl
         if entry.expires_at > latest:
             entry = CachedToken(entry.token, latest, entry.extra)
-        remaining = entry.expires_at - self.config.token_expiry_buffer_seconds - now
+        remaining = entry.expires_at - self._buffer - now
         if remaining <= 0:
-            return Lookup(None, None, False)
-        followup = None
-        if now - row.last_used >= self.config.last_used_interval_seconds:
-            followup = Touch(row.digest, now)
-        ratio = self.config.refresh_ahead_ratio
-        lifetime = entry.expires_at - row.created_at
-        due = ratio > 0 and remaining <= ratio * (1 - self._jitter) * lifetime
-        return Lookup(entry, followup, due)
+            return _MISS
+        touch = Touch(row.digest, now) if now - row.last_used >= self._touch_every else None
+        due = remaining <= self._refresh_share * (entry.expires_at - row.created_at)
+        return Lookup(entry, touch, due)
 
     def _open(self, key: Key, row: SealedRow) -> CachedToken | None:
         ring = self.ring()
@@ -194,6 +199,11 @@ class TokenShelf:
             if envelope.scope_key != key.scope_key or envelope.uhash != key.uhash:
                 raise UnsealError("envelope belongs to another key")
         except UnsealError as exc:
+            if self._unopened.get(row.digest) == row.nonce:
+                return None  # the same broken row, met again in one call: counted once
+            self._unopened[row.digest] = row.nonce
+            if len(self._unopened) > _MEMO_MAX:
+                self._unopened.clear()
             self._trouble(
                 "decrypt_failures",
                 "unseal",
@@ -219,11 +229,36 @@ class TokenShelf:
             self.counters.hits += 1
         return lookup
 
+    def hit(
+        self,
+        kind: str,
+        scope_key: str,
+        user_jwt: str | None,
+        read: Callable[[Read], Snapshot | None],
+    ) -> Hit | None:
+        """The hot path, without a flight: a clean hit (nothing to write afterwards), read
+        with ``read``; None for anything else (a miss, a write due, trouble, ``read`` could
+        not answer at once): then the caller runs the flight, which looks again."""
+        key = self.key(kind, scope_key, user_jwt)
+        if key is None:
+            return None
+        try:
+            snap = read(key.read)
+        except StorageError:
+            return None  # the flight meets it again, and counts it once
+        if snap is None:
+            return None
+        entry, followup, due = self.judge(key, snap, time.time())
+        if entry is None or followup is not None:
+            return None
+        self.counters.hits += 1
+        return Hit(entry, due)
+
     def lookup(self, key: Key | None) -> Flight[Lookup]:
         """A hit or a miss; storage trouble is a miss (counted, warned once)."""
         if key is None:
             self.counters.misses += 1
-            return Lookup(None, None, False)
+            return _MISS
         try:
             lookup = self._counted(key, (yield key.read))
             if lookup.entry is None and not self._keys_compared:
@@ -231,7 +266,7 @@ class TokenShelf:
         except StorageError as exc:
             self.storage_failed(exc)
             self.counters.misses += 1
-            return Lookup(None, None, False)
+            return _MISS
         if lookup.followup is not None:
             try:
                 yield lookup.followup

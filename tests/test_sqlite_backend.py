@@ -30,8 +30,8 @@ from agw_persist_cache.backends.sqlite import (
     plan_clear,
     plan_facts,
     plan_prune,
-    plan_read,
     plan_write,
+    read,
     run,
     transaction,
 )
@@ -91,18 +91,17 @@ def test_write_with_matching_generation_inserts_and_drops_old_digests() -> None:
     assert finish(plan, []) is True
 
 
-def test_read_returns_the_first_digest_that_has_a_row_and_the_generation() -> None:
-    plan = plan_read(Read((b"a" * 32, b"b" * 32)))
-    sql, params = first(plan)
-    assert "LEFT JOIN tokens" in sql
-    assert params == (b"a" * 32,)
-    sql, params = send(plan, [(5, None, None, None, None, None, None, None, None)])
-    assert params == (b"b" * 32,)
-    snap = finish(plan, [(5, *ROW[1:])])
-    assert snap == Snapshot(ROW._replace(digest=b"b" * 32), 5)
-    plan = plan_read(Read((b"a" * 32,)))
-    first(plan)
-    assert finish(plan, [(6, None, None, None, None, None, None, None, None)]) == Snapshot(None, 6)
+def test_read_returns_the_first_digest_that_has_a_row_and_the_generation(
+    db_path: Path,
+) -> None:
+    store = _store(db_path)
+    row = ROW._replace(digest=b"b" * 32, generation=0)
+    assert store.execute(Write(row)) is True
+    conn = store._borrow()
+    assert read(conn, (b"a" * 32, b"b" * 32)) == Snapshot(row, 0)
+    assert read(conn, (b"a" * 32,)) == Snapshot(None, 0)
+    conn.close()
+    store.close()
 
 
 def test_clear_bumps_the_generation_before_truncating() -> None:

@@ -21,6 +21,9 @@ import time
 
 _inside: set[object] = set()
 _forking = False
+forks = 0
+"""Bumped in every forked child: state built before it (connections, locks) is the
+parent's. Cheaper to compare than ``os.getpid()`` (a system call) on every hit."""
 _resume = threading.Event()
 _resume.set()
 # How long fork() waits for operations in flight; past it, fork goes ahead (an
@@ -60,7 +63,8 @@ def _after_in_parent() -> None:
 
 
 def _after_in_child() -> None:
-    global _forking, _resume, _inside
+    global _forking, _resume, _inside, forks
+    forks += 1
     _forking = False
     _inside = set()
     _resume = threading.Event()

@@ -243,6 +243,10 @@ class Backend(Protocol):
     async def aexecute(self, op: Op[T]) -> T:
         """Async twin of :meth:`execute` (never blocks the loop on I/O)."""
 
+    def read_inline(self, op: Read) -> Snapshot | None:
+        """``op`` answered at once if that needs no waiting on I/O (an event loop may call
+        it: SQLite with a pooled connection ready), else None (then ``aexecute`` it)."""
+
     def key_lock(self, digest: bytes) -> KeyLock:
         """A fresh, unheld cross-process lock for one key."""
 

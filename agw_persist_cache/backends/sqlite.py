@@ -133,15 +133,17 @@ _INSERT_IF_GENERATION = (
 )
 
 
-def plan_read(op: Read) -> Plan[Snapshot]:
+def read(conn: sqlite3.Connection, digests: tuple[bytes, ...]) -> Snapshot:
+    """The hot path: one primary-key SELECT (per configured key until a row is found),
+    with the current generation; no transaction, no plan: a read never waits for a writer."""
     generation = 0
-    for digest in op.digests:
-        rows = yield (_READ, (digest,))
-        if not rows:
+    for digest in digests:
+        found = conn.execute(_READ, (digest,)).fetchone()
+        if found is None:
             raise sqlite3.DatabaseError("meta table has no generation")
-        generation, kind, *rest = rows[0]
-        if kind is not None:
-            return Snapshot(SealedRow(digest, kind, *rest), generation)
+        generation = found[0]
+        if found[1] is not None:
+            return Snapshot(SealedRow._make((digest, *found[1:])), generation)
     return Snapshot(None, generation)
 
 
@@ -281,7 +283,6 @@ def plan_replace(op: Replace) -> Plan[bool]:
 
 
 PLANS: dict[type[Op[Any]], Callable[[Any], Plan[Any]]] = {
-    Read: plan_read,
     Write: plan_write,
     Delete: plan_delete,
     Clear: plan_clear,
@@ -302,7 +303,7 @@ _INLINE: tuple[type[Op[Any]], ...] = (Read, GetBackoff, Touch)
 def transaction(op: Op[T]) -> Plan[T]:
     """The plan of ``op``, inside ``BEGIN IMMEDIATE ... COMMIT`` when it writes more than
     one statement."""
-    plan = cast(Plan[T], PLANS[type(op)](op))
+    plan: Plan[T] = PLANS[type(op)](op)
     if not op.writes or _one_statement(op):
         return (yield from plan)
     yield ("BEGIN IMMEDIATE", ())
@@ -364,9 +365,10 @@ async def arun(conn: aiosqlite.Connection, plan: Plan[T]) -> T:
 
 
 class _Conn(sqlite3.Connection):
-    """A pooled connection, tagged with the pool epoch it was opened in."""
+    """A pooled connection, tagged with the pool epoch and the process it was opened in."""
 
     epoch = 0
+    forks = 0
 
 
 class _LoopConn:
@@ -426,7 +428,7 @@ class SqliteBackend:
 
     def _reset(self) -> None:
         """Fresh per-process state (at construction and in a forked child)."""
-        self._pid = os.getpid()
+        self._forks = _forkgate.forks
         self._mutex = threading.Lock()
         self._ready = False
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we use
@@ -441,7 +443,7 @@ class SqliteBackend:
     def _check_fork(self) -> None:
         # Connections inherited across fork are dropped, never used or closed: closing one
         # in the child could checkpoint or unlink the parent's WAL under its feet.
-        if self._pid != os.getpid():
+        if self._forks != _forkgate.forks:
             _ABANDONED.extend(self._idle)
             _ABANDONED.extend(self._idle_quick)
             _ABANDONED.extend(state.conn for state in self._loops.values())
@@ -495,7 +497,7 @@ class SqliteBackend:
             timeout=0 if quick else self.config.busy_timeout_seconds,
             factory=_Conn,
         )
-        conn.epoch = self._epoch
+        conn.epoch, conn.forks = self._epoch, _forkgate.forks
         for stmt in self._pragmas[1:] if quick else self._pragmas:
             conn.execute(stmt)
         return conn
@@ -510,7 +512,7 @@ class SqliteBackend:
         return self._connect(quick=quick)
 
     def _give_back(self, conn: _Conn, quick: bool = False) -> None:
-        if self._pid != os.getpid():
+        if conn.forks != _forkgate.forks:
             return  # a connection of the parent's: never reuse nor close it
         idle = self._idle_quick if quick else self._idle
         if len(idle) < POOL_IDLE and conn.epoch == self._epoch:
@@ -590,7 +592,10 @@ class SqliteBackend:
 
     def execute(self, op: Op[T]) -> T:
         """Perform ``op`` on a pooled connection, in this thread; raise ``StorageError``."""
-        self._check_fork()
+        if self._forks != _forkgate.forks:
+            self._check_fork()
+        if type(op) is Read:
+            return self._read(op.digests)  # type: ignore[return-value]  # T is Snapshot here
         if op.writes and self.read_only:
             if quick(op):
                 return cast(T, None)  # a hit's LRU touch: nothing to write in a diagnostic
@@ -630,6 +635,29 @@ class SqliteBackend:
             state = await self._loop_conn()
             async with state.lock:
                 return self._finish(op, await arun(state.conn, transaction(op)))
+        except _FAILURES as exc:
+            raise self._failed(exc) from None
+        finally:
+            _forkgate.leave(gate)
+
+    def read_inline(self, op: Read) -> Snapshot | None:
+        """A hit from an event loop: a ~5 µs read beats a ~60 µs hop to aiosqlite's thread,
+        but only with a connection already open (opening is file work: never on the loop)."""
+        if not self._idle or self._forks != _forkgate.forks:
+            return None
+        return self._read(op.digests)
+
+    def _read(self, digests: tuple[bytes, ...]) -> Snapshot:
+        """The hit path of ``execute``: a pooled connection, one SELECT, nothing else."""
+        if self._identity is not None and time.monotonic() >= self._next_check:
+            self._check_identity(_READ_OP)
+        gate = _forkgate.enter()
+        try:
+            conn = self._borrow()
+            try:
+                return read(conn, digests)
+            finally:
+                self._give_back(conn)
         except _FAILURES as exc:
             raise self._failed(exc) from None
         finally:
@@ -797,6 +825,7 @@ class SqliteBackend:
 _ABANDONED: list[object] = []
 
 
+_READ_OP = Read(())
 _CREATE = os.O_RDWR | os.O_CREAT | os.O_EXCL | files.NOFOLLOW
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 OUR_TABLES = frozenset({"tokens", "meta", "backoff", "key_checks"})
