@@ -648,16 +648,25 @@ class SqliteBackend:
         return self._read(op.digests)
 
     def _read(self, digests: tuple[bytes, ...]) -> Snapshot:
-        """The hit path of ``execute``: a pooled connection, one SELECT, nothing else."""
+        """The hit path of ``execute``: a pooled connection, one SELECT, nothing else.
+
+        (Every hit runs this: the pool and the fork gate are used inline, not called.)
+        """
         if self._identity is not None and time.monotonic() >= self._next_check:
             self._check_identity(_READ_OP)
         gate = _forkgate.enter()
         try:
-            conn = self._borrow()
+            try:
+                conn = self._idle.pop()
+            except IndexError:
+                conn = self._borrow()
             try:
                 return read(conn, digests)
             finally:
-                self._give_back(conn)
+                if len(self._idle) < POOL_IDLE and conn.epoch == self._epoch:
+                    self._idle.append(conn)
+                else:
+                    self._give_back(conn)
         except _FAILURES as exc:
             raise self._failed(exc) from None
         finally:
