@@ -58,6 +58,7 @@ from .backends.sqlite import SqliteBackend
 
 _MEMO_MAX = 4096
 _MISS = Lookup(None, None, False)
+_new = tuple.__new__
 _REFRESH_RETRY_SECONDS = 2.0
 MAX_SCOPE_KEY_CHARS = 8 * 1024
 MAX_USER_JWT_CHARS = 64 * 1024
@@ -188,7 +189,7 @@ class TokenShelf:
             return _MISS
         touch = Touch(row.digest, now) if now - row.last_used >= self._touch_every else None
         due = remaining <= self._refresh_share * (entry.expires_at - row.created_at)
-        return Lookup(entry, touch, due)
+        return _new(Lookup, (entry, touch, due))  # Lookup(...), without its Python __new__
 
     def _open(self, key: Key, row: SealedRow) -> CachedToken | None:
         ring = self.ring()
@@ -239,7 +240,7 @@ class TokenShelf:
         """The hot path, without a flight: a clean hit (nothing to write afterwards), read
         with ``read``; None for anything else (a miss, a write due, trouble, ``read`` could
         not answer at once): then the caller runs the flight, which looks again."""
-        key = self.key(kind, scope_key, user_jwt)
+        key = self._keys.get((kind, scope_key, user_jwt)) or self.key(kind, scope_key, user_jwt)
         if key is None:
             return None
         try:
@@ -252,7 +253,7 @@ class TokenShelf:
         if entry is None or followup is not None:
             return None
         self.counters.hits += 1
-        return Hit(entry, due)
+        return _new(Hit, (entry, due))
 
     def lookup(self, key: Key | None) -> Flight[Lookup]:
         """A hit or a miss; storage trouble is a miss (counted, warned once)."""

@@ -19,8 +19,8 @@ import os
 import threading
 import time
 
-_inside: set[object] = set()
-_forking = False
+inside: set[object] = set()
+forking = False
 forks = 0
 """Bumped in every forked child: state built before it (connections, locks) is the
 parent's. Cheaper to compare than ``os.getpid()`` (a system call) on every hit."""
@@ -35,38 +35,38 @@ def enter() -> object:
     """Mark an operation in flight; returns the token to pass to :func:`leave`."""
     token = object()
     while True:
-        _inside.add(token)
-        if not _forking:
+        inside.add(token)
+        if not forking:
             return token
-        _inside.discard(token)
+        inside.discard(token)
         _resume.wait(_DRAIN_SECONDS)
 
 
 def leave(token: object) -> None:
     """The operation is over."""
-    _inside.discard(token)
+    inside.discard(token)
 
 
 def _before_fork() -> None:
-    global _forking
+    global forking
     _resume.clear()
-    _forking = True
+    forking = True
     deadline = time.monotonic() + _DRAIN_SECONDS
-    while _inside and time.monotonic() < deadline:
+    while inside and time.monotonic() < deadline:
         time.sleep(0.0005)
 
 
 def _after_in_parent() -> None:
-    global _forking
-    _forking = False
+    global forking
+    forking = False
     _resume.set()
 
 
 def _after_in_child() -> None:
-    global _forking, _resume, _inside, forks
+    global forking, _resume, inside, forks
     forks += 1
-    _forking = False
-    _inside = set()
+    forking = False
+    inside = set()
     _resume = threading.Event()
     _resume.set()
 

@@ -118,6 +118,7 @@ _FAILURES = (sqlite3.Error, OSError, filelock.Timeout, SchemaTooNew, ValueError)
 
 # -- plans: the SQL of each operation and the decisions between its statements -------------------
 
+_new = tuple.__new__
 _READ = (
     "SELECT m.value, t.kind, t.kid, t.nonce, t.ct, t.expires_at, t.gen, t.last_used, t.created_at"
     " FROM meta m LEFT JOIN tokens t ON t.k = ? WHERE m.name = 'generation'"
@@ -142,8 +143,8 @@ def read(conn: sqlite3.Connection, digests: tuple[bytes, ...]) -> Snapshot:
         if found is None:
             raise sqlite3.DatabaseError("meta table has no generation")
         generation = found[0]
-        if found[1] is not None:
-            return Snapshot(SealedRow._make((digest, *found[1:])), generation)
+        if found[1] is not None:  # (tuple.__new__: the named tuples without their Python __new__)
+            return _new(Snapshot, (_new(SealedRow, (digest, *found[1:])), generation))
     return Snapshot(None, generation)
 
 
@@ -654,7 +655,11 @@ class SqliteBackend:
         """
         if self._identity is not None and time.monotonic() >= self._next_check:
             self._check_identity(_READ_OP)
-        gate = _forkgate.enter()
+        gate = object()  # _forkgate.enter(), inline: add, then look for a fork under way
+        _forkgate.inside.add(gate)
+        if _forkgate.forking:
+            _forkgate.inside.discard(gate)
+            gate = _forkgate.enter()
         try:
             try:
                 conn = self._idle.pop()
@@ -670,7 +675,7 @@ class SqliteBackend:
         except _FAILURES as exc:
             raise self._failed(exc) from None
         finally:
-            _forkgate.leave(gate)
+            _forkgate.inside.discard(gate)
 
     def _finish(self, op: Op[T], result: T) -> T:
         if isinstance(result, Facts):  # sizes come from the file system, not from SQL
