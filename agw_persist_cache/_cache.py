@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeAlias, TypeVar
 
 from . import _otel
+from ._closing import Closing
 from ._config import CacheConfig, resolve_path, split_location
 from ._expiry import CachedToken, TokenData
 from ._flight import AFetch, Driver, Fetch, Flight, Hit, Key, fill
@@ -29,7 +30,7 @@ Kind: TypeAlias = Literal["system", "user"]
 T = TypeVar("T")
 
 
-class PersistentTokenCache:
+class PersistentTokenCache(Closing):
     """An encrypted token cache shared by every process on the host (or, with a Redis URL,
     by every replica).
 
@@ -371,18 +372,6 @@ class PersistentTokenCache:
         for task in list(self._tasks):
             task.cancel()
         await self._backend.aclose()
-
-    def __enter__(self) -> PersistentTokenCache:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    async def __aenter__(self) -> PersistentTokenCache:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
     def __repr__(self) -> str:
         return (

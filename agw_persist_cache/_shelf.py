@@ -10,6 +10,7 @@ driver.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import os
 import random
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 from . import _otel
 from ._config import CacheConfig
@@ -59,6 +61,17 @@ from .backends.sqlite import SqliteBackend
 _MEMO_MAX = 4096
 _MISS = Lookup(None, None, False)
 _new = tuple.__new__
+_NO_FACTS: dict[str, Any] = {
+    "entries_system": 0,
+    "entries_user": 0,
+    "entries_expired": 0,
+    "oldest_expiry": None,
+    "newest_expiry": None,
+    "schema_version": None,
+    "key_ids_in_use": (),
+    "file_bytes": 0,
+    "wal_bytes": 0,
+}
 _REFRESH_RETRY_SECONDS = 2.0
 MAX_SCOPE_KEY_CHARS = 8 * 1024
 MAX_USER_JWT_CHARS = 64 * 1024
@@ -540,29 +553,11 @@ class TokenShelf:
         except StorageError as exc:
             self.storage_failed(exc)
             facts = None
-        c = self.counters
+        found = _NO_FACTS if facts is None else facts._asdict()
+        found.pop("key_checks", None)
         return CacheStats(
-            hits=c.hits,
-            misses=c.misses,
-            fetches=c.fetches,
-            stale_writes_skipped=c.stale_writes_skipped,
-            lock_timeouts=c.lock_timeouts,
-            lock_errors=c.lock_errors,
-            decrypt_failures=c.decrypt_failures,
-            key_mismatch=c.key_mismatch,
-            storage_errors=c.storage_errors,
-            sets_not_stored=c.sets_not_stored,
-            refreshes=c.refreshes,
-            backoff_rejections=c.backoff_rejections,
-            entries_system=facts.entries_system if facts else 0,
-            entries_user=facts.entries_user if facts else 0,
-            entries_expired=facts.entries_expired if facts else 0,
-            oldest_expiry=facts.oldest_expiry if facts else None,
-            newest_expiry=facts.newest_expiry if facts else None,
-            file_bytes=facts.file_bytes if facts else 0,
-            wal_bytes=facts.wal_bytes if facts else 0,
-            schema_version=facts.schema_version if facts else None,
-            key_ids_in_use=facts.key_ids_in_use if facts else (),
+            **dataclasses.asdict(self.counters),
+            **found,
             disabled_reason=self.backend.unavailable,
             backend=self.backend.name,
         )

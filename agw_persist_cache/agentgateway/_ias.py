@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from .._closing import Closing
 from .._errors import TokenFetchError
 from ._credentials import CredentialsError, CustomerCredentials
 from ._retry import TRANSIENT_STATUSES, retry_policy, transient_transport_error
@@ -192,7 +193,7 @@ def _load_client_cert(ctx: ssl.SSLContext, certificate: str, private_key: str) -
         os.unlink(path)
 
 
-class IasTokenClient:
+class IasTokenClient(Closing):
     """Fetches Agent Gateway tokens from IAS for one set of customer credentials.
 
     One pooled ``httpx.Client`` and one ``httpx.AsyncClient`` per instance, created on first
@@ -259,18 +260,6 @@ class IasTokenClient:
             aclient, self._aclient, self._aloop = self._aclient, None, None
         if aclient is not None and self._pid == os.getpid():
             await aclient.aclose()
-
-    def __enter__(self) -> IasTokenClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    async def __aenter__(self) -> IasTokenClient:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
     # -- drivers --------------------------------------------------------------------------
 

@@ -561,19 +561,24 @@ class SqliteBackend:
 
         Connections in use are closed when given back (the pool is no longer ready)."""
         with self._mutex:
+            self._ready = False
+            self._identity = None
+            self._epoch += 1
+        for state in self._close_idle():  # their workers close them; nobody waits for that
+            threading.Thread(target=_stop, args=(state.conn,), daemon=True).start()
+
+    def _close_idle(self) -> list[_LoopConn]:
+        """Close the idle pooled connections; hand back the event loops' ones to stop."""
+        with self._mutex:
             idle = [*self._idle, *self._idle_quick]
             self._idle.clear()
             self._idle_quick.clear()
             loops = list(self._loops.values())
             self._loops.clear()
-            self._ready = False
-            self._identity = None
-            self._epoch += 1
         for conn in idle:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
-        for state in loops:  # their workers close them; nobody waits for that
-            threading.Thread(target=_stop, args=(state.conn,), daemon=True).start()
+        return loops
 
     def _quarantine(self, exc: BaseException) -> None:
         """Corruption found while working: move the file aside and start a new one, once.
@@ -814,16 +819,7 @@ class SqliteBackend:
     def close(self) -> None:
         """Close this process's connections (the file and other processes are unaffected)."""
         self._check_fork()
-        with self._mutex:
-            idle = [*self._idle, *self._idle_quick]
-            self._idle.clear()
-            self._idle_quick.clear()
-            loops = list(self._loops.values())
-            self._loops.clear()
-        for conn in idle:
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()
-        for state in loops:
+        for state in self._close_idle():
             _stop(state.conn)
 
     async def aclose(self) -> None:
