@@ -112,7 +112,7 @@ def bench_hit(fixtures: Sequence[Fixture], plan: Plan) -> Section:
         tables=[Table("Hit latency", LATENCY_COLUMNS, latency_rows(series, baselines))],
         ratios=[
             *_size_ratios(series, fixtures, "sync hit", "cache", "floor", 1.3),
-            *_size_ratios(series, fixtures, "sync hit", "cache, decrypting", "floor", None)[
+            *_size_ratios(series, fixtures, "sync hit", "cache, decrypting", "floor", 1.5)[
                 : len(fixtures)
             ],
         ],
