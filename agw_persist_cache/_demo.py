@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from . import CacheConfig, PersistentTokenCache
-from .cli import EXIT_OK, EXIT_PROBLEMS, UsageError
+from ._cli_common import EXIT_OK, EXIT_PROBLEMS, UsageError, table_lines
 
 SCOPE = "demo-agent-gateway"
 PHASES = (
@@ -364,10 +364,7 @@ def _render_table(results: Sequence[PhaseResult], out: TextIO) -> None:
         from rich.console import Console
         from rich.table import Table
     except ImportError:
-        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
-        for line in (COLUMNS, *rows):
-            out.write("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)))
-            out.write("\n")
+        out.writelines(line + "\n" for line in table_lines(COLUMNS, rows))
         return
     table = Table(title="agw-persist-cache demo", box=SIMPLE_HEAD)
     for index, column in enumerate(COLUMNS):

@@ -18,57 +18,22 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import CacheConfig, CacheConfigError, CacheError, EntryInfo, PersistentTokenCache
+from ._cli_common import (
+    EXIT_OK,
+    EXIT_PROBLEMS,
+    EXIT_USAGE,
+    UsageError,
+    format_bytes,
+    format_span,
+    format_until,
+    open_cache,
+)
 from ._config import ENV_KEY, ENV_PATH
 from ._crypto import decode_key, keys_from_config
+from ._demo import run_demo_command
+from ._doctor import run_doctor
 
-EXIT_OK = 0
-EXIT_PROBLEMS = 1
-EXIT_USAGE = 2
 ENV_NEW_KEY = "AGW_CACHE_NEW_KEY"
-
-
-class UsageError(Exception):
-    """A command line or environment mistake the operator must fix (exit code 2)."""
-
-
-def format_span(seconds: float) -> str:
-    """A short human duration such as ``59m 58s`` or ``2d 3h``."""
-    total = round(abs(seconds))
-    days, rest = divmod(total, 86_400)
-    hours, rest = divmod(rest, 3_600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d {hours}h"
-    if hours:
-        return f"{hours}h {minutes:02d}m"
-    if minutes:
-        return f"{minutes}m {secs:02d}s"
-    return f"{secs}s"
-
-
-def format_until(epoch: float | None, now: float) -> str:
-    """``in 5m 00s`` for the future, ``expired 3s ago`` for the past, ``-`` for none."""
-    if epoch is None:
-        return "-"
-    delta = epoch - now
-    return f"in {format_span(delta)}" if delta > 0 else f"expired {format_span(delta)} ago"
-
-
-def format_bytes(size: int) -> str:
-    """A file size in B, KiB or MiB."""
-    if size < 1024:
-        return f"{size} B"
-    if size < 1024 * 1024:
-        return f"{size / 1024:.1f} KiB"
-    return f"{size / (1024 * 1024):.1f} MiB"
-
-
-def open_cache(
-    path: str | None, *, keys: Sequence[str | bytes] | None = None
-) -> PersistentTokenCache:
-    """The cache the workers use: ``--path`` or ``$AGW_CACHE_PATH``, keys from the environment."""
-    config = CacheConfig(path=path, keys=keys) if keys is not None else CacheConfig(path=path)
-    return PersistentTokenCache(path, config=config)
 
 
 def _entry_json(entry: EntryInfo) -> dict[str, Any]:
@@ -219,15 +184,11 @@ def cmd_rotate_key(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
     """Run the health checks (see ``_doctor``)."""
-    from ._doctor import run_doctor
-
     return run_doctor(args.path, out, mounts_file=Path(args.mounts_file))
 
 
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     """Run the self-contained demo (see ``_demo``)."""
-    from ._demo import run_demo_command
-
     return run_demo_command(args, out)
 
 
