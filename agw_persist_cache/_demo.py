@@ -25,6 +25,7 @@ from typing import Any, Protocol, TextIO
 
 from . import CacheConfig, PersistentTokenCache
 from ._cli_common import EXIT_OK, EXIT_PROBLEMS, UsageError, table_lines
+from ._demo_endpoint import DemoTokenEndpoint
 
 SCOPE = "demo-agent-gateway"
 PHASES = (
@@ -240,7 +241,7 @@ def _collect(
 
 def _run_phase(
     ctx: ForkServerContext,
-    server: Any,
+    server: DemoTokenEndpoint,
     kind: str,
     phase: str,
     settings: DemoSettings,
@@ -314,15 +315,13 @@ class DemoSettings:
 
 def run_demo(settings: DemoSettings, progress: Progress) -> list[PhaseResult]:
     """Run all phases against a fresh temporary cache and a local token endpoint."""
-    from ._tokenserver import TokenServer
-
     # Fresh processes, as after a deploy, forked from a server that imported this package
     # once: much cheaper than spawn's import per worker, and no threads are forked.
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
     key = os.urandom(32)
     with (
-        TokenServer(delay=settings.delay_ms / 1000.0) as server,
+        DemoTokenEndpoint(delay=settings.delay_ms / 1000.0) as server,
         tempfile.TemporaryDirectory(prefix="agw-cache-demo-") as tmp,
     ):
         cache_path = Path(tmp) / "tokens.db"

@@ -24,8 +24,8 @@ from _tls import (
 )
 
 from agw_persist_cache import PersistentTokenCache
-from agw_persist_cache._tokenserver import TokenServer
 from agw_persist_cache.agentgateway import AgentGatewayTokens, CustomerCredentials, IasTokenClient
+from tests.support.tokenserver import TokenServer
 
 WORKERS = 4
 TIMEOUT = 90.0

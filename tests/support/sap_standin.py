@@ -1,6 +1,7 @@
 """A counting stand-in for the SAP identity service and a driver of agent processes.
 
-For tests and ``examples/sap_request_counts.py``. The real IAS token endpoint cannot run here,
+For the tests and ``examples/sap_request_counts.py``; it patches the SDK process-wide, so it
+lives here and never in the package. The real IAS token endpoint cannot run here,
 so, as the sap-cloud-sdk's own contributors do, this replaces
 ``sap_cloud_sdk.agentgateway._customer._request_token_mtls`` with a function that mints a fresh
 JWT after a simulated round trip and appends one line per request to a counter file, opened with
@@ -25,12 +26,11 @@ from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import Any, Literal
 
-from .._tokenserver import make_unsigned_jwt
+from tests.support.tokenserver import mint_jwt
 
 __all__ = [
     "TokenRequest",
     "install_counting_token_endpoint",
-    "mint_jwt",
     "read_token_requests",
     "run_agents",
     "write_customer_binding",
@@ -84,18 +84,6 @@ def write_customer_binding(
     path = binding / "credentials"
     path.write_text(json.dumps(credentials))
     return path
-
-
-def mint_jwt(subject: str, *, ttl_seconds: float, jti: str | None = None) -> str:
-    """An unsigned JWT whose ``exp`` is ``ttl_seconds`` from now (nothing here verifies it)."""
-    now = int(time.time())
-    claims = {
-        "sub": subject,
-        "iat": now,
-        "exp": now + int(ttl_seconds),
-        "jti": jti or uuid.uuid4().hex,
-    }
-    return make_unsigned_jwt(claims)
 
 
 def _user_digest(extra_data: Mapping[str, Any] | None) -> str:
