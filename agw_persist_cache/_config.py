@@ -75,7 +75,7 @@ class CacheConfig:
     url: str | None = field(default=None, repr=False)
     """A networked store shared by many hosts (``redis://``, ``rediss://``, ``unix://``), or
     ``sqlite:///path``; default ``$AGW_CACHE_URL``, else the SQLite file. Never logged."""
-    keys: Sequence[str | bytes] | None = None
+    keys: Sequence[str | bytes] | None = field(default=None, repr=False)
     """AES-256 keys (32 raw bytes or urlsafe base64 of them). The first seals new rows,
     all open old ones. Default: ``$AGW_CACHE_KEY`` (comma separated), else a key file."""
     key_file: str | os.PathLike[str] | None = None

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from . import CacheConfig, PersistentTokenCache
-from .cli import EXIT_OK, EXIT_PROBLEMS, UsageError
+from ._cli_common import EXIT_OK, EXIT_PROBLEMS, UsageError, table_lines
+from ._demo_endpoint import DemoTokenEndpoint
 
 SCOPE = "demo-agent-gateway"
 PHASES = (
@@ -240,7 +241,7 @@ def _collect(
 
 def _run_phase(
     ctx: ForkServerContext,
-    server: Any,
+    server: DemoTokenEndpoint,
     kind: str,
     phase: str,
     settings: DemoSettings,
@@ -314,15 +315,13 @@ class DemoSettings:
 
 def run_demo(settings: DemoSettings, progress: Progress) -> list[PhaseResult]:
     """Run all phases against a fresh temporary cache and a local token endpoint."""
-    from ._tokenserver import TokenServer
-
     # Fresh processes, as after a deploy, forked from a server that imported this package
     # once: much cheaper than spawn's import per worker, and no threads are forked.
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
     key = os.urandom(32)
     with (
-        TokenServer(delay=settings.delay_ms / 1000.0) as server,
+        DemoTokenEndpoint(delay=settings.delay_ms / 1000.0) as server,
         tempfile.TemporaryDirectory(prefix="agw-cache-demo-") as tmp,
     ):
         cache_path = Path(tmp) / "tokens.db"
@@ -364,10 +363,7 @@ def _render_table(results: Sequence[PhaseResult], out: TextIO) -> None:
         from rich.console import Console
         from rich.table import Table
     except ImportError:
-        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
-        for line in (COLUMNS, *rows):
-            out.write("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)))
-            out.write("\n")
+        out.writelines(line + "\n" for line in table_lines(COLUMNS, rows))
         return
     table = Table(title="agw-persist-cache demo", box=SIMPLE_HEAD)
     for index, column in enumerate(COLUMNS):

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from ._cli_common import EXIT_OK, EXIT_PROBLEMS, open_cache
 from ._config import ENV_PATH, resolve_path
-from .cli import EXIT_OK, EXIT_PROBLEMS, open_cache
 
 NETWORK_FILESYSTEMS = frozenset(
     {

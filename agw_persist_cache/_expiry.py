@@ -2,13 +2,15 @@
 
 Order: ``expires_at`` (epoch or ISO 8601), ``expires_in``, the ``exp`` claim of
 ``access_token``, then of ``id_token`` (read unverified with pyjwt), then the
-fallback TTL; always capped at ``max_token_ttl_seconds`` from now.
+fallback TTL; always capped at ``max_token_ttl_seconds`` from now. An absent (or None)
+field falls through to the next source; a present one that says no usable time
+(``"abc"``, NaN, ``True``) is a :class:`CacheUsageError`, not a silent default.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -17,6 +19,7 @@ from typing import Any
 import jwt
 
 from ._config import CacheConfig
+from ._errors import CacheUsageError
 
 TokenData = str | Mapping[str, Any]
 """A bare access token, or a token endpoint response (``access_token`` plus optional
@@ -32,8 +35,9 @@ class CachedToken:
     extra: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     def __repr__(self) -> str:
-        extra = dict(self.extra)
-        return f"CachedToken(token=<redacted>, expires_at={self.expires_at!r}, extra={extra!r})"
+        # ``extra`` is sealed on disk like the token: its keys are shown, its values never.
+        keys = sorted(self.extra)
+        return f"CachedToken(token=<redacted>, expires_at={self.expires_at!r}, extra_keys={keys!r})"
 
 
 def _number(value: object) -> float | None:
@@ -65,6 +69,21 @@ def parse_expires_at(value: object) -> float | None:
     return parsed.timestamp()
 
 
+def _present_time(
+    data: Mapping[str, Any], name: str, parse: Callable[[object], float | None], want: str
+) -> float | None:
+    """``data[name]`` parsed; None when absent; CacheUsageError when present but unusable."""
+    value = data.get(name)
+    if value is None:
+        return None
+    parsed = parse(value)
+    if parsed is None:
+        raise CacheUsageError(
+            f"token_data[{name!r}] must be {want}, not this {type(value).__name__} value"
+        )
+    return parsed
+
+
 def jwt_exp(token: object) -> float | None:
     """The ``exp`` claim of a JWT, unverified; None when it is not a JWT or has none."""
     if not isinstance(token, str) or token.count(".") != 2:
@@ -81,37 +100,39 @@ def normalize(
 ) -> CachedToken:
     """Validate ``token_data`` and resolve its absolute expiry (epoch seconds).
 
-    Raises ``TypeError``/``ValueError`` naming the bad field (never its value).
+    Raises :class:`CacheUsageError` (a ``TypeError`` and ``ValueError``) naming the bad
+    field, never echoing its value.
     """
     if isinstance(token_data, str):
         data: Mapping[str, Any] = {"access_token": token_data}
     elif isinstance(token_data, Mapping):
         data = token_data
     else:
-        raise TypeError(
+        raise CacheUsageError(
             f"token_data must be a token string or a token response mapping, "
             f"not {type(token_data).__name__}"
         )
     token = data.get("access_token")
     if not isinstance(token, str) or not token.strip():
-        raise ValueError("token_data has no non-empty string 'access_token'")
+        raise CacheUsageError("token_data has no non-empty string 'access_token'")
     extra = data.get("extra") or {}
     if not isinstance(extra, Mapping) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in extra.items()
     ):
-        raise TypeError("token_data['extra'] must map str to str")
+        raise CacheUsageError("token_data['extra'] must map str to str")
 
     resolved: float | None
     if expires_at is not None:
         resolved = _number(expires_at)
         if resolved is None:
-            raise ValueError("expires_at must be epoch seconds (a finite number)")
+            raise CacheUsageError("expires_at must be epoch seconds (a finite number)")
     else:
-        resolved = parse_expires_at(data.get("expires_at"))
-        if resolved is None:
-            expires_in = _number(data.get("expires_in"))
-            if expires_in is not None:
-                resolved = now + expires_in
+        resolved = _present_time(
+            data, "expires_at", parse_expires_at, "epoch seconds or an ISO 8601 time"
+        )
+        expires_in = _present_time(data, "expires_in", _number, "a finite number of seconds")
+        if resolved is None and expires_in is not None:
+            resolved = now + expires_in
         if resolved is None:
             resolved = jwt_exp(token)
         if resolved is None:

@@ -18,57 +18,28 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import CacheConfig, CacheConfigError, CacheError, EntryInfo, PersistentTokenCache
+from ._cli_common import (
+    EXIT_OK,
+    EXIT_PROBLEMS,
+    EXIT_USAGE,
+    UsageError,
+    format_bytes,
+    format_span,
+    format_until,
+    open_cache,
+    table_lines,
+)
 from ._config import ENV_KEY, ENV_PATH
 from ._crypto import decode_key, keys_from_config
+from ._demo import run_demo_command
+from ._doctor import run_doctor
 
-EXIT_OK = 0
-EXIT_PROBLEMS = 1
-EXIT_USAGE = 2
 ENV_NEW_KEY = "AGW_CACHE_NEW_KEY"
+EXIT_BROKEN_PIPE = 128 + 13  # as a shell reports a writer killed by SIGPIPE
 
 
-class UsageError(Exception):
-    """A command line or environment mistake the operator must fix (exit code 2)."""
-
-
-def format_span(seconds: float) -> str:
-    """A short human duration such as ``59m 58s`` or ``2d 3h``."""
-    total = round(abs(seconds))
-    days, rest = divmod(total, 86_400)
-    hours, rest = divmod(rest, 3_600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d {hours}h"
-    if hours:
-        return f"{hours}h {minutes:02d}m"
-    if minutes:
-        return f"{minutes}m {secs:02d}s"
-    return f"{secs}s"
-
-
-def format_until(epoch: float | None, now: float) -> str:
-    """``in 5m 00s`` for the future, ``expired 3s ago`` for the past, ``-`` for none."""
-    if epoch is None:
-        return "-"
-    delta = epoch - now
-    return f"in {format_span(delta)}" if delta > 0 else f"expired {format_span(delta)} ago"
-
-
-def format_bytes(size: int) -> str:
-    """A file size in B, KiB or MiB."""
-    if size < 1024:
-        return f"{size} B"
-    if size < 1024 * 1024:
-        return f"{size / 1024:.1f} KiB"
-    return f"{size / (1024 * 1024):.1f} MiB"
-
-
-def open_cache(
-    path: str | None, *, keys: Sequence[str | bytes] | None = None
-) -> PersistentTokenCache:
-    """The cache the workers use: ``--path`` or ``$AGW_CACHE_PATH``, keys from the environment."""
-    config = CacheConfig(path=path, keys=keys) if keys is not None else CacheConfig(path=path)
-    return PersistentTokenCache(path, config=config)
+class ProblemError(Exception):
+    """The command ran but found the cache unusable for what was asked (exit code 1)."""
 
 
 def _entry_json(entry: EntryInfo) -> dict[str, Any]:
@@ -82,15 +53,29 @@ def _entry_json(entry: EntryInfo) -> dict[str, Any]:
     }
 
 
-def _entry_line(entry: EntryInfo, now: float) -> str:
-    last_used = f"{format_span(now - entry.last_used)} ago"
-    return (
-        f"{entry.kind:<7} {entry.digest_prefix:<13} {format_until(entry.expires_at, now):<20} "
-        f"{last_used:<12} {entry.key_id}"
-    )
+ENTRY_HEADER = ("KIND", "DIGEST", "EXPIRES", "LAST USED", "KEY ID")
 
 
-ENTRY_HEADER = f"{'KIND':<7} {'DIGEST':<13} {'EXPIRES':<20} {'LAST USED':<12} KEY ID"
+def _write_entries(entries: Sequence[EntryInfo], now: float, out: TextIO) -> None:
+    """The entries as a table whose columns are as wide as their widest cell."""
+    rows = [
+        (
+            entry.kind,
+            entry.digest_prefix,
+            format_until(entry.expires_at, now),
+            f"{format_span(now - entry.last_used)} ago",
+            entry.key_id,
+        )
+        for entry in entries
+    ]
+    out.writelines(line + "\n" for line in table_lines(ENTRY_HEADER, rows))
+
+
+def _require_usable(cache: PersistentTokenCache) -> None:
+    """Refuse to report on a cache that is bypassed: an empty listing would be a lie."""
+    reason = cache.stats().disabled_reason
+    if reason:
+        raise ProblemError(f"the cache is disabled: {reason}")
 
 
 def cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
@@ -139,15 +124,14 @@ def cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_list(args: argparse.Namespace, out: TextIO) -> int:
     """One line of metadata per row, soonest expiry first."""
     with open_cache(args.path) as cache:
+        _require_usable(cache)
         entries = sorted(cache.list_entries(), key=lambda e: e.expires_at)
     now = time.time()
     if args.json:
         json.dump([_entry_json(e) for e in entries], out, indent=2)
         out.write("\n")
         return EXIT_OK
-    out.write(ENTRY_HEADER + "\n")
-    for entry in entries:
-        out.write(_entry_line(entry, now) + "\n")
+    _write_entries(entries, now, out)
     out.write(f"{len(entries)} rows\n")
     return EXIT_OK
 
@@ -165,15 +149,14 @@ def cmd_clear(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
     """Remove expired rows and rows over the size limits, and show which ones went."""
     with open_cache(args.path) as cache:
+        _require_usable(cache)
         before = {e.digest_prefix: e for e in cache.list_entries()}
         removed = cache.prune()
         after = {e.digest_prefix for e in cache.list_entries()}
     now = time.time()
     gone = [entry for digest, entry in before.items() if digest not in after]
     if gone:
-        out.write(ENTRY_HEADER + "\n")
-        for entry in sorted(gone, key=lambda e: e.expires_at):
-            out.write(_entry_line(entry, now) + "\n")
+        _write_entries(sorted(gone, key=lambda e: e.expires_at), now, out)
     out.write(f"pruned {removed} rows, {len(after)} left\n")
     return EXIT_OK
 
@@ -191,7 +174,11 @@ def _current_keys(cache: PersistentTokenCache) -> list[bytes]:
 def cmd_rotate_key(args: argparse.Namespace, out: TextIO) -> int:
     """Re-seal every row under a new primary key while the old ones still open what is left."""
     if args.key_file is not None:
-        new = decode_key(Path(args.key_file).read_bytes(), what=f"--key-file {args.key_file}")
+        try:
+            raw = Path(args.key_file).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read --key-file {args.key_file}: {exc.strerror}") from None
+        new = decode_key(raw, what=f"--key-file {args.key_file}")
     elif os.environ.get(ENV_NEW_KEY):
         new = decode_key(os.environ[ENV_NEW_KEY], what=f"${ENV_NEW_KEY}")
     else:
@@ -207,32 +194,37 @@ def cmd_rotate_key(args: argparse.Namespace, out: TextIO) -> int:
     out.write(f"re-sealed {resealed} rows under key id {new_id}; key ids in use: ")
     out.write(", ".join(in_use) + "\n" if in_use else "-\n")
     old_text = ",".join(kid for kid in old_ids if kid != new_id) or "-"
+    env_keys = keys_from_config(CacheConfig())
+    step_1 = (
+        "done here"
+        if env_keys is not None and env_keys.keys[0] == new
+        else f"NOT done here (${ENV_KEY} does not start with the new key): until it is, workers "
+        "that know only <old> miss every re-sealed row and fetch it again; do it, then run "
+        "step 2 again"
+    )
     out.write(
-        "next steps (workers keep running meanwhile; a row they cannot open is refetched):\n"
+        "key rotation, in this order (workers keep running throughout):\n"
         f"  1. deploy {ENV_KEY}=<new>,<old> (key ids {new_id},{old_text}){old_hint} to every"
-        " worker and restart them\n"
-        "  2. run `agw-cache rotate-key` again to re-seal rows written under the old key\n"
-        f"  3. deploy {ENV_KEY}=<new> alone\n"
+        f" worker and restart them: <new> seals, both open [{step_1}]\n"
+        "  2. run `agw-cache rotate-key` to re-seal the rows still under <old> [just done]\n"
+        f"  3. deploy {ENV_KEY}=<new> alone (key id {new_id}) once `agw-cache stats` shows no"
+        " other key id in use\n"
     )
     return EXIT_OK
 
 
 def cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
     """Run the health checks (see ``_doctor``)."""
-    from ._doctor import run_doctor
-
     return run_doctor(args.path, out, mounts_file=Path(args.mounts_file))
 
 
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     """Run the self-contained demo (see ``_demo``)."""
-    from ._demo import run_demo_command
-
     return run_demo_command(args, out)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argparse tree; ``--path`` is accepted before or after the subcommand."""
+    """The argparse tree; ``--path`` goes before or after a subcommand that reads the cache."""
     path_help = (
         f"cache database file (default: ${ENV_PATH} or ~/.cache/agw-persist-cache/tokens.db)"
     )
@@ -247,9 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--path", default=argparse.SUPPRESS, help=path_help)
 
-    def add(name: str, func: Callable[[argparse.Namespace, TextIO], int], text: str) -> Any:
-        cmd = sub.add_parser(name, parents=[common], help=text, description=text)
-        cmd.set_defaults(func=func)
+    def add(
+        name: str,
+        func: Callable[[argparse.Namespace, TextIO], int],
+        text: str,
+        *,
+        uses_path: bool = True,
+    ) -> Any:
+        parents = [common] if uses_path else []
+        cmd = sub.add_parser(name, parents=parents, help=text, description=text)
+        cmd.set_defaults(func=func, uses_path=uses_path)
         return cmd
 
     add("stats", cmd_stats, "rows by kind, expiry, sizes, schema, key ids").add_argument(
@@ -272,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         cmd_demo,
         "show N worker processes sharing one token, against a local token endpoint",
+        uses_path=False,
     )
     demo.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
     demo.add_argument(
@@ -289,12 +289,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``agw-cache`` and ``python -m agw_persist_cache``."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.uses_path and args.path is not None:
+        parser.error(f"{args.command} takes no --path (it uses a temporary cache of its own)")
     func: Callable[[argparse.Namespace, TextIO], int] = args.func
     try:
-        return func(args, sys.stdout)
+        code = func(args, sys.stdout)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
+        return code
+    except BrokenPipeError:
+        # The reader left early (``| head``): stop quietly, and point stdout at /dev/null
+        # so that the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except (UsageError, CacheConfigError) as exc:
         print(f"agw-cache {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ProblemError as exc:
+        print(f"agw-cache {args.command}: {exc}", file=sys.stderr)
+        return EXIT_PROBLEMS
     except (CacheError, OSError) as exc:
         print(f"agw-cache {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_PROBLEMS

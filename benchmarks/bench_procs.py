@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support.procs import Worker, run_together
+
 from ._floor import RawStore, bench_key, digest_of, make_token, scope_of
 from ._harness import Ratio, Section, Table
 from ._plan import Plan
-from ._procs import run_together
 from ._subject import open_cache, populate_cache
 
 SUBJECTS = ("floor", "cache")
@@ -55,8 +56,7 @@ def _worker(
     rows: int,
     seconds: float,
     rate: float,
-    barrier: Any,
-    results: Any,
+    worker: Worker,
 ) -> None:
     """One process: read random rows (or write at ``rate``/s) until ``seconds`` have passed."""
     handler = _WarningCounter()
@@ -73,7 +73,7 @@ def _worker(
     errors: Counter[str] = Counter()
     calls = misses = 0
     get(args[0])  # opens the connection before the clock starts
-    barrier.wait()
+    worker.wait()
     start = time.perf_counter()
     deadline = start + seconds
     if role == "reader":
@@ -102,7 +102,7 @@ def _worker(
             time.sleep(max(0.0, tick - time.perf_counter()))
     elapsed = time.perf_counter() - start
     storage_errors = cache.stats().storage_errors if cache is not None else 0
-    results.put(
+    worker.report(
         Outcome(role, calls, elapsed, misses, dict(errors), dict(handler.seen), storage_errors)
     )
     if cache is not None:

@@ -19,10 +19,11 @@ from typing import Any
 
 import httpx
 
+from tests.support.procs import Worker, run_together
+
 from ._floor import bench_key, make_token
 from ._harness import Ratio, Section, Table
 from ._plan import Plan
-from ._procs import run_together
 from ._subject import open_cache
 
 SUBJECTS = ("in-memory per process", "cache")
@@ -110,10 +111,9 @@ def _worker(
     scope: str,
     coroutines: int,
     users: int,
-    barrier: Any,
-    results: Any,
+    worker: Worker,
 ) -> None:
-    results.put(asyncio.run(_stampede(subject, path, key, url, scope, coroutines, users, barrier)))
+    worker.report(asyncio.run(_stampede(subject, path, key, url, scope, coroutines, users, worker)))
 
 
 async def _stampede(
@@ -124,7 +124,7 @@ async def _stampede(
     scope: str,
     coroutines: int,
     users: int,
-    barrier: Any,
+    worker: Worker,
 ) -> Seen:
     """``coroutines`` callers of the system token of ``scope``, or with ``users``, one caller
     per user token (user ``i`` in every process): the same keys in every process."""
@@ -141,7 +141,7 @@ async def _stampede(
         memory = InMemoryCache()
         get = cache.asystem_token if cache is not None else memory.system_token
         await get(warm, lambda: afetch("/warm-up"))
-        await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
+        await asyncio.get_running_loop().run_in_executor(None, worker.wait)
         start = time.time()
 
         async def one(i: int) -> tuple[float, str]:

@@ -1,6 +1,6 @@
 """Count IAS token requests: stock ``sap-cloud-sdk`` Agent Gateway client vs the one-import drop-in.
 
-Run on any machine after ``pip install -e '.[sap]'``::
+Run in a clone after ``pip install -e '.[sap]'`` (the stand-in lives in ``tests/support``)::
 
     python examples/sap_request_counts.py            # 4 processes x 20 coroutines, then a restart
 
@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from agw_persist_cache.integrations._sap_standin import (
+from tests.support.sap_standin import (
     TokenRequest,
     run_agents,
     write_customer_binding,

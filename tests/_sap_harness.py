@@ -22,13 +22,13 @@ with warnings.catch_warnings():
 from _sap_mcp import GLOBAL_TENANT_ID, ORD_ID, LocalGateway, local_gateway
 
 from agw_persist_cache import PersistentTokenCache
-from agw_persist_cache.integrations._sap_standin import (
+from tests.support.sap_standin import (
     TokenRequest,
     install_counting_token_endpoint,
-    mint_jwt,
     read_token_requests,
     write_customer_binding,
 )
+from tests.support.tokenserver import mint_jwt
 
 # sap-cloud-sdk 0.62's detect_customer_agent_credentials() returns from inside an unclosed
 # os.scandir() loop, so every call leaks an iterator that CPython closes with a ResourceWarning.

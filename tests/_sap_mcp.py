@@ -20,7 +20,7 @@ import uvicorn
 from mcp.server.mcpserver import MCPServer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from agw_persist_cache.integrations._sap_standin import mint_jwt
+from tests.support.tokenserver import mint_jwt
 
 ORD_ID = "sap.test:apiResource:echo:v1"
 GLOBAL_TENANT_ID = "gt-0001"

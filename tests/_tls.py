@@ -19,8 +19,8 @@ import httpx
 import trustme
 
 from agw_persist_cache import CacheConfig, PersistentTokenCache
-from agw_persist_cache._tokenserver import TokenServer
 from agw_persist_cache.agentgateway import AgentGatewayTokens, CustomerCredentials, IasTokenClient
+from tests.support.tokenserver import TokenServer
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,12 @@
-"""Worker-process bodies for the multi-process tests (importable by spawned children)."""
+"""Worker-process bodies for the multi-process tests (importable by spawned children).
+
+Each takes a :class:`~tests.support.procs.Worker` last: it waits at ``worker.wait()`` and
+sends its result with ``worker.report()``.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import threading
 import time
@@ -12,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from agw_persist_cache import CacheConfig, PersistentTokenCache
+from tests.support.procs import Worker
 
 
 def count_fetch(counter: str | Path) -> None:
@@ -50,22 +54,11 @@ def make_afetch(counter: str | Path, delay: float = 0.2, fail: bool = False) -> 
     return afetch
 
 
-def write_result(out_dir: str, payload: Any) -> None:
-    path = Path(out_dir) / f"{os.getpid()}-{uuid.uuid4().hex}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload))
-    tmp.rename(path)
-
-
-def read_results(out_dir: str | Path) -> list[Any]:
-    return [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("*.json"))]
-
-
 def config(**overrides: Any) -> CacheConfig:
     return CacheConfig(**overrides)
 
 
-def stampede_threads(db: str, counter: str, out: str, threads: int, barrier: Any) -> None:
+def stampede_threads(db: str, counter: str, threads: int, worker: Worker) -> None:
     cache = PersistentTokenCache(db)
     fetch = make_fetch(counter)
     local = threading.Barrier(threads)
@@ -76,15 +69,15 @@ def stampede_threads(db: str, counter: str, out: str, threads: int, barrier: Any
         tokens.append(cache.system_token("scope", fetch))
 
     workers = [threading.Thread(target=one) for _ in range(threads)]
-    barrier.wait()
+    worker.wait()
     for w in workers:
         w.start()
     for w in workers:
         w.join()
-    write_result(out, tokens)
+    worker.report(tokens)
 
 
-def stampede_coroutines(db: str, counter: str, out: str, tasks: int, barrier: Any) -> None:
+def stampede_coroutines(db: str, counter: str, tasks: int, worker: Worker) -> None:
     async def main() -> list[str]:
         async with PersistentTokenCache(db) as cache:
             afetch = make_afetch(counter)
@@ -92,11 +85,11 @@ def stampede_coroutines(db: str, counter: str, out: str, tasks: int, barrier: An
                 await asyncio.gather(*(cache.asystem_token("scope", afetch) for _ in range(tasks)))
             )
 
-    barrier.wait()
-    write_result(out, asyncio.run(main()))
+    worker.wait()
+    worker.report(asyncio.run(main()))
 
 
-def backoff_coroutines(db: str, counter: str, out: str, tasks: int, barrier: Any) -> None:
+def backoff_coroutines(db: str, counter: str, tasks: int, worker: Worker) -> None:
     async def main() -> list[str]:
         async with PersistentTokenCache(db, config=CacheConfig(fetch_backoff_seconds=60)) as cache:
             afetch = make_afetch(counter, delay=0.3, fail=True)
@@ -106,13 +99,13 @@ def backoff_coroutines(db: str, counter: str, out: str, tasks: int, barrier: Any
             )
             return [type(o).__name__ for o in outcomes]
 
-    barrier.wait()
-    write_result(out, asyncio.run(main()))
+    worker.wait()
+    worker.report(asyncio.run(main()))
 
 
-def hold_in_fetch(db: str, started: str, lock_timeout: float = 30.0) -> None:
+def hold_in_fetch(db: str, started: str, worker: Worker) -> None:
     """Start a fetch that never ends, after saying so: the parent kills us mid-flight."""
-    cache = PersistentTokenCache(db, config=CacheConfig(lock_timeout_seconds=lock_timeout))
+    cache = PersistentTokenCache(db, config=CacheConfig(lock_timeout_seconds=30.0))
 
     def fetch() -> str:
         Path(started).touch()
@@ -122,7 +115,7 @@ def hold_in_fetch(db: str, started: str, lock_timeout: float = 30.0) -> None:
     cache.system_token("scope", fetch)
 
 
-def fetch_across_clear(db: str, started: str, go: str, out: str) -> None:
+def fetch_across_clear(db: str, started: str, go: str, worker: Worker) -> None:
     """A slow fetch that is still running when another process clears the cache."""
     cache = PersistentTokenCache(db)
 
@@ -134,33 +127,34 @@ def fetch_across_clear(db: str, started: str, go: str, out: str) -> None:
         return {"access_token": "fetched-before-clear", "expires_in": 3600}
 
     token = cache.system_token("scope", fetch)
-    write_result(out, {"token": token, "stale": cache.stats().stale_writes_skipped})
+    worker.report({"token": token, "stale": cache.stats().stale_writes_skipped})
 
 
-def set_token(db: str, scope: str, token: str) -> None:
+def set_token(db: str, scope: str, token: str, worker: Worker) -> None:
     with PersistentTokenCache(db) as cache:
         cache.set_system_token(scope, {"access_token": token, "expires_in": 3600})
 
 
-def get_token(db: str, scope: str, out: str) -> None:
+def get_token(db: str, scope: str, worker: Worker) -> None:
     with PersistentTokenCache(db) as cache:
-        write_result(out, cache.get_system_token(scope))
+        worker.report(cache.get_system_token(scope))
 
 
-def clear_cache(db: str) -> None:
+def clear_cache(db: str, worker: Worker) -> None:
     with PersistentTokenCache(db) as cache:
         cache.clear()
 
 
-def open_and_write(db: str, barrier: Any, index: int) -> None:
-    barrier.wait()
+def open_and_write(db: str, worker: Worker) -> None:
+    worker.wait()
+    index = worker.index
     with PersistentTokenCache(db) as cache:
         cache.set_system_token(f"scope-{index}", f"token-{index}")
         if cache.get_system_token(f"scope-{index}") != f"token-{index}":
             raise SystemExit(3)
 
 
-def write_loop(db: str, ack: str, run: str) -> None:
+def write_loop(db: str, ack: str, run: str, worker: Worker) -> None:
     """Set tokens forever, acknowledging each one only after set() returned."""
     cache = PersistentTokenCache(db)
     fd = os.open(ack, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -171,15 +165,15 @@ def write_loop(db: str, ack: str, run: str) -> None:
         i += 1
 
 
-def refresh_callers(db: str, counter: str, out: str, barrier: Any) -> None:
+def refresh_callers(db: str, counter: str, worker: Worker) -> None:
     """Callers hitting a token inside its refresh window: all get the old one at once."""
     cache = PersistentTokenCache(db, config=CacheConfig(refresh_ahead_ratio=0.5))
     fetch = make_fetch(counter, delay=1.0)
-    barrier.wait()
+    worker.wait()
     tokens = [cache.system_token("scope", fetch) for _ in range(20)]
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # let a background refresh finish before exiting
         if not any(t.name == "agw-cache-refresh" for t in threading.enumerate()):
             break
         time.sleep(0.05)
-    write_result(out, {"tokens": tokens, "refreshes": cache.stats().refreshes})
+    worker.report({"tokens": tokens, "refreshes": cache.stats().refreshes})

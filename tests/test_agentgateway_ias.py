@@ -22,8 +22,8 @@ from _tls import (
 )
 
 from agw_persist_cache import TokenFetchError
-from agw_persist_cache._tokenserver import TokenServer
 from agw_persist_cache.agentgateway import AGW_RESOURCE_URN, IasTokenClient
+from tests.support.tokenserver import TokenServer
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,12 @@ from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
 from agw_persist_cache import PersistentTokenCache
-from agw_persist_cache._tokenserver import TokenServer
 from agw_persist_cache.agentgateway import (
     AgentGatewayAuth,
     AgentGatewayTokens,
     IasTokenClient,
 )
+from tests.support.tokenserver import TokenServer
 
 
 @pytest.fixture(scope="module")

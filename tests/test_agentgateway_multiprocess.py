@@ -4,12 +4,9 @@ cold stampede, outage back-off and refresh-ahead, as seen by the endpoint."""
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
-import queue
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from multiprocessing.context import SpawnContext
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +21,9 @@ from _tls import (
 )
 
 from agw_persist_cache import PersistentTokenCache
-from agw_persist_cache._tokenserver import TokenServer
 from agw_persist_cache.agentgateway import AgentGatewayTokens, CustomerCredentials, IasTokenClient
+from tests.support.procs import Worker, Workers
+from tests.support.tokenserver import TokenServer
 
 WORKERS = 4
 TIMEOUT = 90.0
@@ -45,21 +43,17 @@ def _close(tokens: AgentGatewayTokens) -> None:
     tokens.cache.close()
 
 
-def _stampede_worker(
-    index: int, db: str, creds: CustomerCredentials, ca: str, barrier: Any, results: Any
-) -> None:
+def _stampede_worker(db: str, creds: CustomerCredentials, ca: str, worker: Worker) -> None:
     tokens = _tokens(db, creds, ca, {})
-    barrier.wait(timeout=TIMEOUT)
-    results.put((index, (tokens.system_token(), tokens.user_token(USER_JWT))))
+    worker.wait()
+    worker.report((tokens.system_token(), tokens.user_token(USER_JWT)))
     _close(tokens)
 
 
-def _outage_worker(
-    index: int, db: str, creds: CustomerCredentials, barrier: Any, callers: int, results: Any
-) -> None:
+def _outage_worker(db: str, creds: CustomerCredentials, callers: int, worker: Worker) -> None:
     async def main() -> list[tuple[str, int | None]]:
         tokens = _tokens(db, creds, None, {"fetch_backoff_seconds": 120.0})
-        barrier.wait(timeout=TIMEOUT)
+        worker.wait()
         outcomes = await asyncio.gather(
             *(tokens.asystem_token() for _ in range(callers)), return_exceptions=True
         )
@@ -67,64 +61,20 @@ def _outage_worker(
         await tokens.ias_client.aclose()
         return [(type(o).__name__, getattr(o, "status", None)) for o in outcomes]
 
-    results.put((index, asyncio.run(main())))
+    worker.report(asyncio.run(main()))
 
 
-def _refresh_worker(
-    index: int, db: str, creds: CustomerCredentials, commands: Any, results: Any
-) -> None:
+def _refresh_worker(db: str, creds: CustomerCredentials, commands: Any, worker: Worker) -> None:
     tokens = _tokens(db, creds, None, REFRESH_CONFIG)
     while commands.get(timeout=TIMEOUT) == "get":
-        results.put((index, tokens.system_token()))
+        worker.report(tokens.system_token())
     _close(tokens)
-
-
-class Workers:
-    """Start N spawn processes, collect one result per worker per round, always reap."""
-
-    def __init__(self, ctx: SpawnContext) -> None:
-        self.ctx = ctx
-        self.results = ctx.Queue()
-        self.procs: list[multiprocessing.process.BaseProcess] = []
-
-    def start(self, target: Callable[..., None], *args: Any) -> None:
-        for index in range(WORKERS):
-            proc = self.ctx.Process(target=target, args=(index, *args, self.results))
-            proc.start()
-            self.procs.append(proc)
-
-    def collect(self) -> list[Any]:
-        """One result from every worker; fails fast if a worker died instead."""
-        got: dict[int, Any] = {}
-        deadline = time.monotonic() + TIMEOUT
-        while len(got) < len(self.procs):
-            try:
-                index, value = self.results.get(timeout=0.2)
-            except queue.Empty:
-                dead = [p.exitcode for p in self.procs if p.exitcode not in (None, 0)]
-                assert not dead, f"worker(s) died with exit codes {dead}"
-                assert time.monotonic() < deadline, "workers did not answer in time"
-                continue
-            got[index] = value
-        return [got[i] for i in range(len(self.procs))]
-
-    def reap(self) -> list[int | None]:
-        for proc in self.procs:
-            proc.join(timeout=TIMEOUT)
-        for proc in self.procs:
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-        return [proc.exitcode for proc in self.procs]
 
 
 @pytest.fixture
 def workers() -> Iterator[Workers]:
-    pool = Workers(multiprocessing.get_context("spawn"))
-    try:
+    with Workers("spawn", timeout=TIMEOUT) as pool:
         yield pool
-    finally:
-        pool.reap()
 
 
 @pytest.fixture(scope="module")
@@ -137,11 +87,10 @@ def test_cold_stampede_of_four_processes_makes_one_request_per_token(
 ) -> None:
     with TokenServer(ssl_context=tls.server_context(require_client_cert=True), delay=0.5) as srv:
         creds = mtls_credentials(tls, srv.token_url)
-        barrier = workers.ctx.Barrier(WORKERS)
         ca = str(tls.write_ca(tmp_path))
-        workers.start(_stampede_worker, str(tmp_path / "tokens.db"), creds, ca, barrier)
+        workers.start(_stampede_worker, [(str(tmp_path / "tokens.db"), creds, ca)] * WORKERS)
         results = workers.collect()
-        assert workers.reap() == [0] * WORKERS
+        workers.join()
         assert len(set(results)) == 1  # everyone got the same system and user token
         assert srv.requests == 2  # one client_credentials, one jwt-bearer, for the whole host
         assert sorted(f["grant_type"] for f in srv.forms) == [
@@ -155,10 +104,9 @@ def test_outage_backoff_four_processes_of_twenty_coroutines_make_one_request(
 ) -> None:
     with TokenServer(status=500, delay=0.3) as srv:
         creds = transparent_credentials(srv.token_url)
-        barrier = workers.ctx.Barrier(WORKERS)
-        workers.start(_outage_worker, str(tmp_path / "tokens.db"), creds, barrier, 20)
+        workers.start(_outage_worker, [(str(tmp_path / "tokens.db"), creds, 20)] * WORKERS)
         outcomes = [o for batch in workers.collect() for o in batch]
-        assert workers.reap() == [0] * WORKERS
+        workers.join()
         assert srv.requests == 1  # not 80
     assert len(outcomes) == 80
     assert Counter(name for name, _ in outcomes) == {
@@ -180,12 +128,7 @@ def test_refresh_ahead_one_refresh_for_the_host_and_no_caller_waits_for_it(
         srv.token_ttl = 1000  # the replacement is not due for refresh again
         srv.hold()  # the refresh stays in flight until released: an unbounded injected delay
         commands = [workers.ctx.Queue() for _ in range(WORKERS)]
-        for index in range(WORKERS):
-            proc = workers.ctx.Process(
-                target=_refresh_worker, args=(index, db, creds, commands[index], workers.results)
-            )
-            proc.start()
-            workers.procs.append(proc)
+        workers.start(_refresh_worker, [(db, creds, command) for command in commands])
 
         def round_of_calls() -> list[str]:
             for command in commands:
@@ -208,7 +151,7 @@ def test_refresh_ahead_one_refresh_for_the_host_and_no_caller_waits_for_it(
         assert round_of_calls() == [new] * WORKERS
         for command in commands:
             command.put("stop")
-        assert workers.reap() == [0] * WORKERS
+        workers.join()
         _close(warm)
         assert srv.requests == 2  # the warm-up and exactly one refresh for the whole host
 

@@ -21,7 +21,6 @@ from _tls import (
 )
 
 from agw_persist_cache import PersistentTokenCache, TokenFetchError
-from agw_persist_cache._tokenserver import TokenServer
 from agw_persist_cache.agentgateway import (
     AgentGatewayAuth,
     AgentGatewayTokens,
@@ -29,6 +28,7 @@ from agw_persist_cache.agentgateway import (
     CustomerCredentials,
     IasTokenClient,
 )
+from tests.support.tokenserver import TokenServer
 
 LOGGERS = ("", "httpx", "httpcore", "agw_persist_cache", "hpack")
 

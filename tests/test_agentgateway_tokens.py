@@ -23,8 +23,8 @@ from _tls import (
 )
 
 from agw_persist_cache import PersistentTokenCache, TokenFetchError
-from agw_persist_cache._tokenserver import TokenServer, make_unsigned_jwt
 from agw_persist_cache.agentgateway import AgentGatewayAuth, AgentGatewayTokens, IasTokenClient
+from tests.support.tokenserver import TokenServer, make_unsigned_jwt
 
 SCOPE = "customer::agent-client"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from _core_support import new_key
-from _deploy_procs import base_env, run, run_cli
+from _deploy_procs import base_env, cli_command, run, run_cli
 
 from agw_persist_cache import CacheConfig, PersistentTokenCache
 from agw_persist_cache._doctor import filesystem_of, is_network_filesystem
@@ -300,3 +300,106 @@ def test_a_newer_schema_makes_stats_and_doctor_exit_1_with_the_fix(seeded: Seede
     doctor = seeded.cli("doctor")
     assert doctor.returncode == 1
     assert any(line.startswith("FAIL  schema") for line in doctor.stdout.splitlines())
+
+
+def test_list_and_prune_on_a_disabled_cache_exit_1_with_the_reason(seeded: Seeded) -> None:
+    with sqlite3.connect(seeded.path) as conn:
+        conn.execute("PRAGMA user_version = 999")
+    for args in (("list",), ("list", "--json"), ("prune",)):
+        result = seeded.cli(*args)
+        assert result.returncode == 1, args
+        assert "disabled" in result.stderr and "upgrade" in result.stderr, args
+        assert "rows" not in result.stdout and result.stdout.strip() in ("", "[]"), args
+
+
+@pytest.mark.parametrize("args", [("stats", "--json"), ("list",), ("stats",)])
+def test_a_reader_that_leaves_early_ends_the_command_quietly(
+    seeded: Seeded, args: tuple[str, ...]
+) -> None:
+    proc = subprocess.Popen(
+        [*cli_command(), *args],
+        env=seeded.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()  # the reader is gone before the command writes a byte
+    _, err = proc.communicate(timeout=60)
+    assert err == ""
+    assert proc.returncode == 141
+
+
+def test_a_shell_pipe_into_head_shows_no_traceback(seeded: Seeded) -> None:
+    command = " ".join([*cli_command(), "stats", "--json"]) + " | head -2; exit ${PIPESTATUS[0]}"
+    result = run(["bash", "-c", command], env=seeded.env)
+    assert result.returncode in (0, 141), result.stderr
+    assert result.stderr == ""
+    assert len(result.stdout.splitlines()) == 2
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("demo", "--path", "x.db"),
+        ("--path", "x.db", "demo"),
+        ("clear", "--json"),
+        ("stats", "--key-file", "k"),
+        ("list", "--mounts-file", "/proc/mounts"),
+    ],
+)
+def test_options_a_command_does_not_use_are_refused(tmp_path: Path, args: tuple[str, ...]) -> None:
+    result = run_cli(*args, env=base_env(AGW_CACHE_PATH=str(tmp_path / "t.db")))
+    assert result.returncode == 2
+    assert "usage:" in result.stderr
+    assert not (tmp_path / "t.db").exists() and not (tmp_path / "x.db").exists()
+
+
+def test_a_missing_key_file_is_a_usage_error(seeded: Seeded, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such.key"
+    result = seeded.cli("rotate-key", "--key-file", str(missing))
+    assert result.returncode == 2
+    assert str(missing) in result.stderr and "No such file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_list_columns_line_up_whatever_the_cell_lengths(seeded: Seeded) -> None:
+    now = time.time()
+    long_ago = now - 12_000 * 86_400  # "expired 12000d 0h ago", "12000d 0h ago": wide cells
+    with sqlite3.connect(seeded.path) as conn:
+        conn.execute("UPDATE tokens SET last_used = ? WHERE kind = 'user'", (long_ago,))
+        conn.execute("UPDATE tokens SET expires_at = ? WHERE expires_at < ?", (long_ago, now))
+    rows = json.loads(seeded.cli("list", "--json").stdout)
+    lines = seeded.cli("list").stdout.splitlines()
+    header, body = lines[0], lines[1:-1]
+    assert len(body) == 3
+    starts = [header.index(title) for title in ("DIGEST", "EXPIRES", "LAST USED", "KEY ID")]
+    for line in body:
+        row = next(r for r in rows if r["digest_prefix"] in line)
+        assert line.index(row["digest_prefix"]) == starts[0]
+        assert line[starts[1] - 1] == " " and line[starts[1]] != " "
+        assert line[starts[2] - 1] == " " and line[starts[2]] != " "
+        assert line.rindex(row["key_id"]) == starts[3]
+    assert sum("12000d" in line for line in body) == 2
+
+
+def test_rotate_key_prints_the_one_safe_order_and_whether_step_1_is_done(seeded: Seeded) -> None:
+    old = seeded.secrets[-1]
+    new = new_key()
+    seeded.secrets.append(new)
+    before = seeded.cli("rotate-key", env={**seeded.env, "AGW_CACHE_NEW_KEY": new})
+    after = seeded.cli(
+        "rotate-key",
+        env={**seeded.env, "AGW_CACHE_NEW_KEY": new, "AGW_CACHE_KEY": f"{new},{old}"},
+    )
+    for result in (before, after):
+        assert result.returncode == 0, result.stderr
+        text = result.stdout
+        steps = [
+            text.index("1. deploy AGW_CACHE_KEY=<new>,<old>"),
+            text.index("2. run `agw-cache rotate-key`"),
+            text.index("3. deploy AGW_CACHE_KEY=<new> alone"),
+        ]
+        assert steps == sorted(steps)
+    assert "NOT done here" in before.stdout
+    assert "[done here]" in after.stdout and "NOT done" not in after.stdout

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import signal
 import sqlite3
@@ -18,40 +17,14 @@ import _workers as w
 import pytest
 
 from agw_persist_cache import CacheConfig, PersistentTokenCache
-
-SPAWN = multiprocessing.get_context("spawn")
-FORK = multiprocessing.get_context("fork")
+from tests.support.procs import Method, Workers, run_together
 
 
 @pytest.fixture
-def run_dir(tmp_path: Path) -> Path:
-    out = tmp_path / "out"
-    out.mkdir()
-    return out
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Any]]:
-    """Started processes; whatever a test leaves running is killed and reaped."""
-    started: list[Any] = []
-    yield started
-    for p in started:
-        if p.is_alive():
-            p.kill()
-        p.join(10)
-
-
-def start(procs: list[Any], target: Callable[..., None], *args: Any, ctx: Any = SPAWN) -> Any:
-    p = ctx.Process(target=target, args=args, daemon=True)
-    p.start()
-    procs.append(p)
-    return p
-
-
-def join_ok(procs: list[Any], timeout: float = 120.0) -> None:
-    for p in procs:
-        p.join(timeout)
-        assert p.exitcode == 0, f"worker {p.pid} exited with {p.exitcode}"
+def workers() -> Iterator[Workers]:
+    """Spawned workers; whatever a test leaves running is killed and reaped."""
+    with Workers("spawn", timeout=120.0) as started:
+        yield started
 
 
 def wait_for(path: Path, timeout: float = 60.0) -> None:
@@ -69,61 +42,46 @@ def integrity(db: Path) -> str:
         conn.close()
 
 
-def test_token_persists_across_processes_and_restarts(
-    db_path: Path, run_dir: Path, procs: list[Any]
-) -> None:
-    start(procs, w.set_token, str(db_path), "scope", "persisted-token")
-    join_ok(procs)
-    start(procs, w.get_token, str(db_path), "scope", str(run_dir))
-    join_ok(procs)
-    assert w.read_results(run_dir) == ["persisted-token"]
+def test_token_persists_across_processes_and_restarts(db_path: Path, workers: Workers) -> None:
+    workers.start(w.set_token, [(str(db_path), "scope", "persisted-token")])
+    workers.join()
+    assert run_together(w.get_token, [(str(db_path), "scope")]) == ["persisted-token"]
     with PersistentTokenCache(db_path) as restarted:
         assert restarted.get_system_token("scope") == "persisted-token"
 
 
-def test_clear_in_one_process_is_seen_by_another(db_path: Path, procs: list[Any]) -> None:
+def test_clear_in_one_process_is_seen_by_another(db_path: Path, workers: Workers) -> None:
     with PersistentTokenCache(db_path) as cache:
         cache.set_system_token("scope", "about-to-go")
         assert cache.get_system_token("scope") == "about-to-go"  # now memoised here too
-        start(procs, w.clear_cache, str(db_path))
-        join_ok(procs)
+        workers.start(w.clear_cache, [(str(db_path),)])
+        workers.join()
         assert cache.get_system_token("scope") is None
 
 
-def run_together(
-    procs: list[Any], target: Callable[..., None], n: int, each: int, db: Path, tmp: Path
-) -> tuple[list[Any], int]:
-    """``n`` spawned workers of ``each`` callers released at once: (all outcomes, fetches)."""
-    counter, out = tmp / "fetches", tmp / "out"
-    barrier = SPAWN.Barrier(n)
-    for _ in range(n):
-        start(procs, target, str(db), str(counter), str(out), each, barrier)
-    join_ok(procs)
-    return [o for result in w.read_results(out) for o in result], w.fetches(counter)
+def stampede(target: Callable[..., None], n: int, each: int, db: Path, tmp: Path) -> Any:
+    """``n`` workers of ``each`` callers released at once: (all outcomes, fetches)."""
+    counter = tmp / "fetches"
+    results = run_together(target, [(str(db), str(counter), each)] * n)
+    return [o for result in results for o in result], w.fetches(counter)
 
 
-def test_six_processes_of_sixteen_threads_fetch_once(
-    db_path: Path, tmp_path: Path, run_dir: Path, procs: list[Any]
-) -> None:
-    tokens, fetches = run_together(procs, w.stampede_threads, 6, 16, db_path, tmp_path)
+def test_six_processes_of_sixteen_threads_fetch_once(db_path: Path, tmp_path: Path) -> None:
+    tokens, fetches = stampede(w.stampede_threads, 6, 16, db_path, tmp_path)
     assert len(tokens) == 96
     assert len(set(tokens)) == 1
     assert fetches == 1
 
 
-def test_four_processes_of_fifty_coroutines_fetch_once(
-    db_path: Path, tmp_path: Path, run_dir: Path, procs: list[Any]
-) -> None:
-    tokens, fetches = run_together(procs, w.stampede_coroutines, 4, 50, db_path, tmp_path)
+def test_four_processes_of_fifty_coroutines_fetch_once(db_path: Path, tmp_path: Path) -> None:
+    tokens, fetches = stampede(w.stampede_coroutines, 4, 50, db_path, tmp_path)
     assert len(tokens) == 200
     assert len(set(tokens)) == 1
     assert fetches == 1
 
 
-def test_failed_fetch_backs_off_every_process(
-    db_path: Path, tmp_path: Path, run_dir: Path, procs: list[Any]
-) -> None:
-    outcomes, fetches = run_together(procs, w.backoff_coroutines, 4, 20, db_path, tmp_path)
+def test_failed_fetch_backs_off_every_process(db_path: Path, tmp_path: Path) -> None:
+    outcomes, fetches = stampede(w.backoff_coroutines, 4, 20, db_path, tmp_path)
     assert len(outcomes) == 80
     assert fetches == 1
     # The one caller that fetched sees the fetch's own error; the others fail fast.
@@ -131,10 +89,11 @@ def test_failed_fetch_backs_off_every_process(
     assert outcomes.count("FetchBackoffError") == 79
 
 
-def test_killed_lock_holder_frees_the_key(db_path: Path, tmp_path: Path, procs: list[Any]) -> None:
+def test_killed_lock_holder_frees_the_key(db_path: Path, tmp_path: Path, workers: Workers) -> None:
     started = tmp_path / "started"
-    holder = start(procs, w.hold_in_fetch, str(db_path), str(started))
+    [holder] = workers.start(w.hold_in_fetch, [(str(db_path), str(started))])
     wait_for(started)
+    assert holder.pid is not None
     os.kill(holder.pid, signal.SIGKILL)
     holder.join(10)
     counter = tmp_path / "fetches"
@@ -147,10 +106,10 @@ def test_killed_lock_holder_frees_the_key(db_path: Path, tmp_path: Path, procs: 
 
 
 def test_lock_timeout_fetches_anyway_and_warns(
-    db_path: Path, tmp_path: Path, procs: list[Any], caplog: pytest.LogCaptureFixture
+    db_path: Path, tmp_path: Path, workers: Workers, caplog: pytest.LogCaptureFixture
 ) -> None:
     started = tmp_path / "started"
-    start(procs, w.hold_in_fetch, str(db_path), str(started))
+    workers.start(w.hold_in_fetch, [(str(db_path), str(started))])
     wait_for(started)
     counter = tmp_path / "fetches"
     with (
@@ -165,32 +124,28 @@ def test_lock_timeout_fetches_anyway_and_warns(
 
 
 def test_fetch_that_began_before_clear_does_not_write_back(
-    db_path: Path, tmp_path: Path, run_dir: Path, procs: list[Any]
+    db_path: Path, tmp_path: Path, workers: Workers
 ) -> None:
     started, go = tmp_path / "started", tmp_path / "go"
-    start(procs, w.fetch_across_clear, str(db_path), str(started), str(go), str(run_dir))
+    workers.start(w.fetch_across_clear, [(str(db_path), str(started), str(go))])
     wait_for(started)
     with PersistentTokenCache(db_path) as cache:
         cache.clear()
         go.touch()
-        join_ok(procs)
-        [result] = w.read_results(run_dir)
+        [result] = workers.collect()
+        workers.join()
         assert result == {"token": "fetched-before-clear", "stale": 1}
         assert cache.get_system_token("scope") is None
 
 
 def test_refresh_ahead_serves_the_old_token_and_refreshes_once(
-    db_path: Path, tmp_path: Path, run_dir: Path, procs: list[Any]
+    db_path: Path, tmp_path: Path
 ) -> None:
     counter = tmp_path / "fetches"
     with PersistentTokenCache(db_path) as cache:
         # 40 s lifetime, 10 s left before the buffer: inside a 50 % refresh window.
         cache.set_system_token("scope", "old-token", expires_at=time.time() + 40)
-    barrier = SPAWN.Barrier(4)
-    for _ in range(4):
-        start(procs, w.refresh_callers, str(db_path), str(counter), str(run_dir), barrier)
-    join_ok(procs)
-    results = w.read_results(run_dir)
+    results = run_together(w.refresh_callers, [(str(db_path), str(counter))] * 4)
     # Every caller returned at once with the valid old token (the refresh takes 1 s)...
     assert all(t == "old-token" for r in results for t in r["tokens"][:1])
     # ...and exactly one process on the host fetched the replacement.
@@ -225,26 +180,22 @@ def test_fork_after_use_works_in_child_and_parent(db_path: Path) -> None:
 
 @pytest.mark.parametrize("method", ["spawn", "fork", "forkserver"])
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_every_start_method_shares_tokens(
-    method: str, db_path: Path, run_dir: Path, procs: list[Any]
-) -> None:
-    ctx = multiprocessing.get_context(method)
-    with PersistentTokenCache(db_path) as cache:
+def test_every_start_method_shares_tokens(method: Method, db_path: Path) -> None:
+    with PersistentTokenCache(db_path) as cache, Workers(method) as workers:
         cache.set_system_token("scope", f"shared-{method}")
         assert cache.get_system_token("scope") == f"shared-{method}"
-        start(procs, w.get_token, str(db_path), "scope", str(run_dir), ctx=ctx)
-        start(procs, w.set_token, str(db_path), "child", f"child-{method}", ctx=ctx)
-        join_ok(procs)
+        reader = workers.start(w.get_token, [(str(db_path), "scope")])
+        workers.start(w.set_token, [(str(db_path), "child", f"child-{method}")])
+        assert workers.collect(reader) == [f"shared-{method}"]
+        workers.join()
         assert cache.get_system_token("child") == f"child-{method}"
-    assert w.read_results(run_dir) == [f"shared-{method}"]
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_thirty_two_processes_open_a_new_file_at_once(db_path: Path, procs: list[Any]) -> None:
-    barrier = FORK.Barrier(32)
-    for i in range(32):
-        start(procs, w.open_and_write, str(db_path), barrier, i, ctx=FORK)
-    join_ok(procs)
+def test_thirty_two_processes_open_a_new_file_at_once(db_path: Path) -> None:
+    with Workers("fork") as workers:
+        workers.start(w.open_and_write, [(str(db_path),)] * 32)
+        workers.join()
     with PersistentTokenCache(db_path) as cache:
         assert [cache.get_system_token(f"scope-{i}") for i in range(32)] == [
             f"token-{i}" for i in range(32)
@@ -253,11 +204,12 @@ def test_thirty_two_processes_open_a_new_file_at_once(db_path: Path, procs: list
 
 
 def test_kill_during_write_loop_keeps_every_acknowledged_write(
-    db_path: Path, tmp_path: Path, procs: list[Any]
+    db_path: Path, tmp_path: Path, workers: Workers
 ) -> None:
     for run in range(3):
         ack = tmp_path / f"ack-{run}"
-        writer = start(procs, w.write_loop, str(db_path), str(ack), f"run{run}")
+        [writer] = workers.start(w.write_loop, [(str(db_path), str(ack), f"run{run}")])
+        assert writer.pid is not None
         deadline = time.monotonic() + 60
         while w.fetches(ack) < 50 + 40 * run:
             assert time.monotonic() < deadline and writer.is_alive()

@@ -25,7 +25,7 @@ from _deploy_procs import (
     wait_for_log,
 )
 
-from agw_persist_cache._tokenserver import TokenServer
+from tests.support.tokenserver import TokenServer
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -12,7 +12,7 @@ import pytest
 from _core_support import ApiFactory, make_config, make_jwt
 from _core_support import open_api as open_api  # fixture, re-exported by name
 
-from agw_persist_cache import CacheConfig
+from agw_persist_cache import CacheConfig, CacheUsageError
 from agw_persist_cache._expiry import jwt_exp, normalize, parse_expires_at
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC).timestamp() - 3600.0  # one hour before 2030
@@ -44,10 +44,39 @@ def test_expires_at_accepts_epoch_numeric_strings_and_iso_8601(value: object) ->
     assert resolve({"access_token": "t", "expires_at": value}) == AT_2030
 
 
-@pytest.mark.parametrize("value", ["tomorrow", "", None, True, [1], float("nan"), "inf"])
-def test_unusable_expires_at_is_ignored(value: object) -> None:
+UNUSABLE = ["tomorrow", "abc", "", True, False, [1], {}, float("nan"), float("inf"), "inf", "NaN"]
+
+
+@pytest.mark.parametrize("value", UNUSABLE)
+def test_unusable_expires_at_is_refused_naming_the_field(value: object) -> None:
     assert parse_expires_at(value) is None
-    assert resolve({"access_token": "t", "expires_at": value}) == NOW + 300
+    with pytest.raises(CacheUsageError, match="'expires_at'"):
+        resolve({"access_token": "t", "expires_at": value, "expires_in": 60})
+
+
+@pytest.mark.parametrize("value", UNUSABLE)
+def test_unusable_expires_in_is_refused_naming_the_field(value: object) -> None:
+    with pytest.raises(CacheUsageError, match="'expires_in'") as info:
+        resolve({"access_token": make_jwt(exp=NOW + 1000), "expires_in": value})
+    assert isinstance(info.value, ValueError) and isinstance(info.value, TypeError)
+
+
+def test_a_secret_in_an_unusable_expiry_is_not_echoed() -> None:
+    for field in ("expires_at", "expires_in"):
+        with pytest.raises(CacheUsageError, match=field) as info:
+            resolve({"access_token": "t", field: SECRET})
+        assert SECRET not in str(info.value) and SECRET not in repr(info.value)
+
+
+@pytest.mark.parametrize("field", ["expires_at", "expires_in"])
+def test_absent_or_none_expiry_falls_through_to_the_next_source(field: str) -> None:
+    assert resolve({"access_token": "t", field: None}) == NOW + 300
+    assert resolve({"access_token": make_jwt(exp=NOW + 1000), field: None}) == NOW + 1000
+
+
+def test_numeric_string_expires_in_is_accepted_as_the_sdk_does() -> None:
+    assert resolve({"access_token": "t", "expires_in": "3600"}) == NOW + 3600
+    assert resolve({"access_token": "t", "expires_in": " 90.5 "}) == NOW + 90.5
 
 
 def test_expires_at_beats_expires_in_and_jwt_claims() -> None:
@@ -120,9 +149,9 @@ def test_expires_at_argument_overrides_the_response() -> None:
     assert resolve(data, expires_at=NOW + 10 * 86_400) == NOW + 86_400
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "soon"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "soon", True])
 def test_unusable_expires_at_argument_is_rejected(bad: Any) -> None:
-    with pytest.raises(ValueError, match="expires_at"):
+    with pytest.raises(CacheUsageError, match="expires_at"):
         resolve("t", expires_at=bad)
 
 
@@ -149,6 +178,7 @@ def test_bad_token_data_names_the_field_and_never_echoes_the_token(
 ) -> None:
     with pytest.raises(error) as info:
         resolve(data)
+    assert isinstance(info.value, CacheUsageError)
     assert field in str(info.value)
     assert SECRET not in str(info.value)
     assert SECRET not in repr(info.value)
@@ -202,3 +232,14 @@ async def test_bad_token_data_is_rejected_by_both_apis_and_frees_the_key(
     # Nothing was stored, and the key's locks were released: the next fetch just works.
     assert await api.get("scope") is None
     assert await api.fetch("scope", lambda: "good-token") == "good-token"
+
+
+async def test_a_fetch_answering_an_unusable_expires_in_is_refused_by_both_apis(
+    open_api: ApiFactory,
+) -> None:
+    api = open_api()
+    for bad in ("abc", float("nan"), True):
+        with pytest.raises(CacheUsageError, match="expires_in"):
+            await api.fetch("scope", lambda bad=bad: {"access_token": SECRET, "expires_in": bad})
+    assert await api.get("scope") is None
+    assert await api.fetch("scope", lambda: {"access_token": "ok", "expires_in": "60"}) == "ok"

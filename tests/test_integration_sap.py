@@ -25,13 +25,13 @@ from sap_cloud_sdk.agentgateway.exceptions import AgentGatewaySDKError
 
 from agw_persist_cache import CacheConfig, PersistentTokenCache
 from agw_persist_cache.integrations._sap_client import shared_scope_key
-from agw_persist_cache.integrations._sap_standin import (
+from agw_persist_cache.integrations._sap_unauthorized import http_status
+from agw_persist_cache.integrations.sap import PersistentAgentGatewayClient, create_client
+from tests.support.sap_standin import (
     install_counting_token_endpoint,
     run_agents,
     write_customer_binding,
 )
-from agw_persist_cache.integrations._sap_unauthorized import http_status
-from agw_persist_cache.integrations.sap import PersistentAgentGatewayClient, create_client
 
 pytestmark = [pytest.mark.filterwarnings(SDK_SCANDIR_LEAK), pytest.mark.timeout(120)]
 __all__ = ["cache", "gateway", "lob_env", "sap_env"]  # fixtures, imported for pytest to find

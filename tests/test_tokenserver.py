@@ -1,4 +1,4 @@
-"""The local IAS-like TokenServer that the other tests (and ``agw-cache demo``) rely on."""
+"""The local IAS-like TokenServer (tests/support) that the other tests rely on."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import jwt
 import pytest
 from _tls import TlsMaterial, eventually, make_tls
 
-from agw_persist_cache._tokenserver import GRANT_CLIENT_CREDENTIALS, GRANT_JWT_BEARER, TokenServer
+from tests.support.tokenserver import GRANT_CLIENT_CREDENTIALS, GRANT_JWT_BEARER, TokenServer
 
 CC_FORM = {"grant_type": GRANT_CLIENT_CREDENTIALS, "client_id": "client-a"}
 

@@ -26,6 +26,7 @@ SCRIPT = textwrap.dedent(
     import agw_persist_cache as pkg
     from agw_persist_cache import CacheConfig, PersistentTokenCache
     from agw_persist_cache.backends import sqlite as _store
+    from agw_persist_cache import cli  # with doctor and demo: nothing from tests/ needed
 
     path = sys.argv[1]
     with PersistentTokenCache(path, config=CacheConfig(keys=[b"k" * 32])) as cache:
@@ -65,6 +66,13 @@ def test_wheel_contains_the_migrations_and_py_typed(wheel: Path) -> None:
     assert "agw_persist_cache/py.typed" in names
     assert "agw_persist_cache/__init__.py" in names
     assert not any(n.startswith("tests/") for n in names)
+
+
+def test_wheel_ships_no_test_scaffolding(wheel: Path) -> None:
+    names = set(zipfile.ZipFile(wheel).namelist())
+    stems = {Path(n).stem for n in names if n.endswith(".py")}
+    assert not stems & {"_tokenserver", "tokenserver", "_sap_standin", "sap_standin"}
+    assert not any("/support/" in n or n.startswith("benchmarks/") for n in names)
 
 
 def test_installed_wheel_caches_tokens_outside_the_checkout(wheel: Path, tmp_path: Path) -> None:

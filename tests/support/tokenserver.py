@@ -1,4 +1,4 @@
-"""A local IAS-like token endpoint for tests and ``agw-cache demo``.
+"""A local IAS-like token endpoint for the tests and benchmarks.
 
 :class:`TokenServer` serves, in a daemon thread on ``127.0.0.1`` (ephemeral port):
 
@@ -12,12 +12,11 @@
 HTTPS when an ``ssl.SSLContext`` is given; requiring a client certificate (mTLS) is the
 caller's choice through that context (``CERT_REQUIRED`` plus a trusted CA). Counters live
 in the process that runs the server; other processes reach it over HTTP(S) only.
-Standard library only, so the CLI demo can use it without test dependencies.
+Tokens are unsigned JWTs minted with pyjwt (nothing here verifies signatures).
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import socket
 import ssl
@@ -28,32 +27,47 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs
 
-__all__ = ["GRANT_CLIENT_CREDENTIALS", "GRANT_JWT_BEARER", "TokenServer", "make_unsigned_jwt"]
+import jwt
+
+__all__ = [
+    "GRANT_CLIENT_CREDENTIALS",
+    "GRANT_JWT_BEARER",
+    "TokenServer",
+    "make_unsigned_jwt",
+    "mint_jwt",
+]
 
 GRANT_CLIENT_CREDENTIALS = "client_credentials"
 GRANT_JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 _HANDSHAKE_TIMEOUT = 10.0
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
 def make_unsigned_jwt(claims: dict[str, Any]) -> str:
     """An unsecured (``alg: none``) JWT with ``claims``; readable by any unverified decoder."""
-    header = _b64url(json.dumps({"alg": "none", "typ": "JWT"}).encode())
-    payload = _b64url(json.dumps(claims, separators=(",", ":")).encode())
-    return f"{header}.{payload}."
+    return jwt.encode(claims, "", algorithm="none")
+
+
+def mint_jwt(subject: str, *, ttl_seconds: float, jti: str | None = None, **claims: Any) -> str:
+    """An unsigned JWT for ``subject`` whose ``exp`` is ``ttl_seconds`` from now."""
+    now = int(time.time())
+    return make_unsigned_jwt(
+        {
+            "sub": subject,
+            "iat": now,
+            "exp": now + int(ttl_seconds),
+            "jti": jti or uuid.uuid4().hex,
+            **claims,
+        }
+    )
 
 
 def _jwt_subject(assertion: str) -> str | None:
     """The ``sub`` claim of an (unverified) JWT, or None when it cannot be read."""
     try:
-        payload = assertion.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (IndexError, ValueError):
+        claims = jwt.decode(assertion, options={"verify_signature": False})
+    except jwt.PyJWTError:
         return None
-    sub = claims.get("sub") if isinstance(claims, dict) else None
+    sub = claims.get("sub")
     return sub if isinstance(sub, str) else None
 
 
@@ -318,15 +332,7 @@ class TokenServer:
             return 400, {"error": "unsupported_grant_type"}
         now = time.time()
         ttl = self.token_ttl
-        token = make_unsigned_jwt(
-            {
-                "sub": sub,
-                "iat": int(now),
-                "exp": int(now) + ttl,
-                "jti": uuid.uuid4().hex,
-                "grant_type": grant,
-            }
-        )
+        token = mint_jwt(sub, ttl_seconds=ttl, grant_type=grant)
         with self._cond:
             self._valid[token] = (now + ttl, sub)
             self.issued_tokens.append(token)

@@ -1,6 +1,7 @@
 """A counting stand-in for the SAP identity service and a driver of agent processes.
 
-For tests and ``examples/sap_request_counts.py``. The real IAS token endpoint cannot run here,
+For the tests and ``examples/sap_request_counts.py``; it patches the SDK process-wide, so it
+lives here and never in the package. The real IAS token endpoint cannot run here,
 so, as the sap-cloud-sdk's own contributors do, this replaces
 ``sap_cloud_sdk.agentgateway._customer._request_token_mtls`` with a function that mints a fresh
 JWT after a simulated round trip and appends one line per request to a counter file, opened with
@@ -15,22 +16,20 @@ import hashlib
 import importlib
 import json
 import logging
-import multiprocessing
 import os
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import Any, Literal
 
-from .._tokenserver import make_unsigned_jwt
+from tests.support.procs import Worker, Workers
+from tests.support.tokenserver import mint_jwt
 
 __all__ = [
     "TokenRequest",
     "install_counting_token_endpoint",
-    "mint_jwt",
     "read_token_requests",
     "run_agents",
     "write_customer_binding",
@@ -84,18 +83,6 @@ def write_customer_binding(
     path = binding / "credentials"
     path.write_text(json.dumps(credentials))
     return path
-
-
-def mint_jwt(subject: str, *, ttl_seconds: float, jti: str | None = None) -> str:
-    """An unsigned JWT whose ``exp`` is ``ttl_seconds`` from now (nothing here verifies it)."""
-    now = int(time.time())
-    claims = {
-        "sub": subject,
-        "iat": now,
-        "exp": now + int(ttl_seconds),
-        "jti": jti or uuid.uuid4().hex,
-    }
-    return make_unsigned_jwt(claims)
 
 
 def _user_digest(extra_data: Mapping[str, Any] | None) -> str:
@@ -163,7 +150,7 @@ def _agent(
     users: Sequence[str],
     latency: float,
     action: Action,
-    barrier: Barrier | None,
+    worker: Worker,
 ) -> None:
     """One agent process: one client from ``module_name``'s ``create_client``, then either
     ``coroutines`` concurrent tool discoveries (system token, then a user's) or a cache clear."""
@@ -182,8 +169,7 @@ def _agent(
                 if users:
                     await client.list_mcp_tools(user_token=users[i % len(users)])
 
-            if barrier is not None:
-                await asyncio.to_thread(barrier.wait, 60)
+            await asyncio.to_thread(worker.wait)
             await asyncio.gather(*(one(i) for i in range(coroutines)))
         # No cleanup on purpose: like most agents, this one just exits.
 
@@ -204,24 +190,11 @@ def run_agents(
     """Spawn ``processes`` agents that start together, reap them all, return their requests.
 
     The environment (``SERVICE_BINDING_ROOT``, ``AGW_CACHE_PATH``) is inherited by the agents.
-    Raises ``RuntimeError`` if an agent fails or hangs.
+    Raises :class:`~tests.support.procs.WorkerError` if an agent fails or hangs.
     """
-    ctx = multiprocessing.get_context("spawn")
     before = len(read_token_requests(counter))
-    barrier = ctx.Barrier(processes) if processes > 1 else None
-    args = (module_name, os.fspath(counter), coroutines, tuple(users), latency, action, barrier)
-    agents = [ctx.Process(target=_agent, args=args) for _ in range(processes)]
-    for agent in agents:
-        agent.start()
-    deadline = time.monotonic() + timeout
-    failed = []
-    for agent in agents:
-        agent.join(max(0.0, deadline - time.monotonic()))
-        if agent.is_alive():
-            agent.kill()
-            agent.join()
-        if agent.exitcode != 0:
-            failed.append(agent.exitcode)
-    if failed:
-        raise RuntimeError(f"{len(failed)} agent process(es) failed, exit codes {failed}")
+    args = (module_name, os.fspath(counter), coroutines, tuple(users), latency, action)
+    with Workers("spawn", timeout=timeout) as agents:
+        agents.start(_agent, [args] * processes)
+        agents.join()
     return read_token_requests(counter)[before:]

@@ -1,0 +1,69 @@
+"""What ``agw-cache``'s commands share: exit codes, the usage error, opening the cache, and
+formatting of durations, sizes and tables.
+
+It sits below ``cli``, ``_doctor`` and ``_demo`` so that ``cli`` imports those two and
+neither of them imports ``cli``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from ._cache import PersistentTokenCache
+from ._config import CacheConfig
+
+EXIT_OK = 0
+EXIT_PROBLEMS = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A command line or environment mistake the operator must fix (exit code 2)."""
+
+
+def open_cache(
+    path: str | None, *, keys: Sequence[str | bytes] | None = None
+) -> PersistentTokenCache:
+    """The cache the workers use: ``--path`` or ``$AGW_CACHE_PATH``, keys from the environment."""
+    config = CacheConfig(path=path, keys=keys) if keys is not None else CacheConfig(path=path)
+    return PersistentTokenCache(path, config=config)
+
+
+def format_span(seconds: float) -> str:
+    """A short human duration such as ``59m 58s`` or ``2d 3h``."""
+    total = round(abs(seconds))
+    days, rest = divmod(total, 86_400)
+    hours, rest = divmod(rest, 3_600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
+def format_until(epoch: float | None, now: float) -> str:
+    """``in 5m 00s`` for the future, ``expired 3s ago`` for the past, ``-`` for none."""
+    if epoch is None:
+        return "-"
+    delta = epoch - now
+    return f"in {format_span(delta)}" if delta > 0 else f"expired {format_span(delta)} ago"
+
+
+def format_bytes(size: int) -> str:
+    """A file size in B, KiB or MiB."""
+    if size < 1024:
+        return f"{size} B"
+    if size < 1024 * 1024:
+        return f"{size / 1024:.1f} KiB"
+    return f"{size / (1024 * 1024):.1f} MiB"
+
+
+def table_lines(header: Sequence[str], rows: Sequence[Sequence[str]]) -> Iterator[str]:
+    """``header`` and ``rows`` as left-aligned columns, each as wide as its widest cell."""
+    widths = [max([len(cell), *(len(row[i]) for row in rows)]) for i, cell in enumerate(header)]
+    for line in (header, *rows):
+        cells = [cell.ljust(width) for cell, width in zip(line, widths, strict=True)]
+        yield "  ".join(cells).rstrip()
