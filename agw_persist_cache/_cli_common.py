@@ -22,11 +22,13 @@ class UsageError(Exception):
 
 
 def open_cache(
-    path: str | None, *, keys: Sequence[str | bytes] | None = None
+    path: str | None, *, keys: Sequence[str | bytes] | None = None, read_only: bool = False
 ) -> PersistentTokenCache:
-    """The cache the workers use: ``--path`` or ``$AGW_CACHE_PATH``, keys from the environment."""
+    """The cache the workers use: ``--path`` or ``$AGW_CACHE_PATH``, keys from the environment.
+
+    ``read_only`` (stats, list, doctor): an existing cache is read; nothing is created."""
     config = CacheConfig(path=path, keys=keys) if keys is not None else CacheConfig(path=path)
-    return PersistentTokenCache(path, config=config)
+    return PersistentTokenCache(path, config=config, read_only=read_only)
 
 
 def format_span(seconds: float) -> str:

@@ -1,23 +1,25 @@
 """``agw-cache doctor``: one line per health check of the cache file, its keys and its locks.
 
 A check that finds a problem prints ``FAIL`` with the fix and makes the exit code 1; a
-``warn`` line is worth reading but does not fail. A network filesystem stops the checks
-before the cache is opened: SQLite's WAL needs shared memory that NFS/SMB/FUSE do not give.
+``warn`` line is worth reading but does not fail. Doctor only reads: it opens an existing
+database read-only and creates nothing; any failure is a ``FAIL`` line, never a traceback.
+A network filesystem stops the checks before the cache is opened: SQLite's WAL needs shared
+memory that NFS/SMB/FUSE do not give.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import sqlite3
-import stat
-from collections.abc import Iterator
-from contextlib import closing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from . import _files as files
 from ._cli_common import EXIT_OK, EXIT_PROBLEMS, open_cache
 from ._config import ENV_PATH, resolve_path
+from .backends.sqlite import recognize
 
 NETWORK_FILESYSTEMS = frozenset(
     {
@@ -89,25 +91,18 @@ def _existing_ancestor(path: Path) -> Path:
     return Path("/")
 
 
-def _mode_problem(label: str, path: Path, *, directory: bool) -> str | None:
-    """None when ``path`` is private to its owner (0700 dir / 0600 file), else the fix."""
-    perms = stat.S_IMODE(path.stat().st_mode)
-    want = 0o700 if directory else 0o600
-    if perms & 0o077:
-        return f"{label} {path} is mode {perms:04o}, want {want:04o} (chmod {want:o} {path})"
-    return None
+def _guarded(name: str, check: Callable[[], Iterator[Check]]) -> Iterator[Check]:
+    """Run one group of checks; whatever it raises becomes a FAIL line, never a traceback."""
+    try:
+        yield from check()
+    except Exception as exc:  # reason: doctor exists for broken set-ups; it reports, not crashes
+        yield Check("FAIL", name, f"{type(exc).__name__}: {exc}")
 
 
 def _checks(path_arg: str | None, mounts_file: Path) -> Iterator[Check]:
-    """The checks in order; stops early when going on would be unsafe or meaningless."""
+    """The checks in order, reading only; stops early when going on would be unsafe or moot."""
     path = resolve_path(path_arg)
     source = "--path" if path_arg else (f"${ENV_PATH}" if os.environ.get(ENV_PATH) else "default")
-    if path.exists() and not path.is_file():
-        yield Check("FAIL", "path", f"{path} exists and is not a regular file")
-        return
-    state = "exists" if path.exists() else "new: the checks below create it"
-    yield Check("ok", "path", f"{path} (from {source}; {state})")
-
     try:
         mounts = mounts_file.read_text()
     except OSError as exc:
@@ -125,82 +120,109 @@ def _checks(path_arg: str | None, mounts_file: Path) -> Iterator[Check]:
         )
         return
     yield Check("ok", "filesystem", f"{fstype} at {point} (local)")
-
     try:
-        cache = open_cache(path_arg)
-        with cache:
-            stats = cache.stats()
-            lock_dir, key_file, key_source = cache.lock_dir, cache.key_file, cache.key_source
-            key_ids = cache.key_ids
-    except Exception as exc:  # any failure to open is what this check reports
-        yield Check("FAIL", "open", f"cannot open the cache: {type(exc).__name__}: {exc}")
+        os.lstat(path)
+    except FileNotFoundError:
+        yield Check("FAIL", "path", f"no cache at {path} (from {source}); nothing was created")
         return
+    except OSError as exc:
+        yield Check(
+            "FAIL",
+            "path",
+            f"cannot look at {path} as uid {os.geteuid()} ({exc.strerror}); run doctor as the "
+            "user the workers run as",
+        )
+        return
+    yield Check("ok", "path", f"{path} (from {source})")
+    yield from _guarded("owner", lambda: _ownership(path))
+    yield from _guarded("directory", lambda: _directory(path))
+    yield from _guarded("file", lambda: _recognized(path))
+    yield from _guarded("open", lambda: _opened(path_arg, path))
 
-    with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as conn:
-        journal = str(conn.execute("PRAGMA journal_mode").fetchone()[0])
-    level = "ok" if journal == "wal" else "FAIL"
-    yield Check(level, "journal", f"journal_mode={journal} (want wal)")
 
-    private: list[tuple[str, Path, bool]] = [
-        ("directory", path.parent, True),
-        ("file", path, False),
-    ]
-    for suffix in ("-wal", "-shm"):
-        sidecar = Path(f"{path}{suffix}")
-        if sidecar.exists():
-            private.append((suffix[1:], sidecar, False))
-    if key_file is not None and key_file.exists():
-        private.append(("key file", key_file, False))
-    if lock_dir.exists():
-        private.append(("lock dir", lock_dir, True))
-    problems = [m for label, p, d in private if (m := _mode_problem(label, p, directory=d))]
+def _files_of(path: Path) -> list[Path]:
+    names = [path, *(path.with_name(path.name + s) for s in ("-wal", "-shm", ".key"))]
+    lock_dir = path.with_name(path.name + ".locks")
+    with contextlib.suppress(OSError):
+        names += sorted(lock_dir.iterdir())
+    return [p for p in names if p.exists() or p.is_symlink()]
+
+
+def _ownership(path: Path) -> Iterator[Check]:
+    problems = []
+    for p in _files_of(path):
+        reason = files.problem(p, os.lstat(p))
+        if reason is not None:
+            problems.append(reason)
     if problems:
         yield Check("FAIL", "modes", "; ".join(problems))
     else:
-        yield Check("ok", "modes", ", ".join(f"{label} private" for label, _, _ in private))
+        yield Check("ok", "modes", "every file regular, private (0600) and owned by this user")
+        yield Check("ok", "owner", f"uid {os.geteuid()} owns every file")
 
-    me = os.geteuid()
-    owners = {p.stat().st_uid for _, p, _ in private}
-    if owners == {me}:
-        yield Check("ok", "owner", f"uid {me} owns every file")
-    elif me == 0 and len(owners) == 1:
-        yield Check("warn", "owner", f"files owned by uid {owners.pop()}; you run as root")
-    else:
-        yield Check(
-            "FAIL",
-            "owner",
-            f"files owned by uids {sorted(owners)}, you are uid {me}: run the workers and "
-            "agw-cache as one user (or chown the directory)",
-        )
 
-    where = f" in {key_file}" if key_source == "file" else ""
-    if not key_ids and stats.disabled_reason:
-        yield Check("warn", "key", f"source {key_source}{where}; not loaded: the cache is disabled")
-    elif not key_ids:
-        yield Check("FAIL", "key", f"no usable key (source {key_source}{where}); set AGW_CACHE_KEY")
-    else:
-        yield Check("ok", "key", f"source {key_source}{where}; key ids {', '.join(key_ids)}")
-    unknown = sorted(set(stats.key_ids_in_use) - set(key_ids))
-    if unknown:
+def _directory(path: Path) -> Iterator[Check]:
+    if files.others_may_write(path.parent):
         yield Check(
             "warn",
-            "key",
-            f"rows sealed under key ids {', '.join(unknown)} that this environment does not "
-            "have: they are refetched; give every process the same AGW_CACHE_KEY",
+            "directory",
+            f"{path.parent} is writable by others without the sticky bit: another user could "
+            "replace the cache's files there (they would then be refused, and the cache "
+            "bypassed); prefer a directory of this user's (mode 0700)",
         )
+    else:
+        yield Check("ok", "directory", f"{path.parent} is not writable by others")
 
+
+def _recognized(path: Path) -> Iterator[Check]:
+    lock_dir = path.with_name(path.name + ".locks")
+    verdict = recognize(path, lock_dir.is_dir())
+    if verdict == "damaged":
+        yield Check(
+            "FAIL",
+            "file",
+            f"{path} is ours but no longer a usable SQLite file; a worker moves it aside "
+            "and starts a new one when it next opens it",
+        )
+    else:
+        yield Check("ok", "file", f"{path} is an agw-persist-cache file")
+
+
+def _opened(path_arg: str | None, path: Path) -> Iterator[Check]:
+    with open_cache(path_arg, read_only=True) as cache:
+        stats = cache.stats()
+        key_ids, key_source, key_file = cache.key_ids, cache.key_source, cache.key_file
     if stats.disabled_reason:
         yield Check("FAIL", "schema", f"cache disabled: {stats.disabled_reason}")
+        return
+    yield Check("ok", "schema", f"version {stats.schema_version}")
+    with open(path, "rb") as fh:  # the header says (a connection could create a -wal file)
+        header = fh.read(20)
+    journal = "wal" if header[18:20] == b"\x02\x02" else "rollback"
+    level = "ok" if journal == "wal" else "FAIL"
+    yield Check(level, "journal", f"journal_mode={journal} (want wal)")
+    where = f" in {key_file}" if key_source == "file" else ""
+    rows = stats.entries_system + stats.entries_user
+    if not key_ids:
+        level = "FAIL" if rows else "warn"
+        yield Check(level, "key", f"no usable key (source {key_source}{where}); set AGW_CACHE_KEY")
+    elif rows and stats.key_ids_in_use and not set(key_ids) & set(stats.key_ids_in_use):
+        yield Check(
+            "FAIL",
+            "key",
+            f"the configured key does not open this cache: {rows} rows were written under key "
+            f"ids {', '.join(stats.key_ids_in_use)}, this environment has {', '.join(key_ids)}; "
+            "give every process the same AGW_CACHE_KEY",
+        )
     else:
-        yield Check("ok", "schema", f"version {stats.schema_version}")
-
+        yield Check("ok", "key", f"source {key_source}{where}; key ids {', '.join(key_ids)}")
+    lock_dir = path.with_name(path.name + ".locks")
     if not lock_dir.is_dir():
-        yield Check("FAIL", "locks", f"lock dir {lock_dir} is missing")
+        yield Check("warn", "locks", f"lock dir {lock_dir} is missing (a worker makes it)")
     elif not os.access(lock_dir, os.W_OK | os.X_OK):
-        yield Check("FAIL", "locks", f"lock dir {lock_dir} is not writable by uid {me}")
+        yield Check("FAIL", "locks", f"lock dir {lock_dir} is not writable by uid {os.geteuid()}")
     else:
-        count = sum(1 for _ in lock_dir.iterdir())
-        yield Check("ok", "locks", f"{lock_dir} ({count} lock files)")
+        yield Check("ok", "locks", f"{lock_dir}")
 
 
 def run_doctor(path_arg: str | None, out: TextIO, *, mounts_file: Path) -> int:

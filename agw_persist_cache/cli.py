@@ -80,7 +80,7 @@ def _require_usable(cache: PersistentTokenCache) -> None:
 
 def cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
     """Rows by kind (valid / expired), expiry range, file sizes, schema and key ids."""
-    with open_cache(args.path) as cache:
+    with open_cache(args.path, read_only=True) as cache:
         stats = cache.stats()
         entries = cache.list_entries()
         configured = cache.key_ids
@@ -123,7 +123,7 @@ def cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_list(args: argparse.Namespace, out: TextIO) -> int:
     """One line of metadata per row, soonest expiry first."""
-    with open_cache(args.path) as cache:
+    with open_cache(args.path, read_only=True) as cache:
         _require_usable(cache)
         entries = sorted(cache.list_entries(), key=lambda e: e.expires_at)
     now = time.time()

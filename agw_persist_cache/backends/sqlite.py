@@ -722,11 +722,12 @@ class SqliteBackend:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
         finally:
             conn.close()
-        if version != SCHEMA_VERSION:
-            newer = "newer" if version > SCHEMA_VERSION else "older"
+        if version > SCHEMA_VERSION:
+            raise SchemaTooNew(_too_new(self.path, version))
+        if version < SCHEMA_VERSION:
             raise SchemaTooNew(
-                f"cache file {self.path} has schema version {version}, {newer} than this "
-                f"agw-cache reads ({SCHEMA_VERSION}); a worker of the same version migrates "
+                f"cache file {self.path} has schema version {version}, older than this "
+                f"agw-persist-cache reads ({SCHEMA_VERSION}); a worker of this version migrates "
                 "it when it next opens it"
             )
         self._identity = _identity_of(self.path)
@@ -772,11 +773,7 @@ class SqliteBackend:
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise SchemaTooNew(
-                    f"cache file {self.path} has schema version {version}, newer than this "
-                    f"agw-persist-cache understands ({SCHEMA_VERSION}); upgrade the package on "
-                    "every process of this host or point AGW_CACHE_PATH elsewhere"
-                )
+                raise SchemaTooNew(_too_new(self.path, version))
             if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
                 conn.execute("PRAGMA journal_mode = WAL")
             for number, _name, sql in MIGRATIONS:
@@ -890,6 +887,14 @@ def _tables(path: Path) -> set[str] | None:
 
 def _no_follow(path: str, flags: int) -> int:
     return os.open(path, flags | files.NOFOLLOW | os.O_CLOEXEC)
+
+
+def _too_new(path: Path, version: int) -> str:
+    return (
+        f"cache file {path} has schema version {version}, newer than this agw-persist-cache "
+        f"understands ({SCHEMA_VERSION}); upgrade the package on every process of this host "
+        "or point AGW_CACHE_PATH elsewhere"
+    )
 
 
 def _is_busy(exc: BaseException) -> bool:

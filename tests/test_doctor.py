@@ -1,0 +1,152 @@
+"""Read-only diagnostics: ``stats``, ``list`` and ``doctor`` create nothing, and ``doctor``
+reports every broken set-up as a FAIL line (as another user too), never a traceback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+from _core_support import new_key
+from _deploy_procs import base_env, cli_command, run, run_cli
+
+from agw_persist_cache import CacheConfig, PersistentTokenCache
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("command", ["stats", "list", "doctor"])
+def test_diagnostics_on_a_missing_path_say_so_and_create_nothing(
+    tmp_path: Path, command: str
+) -> None:
+    path = tmp_path / "typo" / "tokens.db"
+    result = run_cli("--path", str(path), command, env=base_env())
+    assert result.returncode == 1
+    assert f"no cache at {path}" in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert _tree(tmp_path) == []
+
+
+def test_diagnostics_change_nothing_in_an_existing_cache(tmp_path: Path) -> None:
+    key = new_key()
+    path = tmp_path / "c" / "tokens.db"
+    with PersistentTokenCache(path, config=CacheConfig(keys=[key])) as cache:
+        cache.set_system_token("scope", "token")
+    before = {p: p.stat().st_mtime_ns for p in path.parent.iterdir()}
+    env = base_env(AGW_CACHE_KEY=key)
+    for command in ("stats", "list", "doctor"):
+        result = run_cli("--path", str(path), command, env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert {p: p.stat().st_mtime_ns for p in path.parent.iterdir()} == before
+
+
+def _doctor(path: Path, **env: str) -> tuple[int, str]:
+    result = run_cli("--path", str(path), "doctor", env=base_env(**env))
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.returncode, result.stdout
+
+
+def test_doctor_fails_on_a_wrong_key_naming_key_ids_only(tmp_path: Path) -> None:
+    right, wrong = new_key(), new_key()
+    path = tmp_path / "c" / "tokens.db"
+    with PersistentTokenCache(path, config=CacheConfig(keys=[right])) as cache:
+        cache.set_system_token("scope", "token")
+    code, out = _doctor(path, AGW_CACHE_KEY=wrong)
+    assert code == 1
+    (line,) = [x for x in out.splitlines() if x.startswith("FAIL  key")]
+    assert "does not open this cache" in line and "1 rows" in line
+    assert right not in out and wrong not in out
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [(b"x\n", "not an SQLite file"), (None, "tables of its own")],
+)
+def test_doctor_fails_on_a_file_that_is_not_a_cache_and_leaves_it(
+    tmp_path: Path, content: bytes | None, why: str
+) -> None:
+    path = tmp_path / "app.conf"
+    if content is None:
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TABLE settings (k TEXT, v TEXT)")
+        conn.close()
+    else:
+        path.write_bytes(content)
+    path.chmod(0o600)
+    data = path.read_bytes()
+    code, out = _doctor(path)
+    assert code == 1
+    assert any(line.startswith("FAIL") and why in line for line in out.splitlines())
+    assert path.read_bytes() == data
+    assert _tree(tmp_path) == ["app.conf"]
+
+
+def test_doctor_warns_about_a_directory_others_may_write(tmp_path: Path) -> None:
+    shared = tmp_path / "emptydir"
+    shared.mkdir()
+    key = new_key()
+    with PersistentTokenCache(shared / "tokens.db", config=CacheConfig(keys=[key])) as cache:
+        cache.set_system_token("scope", "token")
+    shared.chmod(0o777)
+    code, out = _doctor(shared / "tokens.db", AGW_CACHE_KEY=key)
+    assert code == 0, out
+    assert any(line.startswith("warn  directory") for line in out.splitlines())
+
+
+def _as_nobody(*args: str) -> tuple[int, str, str]:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("running as another user needs root and setpriv (CI runs as root)")
+    env = base_env(PYTHONPATH=str(Path(__file__).resolve().parent.parent), HOME="/nonexistent")
+    cmd = cli_command()
+    if not os.access(cmd[0], os.X_OK):
+        cmd = [sys.executable, "-m", "agw_persist_cache"]
+    result = run(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *cmd, *args],
+        env=env,
+    )
+    return result.returncode, result.stdout, result.stderr
+
+
+def _open_to_all(path: Path) -> None:
+    for p in (path, *path.parents):
+        if p in (Path("/"), Path("/tmp")):
+            break
+        p.chmod(p.stat().st_mode | 0o011)
+
+
+def test_doctor_as_another_user_reports_a_root_owned_cache_without_crashing(
+    tmp_path: Path,
+) -> None:
+    cache_dir = tmp_path / "shared"
+    cache_dir.mkdir()
+    with PersistentTokenCache(cache_dir / "tokens.db", config=CacheConfig(keys=[new_key()])) as c:
+        c.set_system_token("scope", "token")
+    cache_dir.chmod(0o777)  # the caller can write the directory, not read the 0600 database
+    _open_to_all(cache_dir)
+    code, out, err = _as_nobody("--path", str(cache_dir / "tokens.db"), "doctor")
+    assert code == 1
+    assert "Traceback" not in err
+    assert any(
+        line.startswith("FAIL  modes") and "owned by uid 0" in line for line in out.split("\n")
+    )
+
+
+def test_doctor_as_another_user_reports_a_private_directory_without_crashing(
+    tmp_path: Path,
+) -> None:
+    cache_dir = tmp_path / "private"
+    cache_dir.mkdir()
+    with PersistentTokenCache(cache_dir / "tokens.db", config=CacheConfig(keys=[new_key()])) as c:
+        c.set_system_token("scope", "token")
+    cache_dir.chmod(0o700)
+    _open_to_all(tmp_path)
+    code, out, err = _as_nobody("--path", str(cache_dir / "tokens.db"), "doctor")
+    assert code == 1
+    assert "Traceback" not in err
+    assert out.splitlines()[-1].startswith("doctor: ")
+    assert any(line.startswith("FAIL") for line in out.splitlines())
