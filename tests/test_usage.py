@@ -134,3 +134,16 @@ async def test_a_hit_on_the_loop_takes_no_thread_hop(db_path: Path) -> None:
         loop.run_in_executor = original  # type: ignore[method-assign]
     assert hops == []
     await cache.aclose()
+
+
+async def test_a_token_shorter_lived_than_the_buffer_is_served_once_not_stored(
+    db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = PersistentTokenCache(db_path, config=make_config(token_expiry_buffer_seconds=60))
+    short = Counting(expires_in=30)  # valid for 30 s, but hits need 60 s of life left
+    assert cache.system_token("scope", short) == "fetched-1"  # the caller that fetched it
+    assert cache.get_system_token("scope") is None  # never stored: it could not be served
+    assert await cache.asystem_token("scope", lambda: _token("fetched-2")) == "fetched-2"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "token_expiry_buffer_seconds" in warnings[0]
+    await cache.aclose()
