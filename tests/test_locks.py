@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import os
 import signal
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from _core_support import make_config, warnings_of
+from support.procs import Worker, Workers
 
 from agw_persist_cache import PersistentTokenCache
 from agw_persist_cache.backends._filelocks import OFD_SUPPORTED, KeyLockFiles
 from agw_persist_cache.backends.contract import LockResult
 
-FORK = multiprocessing.get_context("fork")
 A, B = b"\x01" * 32, b"\x02" * 32
 
 
@@ -33,13 +31,9 @@ def files(request: pytest.FixtureRequest, tmp_path: Path) -> KeyLockFiles:
 
 
 @pytest.fixture
-def children() -> Iterator[list[Any]]:
-    started: list[Any] = []
-    yield started
-    for p in started:
-        if p.is_alive():
-            p.kill()
-        p.join(10)
+def workers() -> Iterator[Workers]:
+    with Workers("fork", timeout=60) as started:
+        yield started
 
 
 def test_a_held_key_is_busy_for_everyone_else_and_free_after_release(files: KeyLockFiles) -> None:
@@ -126,25 +120,22 @@ async def test_an_async_wait_times_out_and_leaves_nothing_held(files: KeyLockFil
     again.release()
 
 
-def _hold_until_killed(directory: str, ofd: bool, ready: Any) -> None:
+def _hold_until_killed(directory: str, ofd: bool, worker: Worker) -> None:
     lock = KeyLockFiles(Path(directory), stripes=64, ofd=ofd).key_lock(A)
     assert lock.acquire(None) is LockResult.HELD
-    ready.set()
+    worker.report("held")
     time.sleep(120)
 
 
-def test_a_killed_holder_frees_the_key_at_once(files: KeyLockFiles, children: list[Any]) -> None:
-    ready = FORK.Event()
-    child = FORK.Process(target=_hold_until_killed, args=(str(files.lock_dir), files.ofd, ready))
-    child.start()
-    children.append(child)
-    assert ready.wait(30)
+def test_a_killed_holder_frees_the_key_at_once(files: KeyLockFiles, workers: Workers) -> None:
+    (child,) = workers.start(_hold_until_killed, [(str(files.lock_dir), files.ofd)])
+    assert workers.collect() == ["held"]
     assert files.key_lock(A).acquire(None) is LockResult.BUSY
     waiting: list[LockResult] = []
     lock = files.key_lock(A)
     waiter = threading.Thread(target=lambda: waiting.append(lock.acquire(60.0)))
     waiter.start()
-    os.kill(child.pid, signal.SIGKILL)
+    os.kill(child.pid or 0, signal.SIGKILL)
     waiter.join(60)
     # Freed by the kernel at the holder's death, not by the 60 s timeout.
     assert waiting in ([LockResult.WAITED], [LockResult.HELD])

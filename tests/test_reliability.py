@@ -5,7 +5,6 @@ and replay-proof rows. Real files, real processes."""
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import os
 import random
 import signal
@@ -18,6 +17,7 @@ from typing import Any
 
 import pytest
 from _core_support import Counting, future, make_config, new_key, raw_exec, raw_rows
+from support.procs import Worker, Workers
 
 from agw_persist_cache import (
     CacheStorageError,
@@ -26,7 +26,6 @@ from agw_persist_cache import (
 )
 from agw_persist_cache.backends.sqlite import IDENTITY_CHECK_SECONDS
 
-FORK = multiprocessing.get_context("fork")
 SCALE = float(os.environ.get("AGW_TEST_SCALE", "1"))
 """``AGW_TEST_SCALE=5`` runs the counts the issue measures (10,000 threads, 1,000 loops)."""
 
@@ -40,13 +39,9 @@ def live_threads() -> int:
 
 
 @pytest.fixture
-def children() -> Iterator[list[Any]]:
-    started: list[Any] = []
-    yield started
-    for p in started:
-        if p.is_alive():
-            p.kill()
-        p.join(10)
+def workers() -> Iterator[Workers]:
+    with Workers("fork", timeout=60) as started:
+        yield started
 
 
 # -- bounded resources ----------------------------------------------------------------------------
@@ -164,33 +159,32 @@ def _reap(pid: int, timeout: float) -> int | str:
 # -- a writer elsewhere: hits never wait, writes tell the truth -----------------------------------
 
 
-def _hold_write_lock(path: str, ready: Any, freeze: bool) -> None:
+def _hold_write_lock(path: str, freeze: bool, worker: Worker) -> None:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("BEGIN IMMEDIATE")
     conn.execute("UPDATE meta SET value = value WHERE name = 'generation'")
-    ready.set()
+    worker.report("holding the write lock")
+    worker.outbox.close()
+    worker.outbox.join_thread()  # the report is on its way before this process is stopped
     if freeze:
         os.kill(os.getpid(), signal.SIGSTOP)
     time.sleep(120)
 
 
-def _writer(children: list[Any], db_path: Path, *, freeze: bool) -> Any:
-    ready = FORK.Event()
-    child = FORK.Process(target=_hold_write_lock, args=(str(db_path), ready, freeze))
-    child.start()
-    children.append(child)
-    assert ready.wait(30)
+def _writer(workers: Workers, db_path: Path, *, freeze: bool) -> Any:
+    (child,) = workers.start(_hold_write_lock, [(str(db_path), freeze)])
+    assert workers.collect() == ["holding the write lock"]
     return child
 
 
 @pytest.mark.timeout(60)
-async def test_a_hit_does_not_wait_for_a_stopped_writer(db_path: Path, children: list[Any]) -> None:
+async def test_a_hit_does_not_wait_for_a_stopped_writer(db_path: Path, workers: Workers) -> None:
     # A busy timeout of 45 s: a hit that waited for the writer would run into the test timeout.
     cache = PersistentTokenCache(
         db_path, config=make_config(busy_timeout_seconds=45, last_used_interval_seconds=0)
     )
     cache.set_system_token("scope", "token")
-    _writer(children, db_path, freeze=True)
+    _writer(workers, db_path, freeze=True)
     started = time.perf_counter()
     for _ in range(20):  # every hit is due for an LRU touch, which must be skipped
         assert cache.get_system_token("scope") == "token"
@@ -203,11 +197,11 @@ async def test_a_hit_does_not_wait_for_a_stopped_writer(db_path: Path, children:
 
 
 async def test_writes_take_effect_or_say_so_while_another_process_writes(
-    db_path: Path, children: list[Any], caplog: pytest.LogCaptureFixture
+    db_path: Path, workers: Workers, caplog: pytest.LogCaptureFixture
 ) -> None:
     cache = PersistentTokenCache(db_path, config=make_config(busy_timeout_seconds=0.3))
     cache.set_system_token("scope", "revoked")
-    _writer(children, db_path, freeze=False)
+    writer = _writer(workers, db_path, freeze=False)
     with pytest.raises(CacheStorageError, match="clear did not take effect"):
         cache.clear()
     with pytest.raises(CacheStorageError, match="clear did not take effect"):
@@ -225,8 +219,8 @@ async def test_writes_take_effect_or_say_so_while_another_process_writes(
     assert stats.sets_not_stored == 2
     assert stats.storage_errors >= 5
     assert "database is locked" not in "".join(str(r.exc_info) for r in caplog.records)
-    children[0].kill()
-    children[0].join(10)
+    writer.kill()
+    writer.join(10)
     cache.clear()
     assert cache.get_system_token("scope") is None
     await cache.aclose()
@@ -247,7 +241,7 @@ def test_a_full_disk_set_returns_false_and_counts_it(db_path: Path) -> None:
 # -- corruption converges -------------------------------------------------------------------------
 
 
-def _serve(path: str, key: str, out: str, stop: Any) -> None:
+def _serve(path: str, key: str, out: str, stop: Any, worker: Worker) -> None:
     """A long-lived worker: reads 'probe' every 20 ms and reports what it sees."""
     from _core_support import make_config as config_with
 
@@ -284,15 +278,13 @@ def _corrupt_tokens_root_page(db_path: Path) -> None:
 
 
 def test_after_a_quarantine_every_process_serves_from_the_new_file(
-    db_path: Path, tmp_path: Path, children: list[Any]
+    db_path: Path, tmp_path: Path, workers: Workers
 ) -> None:
     key = new_key()
     cache = PersistentTokenCache(db_path, config=make_config(keys=[key]))
     cache.set_system_token("probe", "before")
-    out, stop = tmp_path / "seen.txt", FORK.Event()
-    worker = FORK.Process(target=_serve, args=(str(db_path), key, str(out), stop))
-    worker.start()
-    children.append(worker)
+    out, stop = tmp_path / "seen.txt", workers.ctx.Event()
+    (worker,) = workers.start(_serve, [(str(db_path), key, str(out), stop)])
     _wait_seen(out, "before", 30)
     _corrupt_tokens_root_page(db_path)
     fds = open_fds()
