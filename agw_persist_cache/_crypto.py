@@ -18,6 +18,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -144,7 +145,14 @@ def _field(value: str) -> bytes:
 
 
 _LEN = struct.Struct(">I")
-_HEAD = struct.Struct(">Bd")  # envelope version, expires_at
+# version, expires_at, then the byte lengths of token, scope key and user hash, and how many
+# extra name/value pairs follow (each as length-prefixed strings).
+_HEAD = struct.Struct(">BdIIIH")
+_new = tuple.__new__
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogatepass")
 
 
 def user_hash(user_jwt: str | None) -> str:
@@ -154,8 +162,7 @@ def user_hash(user_jwt: str | None) -> str:
     return hashlib.sha256(user_jwt.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
+class Envelope(NamedTuple):
     """What a row seals: the token, its expiry, the identity it belongs to and its extras."""
 
     token: str
@@ -168,34 +175,60 @@ class Envelope:
         return "Envelope(<sealed>)"
 
     def pack(self) -> bytes:
-        """Compact binary form: version, expiry, then length-prefixed UTF-8 strings."""
-        parts = [_HEAD.pack(ENVELOPE_VERSION, self.expires_at)]
-        parts += [_field(self.token), _field(self.scope_key), _field(self.uhash)]
-        for name, value in self.extra.items():
-            parts += [_field(name), _field(value)]
-        return b"".join(parts)
+        """Compact binary form: a fixed header with the lengths, then the UTF-8 strings."""
+        token, scope, uhash = (
+            t.encode("utf-8", "surrogatepass") for t in (self.token, self.scope_key, self.uhash)
+        )
+        head = _HEAD.pack(
+            ENVELOPE_VERSION, self.expires_at, len(token), len(scope), len(uhash), len(self.extra)
+        )
+        pairs = [_field(n) + _field(v) for n, v in self.extra.items()]
+        return b"".join((head, token, scope, uhash, *pairs))
 
     @classmethod
     def unpack(cls, plain: bytes) -> Envelope:
-        """The inverse of :meth:`pack`; ``UnsealError`` for anything else (e.g. version 1)."""
+        """The inverse of :meth:`pack`; ``UnsealError`` for anything else (e.g. version 1).
+
+        (Every first open of a row runs this: the three strings are sliced, not looped.)
+        """
         try:
-            version, expires_at = _HEAD.unpack_from(plain)
+            version, expires_at, n_token, n_scope, n_uhash, n_extra = _HEAD.unpack_from(plain)
             if version != ENVELOPE_VERSION:
                 raise UnsealError("unknown envelope version")
-            strings, at = [], _HEAD.size
-            while at < len(plain):
+            at = _HEAD.size
+            scope_at = at + n_token
+            uhash_at = scope_at + n_scope
+            end = at = uhash_at + n_uhash
+            strings = []  # extra names and values, alternating
+            for _ in range(n_extra * 2):
                 (size,) = _LEN.unpack_from(plain, at)
                 at += _LEN.size + size
-                if at > len(plain):
-                    raise UnsealError("truncated envelope")
-                strings.append(plain[at - size : at].decode("utf-8", "surrogatepass"))
+                strings.append(_text(plain[at - size : at]))
+            if at != len(plain):
+                raise UnsealError("malformed envelope")
+            return _new(  # cls(...) without the named tuple's Python-level __new__
+                cls,
+                (
+                    plain[_HEAD.size : scope_at].decode("utf-8", "surrogatepass"),
+                    expires_at,
+                    plain[scope_at:uhash_at].decode("utf-8", "surrogatepass"),
+                    plain[uhash_at:end].decode("ascii"),  # a hex digest, or empty
+                    dict(zip(strings[::2], strings[1::2], strict=True)) if strings else {},
+                ),
+            )
         except (struct.error, UnicodeDecodeError) as exc:
             raise UnsealError("malformed envelope") from exc
-        if len(strings) < 3 or len(strings) % 2 == 0:
-            raise UnsealError("malformed envelope")
-        token, scope_key, uhash, *rest = strings
-        extra = dict(zip(rest[::2], rest[1::2], strict=True))
-        return cls(token, expires_at, scope_key, uhash, extra)
+
+
+_AAD_HEADS = {
+    kind: b"agw-persist-cache\x00%d\x00%s" % (ENVELOPE_VERSION, kind.encode("ascii"))
+    for kind in ("system", "user")
+}
+
+
+def _aad_head(kind: str) -> bytes:
+    head = _AAD_HEADS.get(kind)
+    return head if head is not None else _AAD_HEADS["system"] + b"?" + kind.encode("utf-8")
 
 
 class Keyring:
@@ -234,13 +267,7 @@ class Keyring:
     def _aad(kind: str, kid: bytes, generation: int, digest: bytes) -> bytes:
         # Binds the ciphertext to its row and to the clear() generation it was written in:
         # moved to another row, or replayed after a clear(), it does not open.
-        return b"agw-persist-cache\x00%d\x00%s\x00%s\x00%d\x00%s" % (
-            ENVELOPE_VERSION,
-            kind.encode("ascii"),
-            kid,
-            generation,
-            digest,
-        )
+        return b"%s\x00%s\x00%d\x00%s" % (_aad_head(kind), kid, generation, digest)
 
     def seal(
         self, kind: str, digest: bytes, generation: int, envelope: Envelope

@@ -61,6 +61,7 @@ from .backends.sqlite import SqliteBackend
 _MEMO_MAX = 4096
 _MISS = Lookup(None, None, False)
 _new = tuple.__new__
+_NO_EXTRA: MappingProxyType[str, str] = MappingProxyType({})
 _NO_FACTS: dict[str, Any] = {
     "entries_system": 0,
     "entries_user": 0,
@@ -227,9 +228,8 @@ class TokenShelf:
                 exc,
             )
             return None
-        entry = CachedToken(
-            envelope.token, envelope.expires_at, MappingProxyType(dict(envelope.extra))
-        )
+        extra = MappingProxyType(dict(envelope.extra)) if envelope.extra else _NO_EXTRA
+        entry = CachedToken(envelope.token, envelope.expires_at, extra)
         if len(self._memo) >= _MEMO_MAX:
             self._memo.pop(next(iter(self._memo), b""), None)
         self._memo[row.digest] = (row.nonce, entry)
