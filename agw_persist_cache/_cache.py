@@ -19,7 +19,7 @@ from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any, Literal, TypeAlias, TypeVar
 
-from ._config import CacheConfig, resolve_path, split_location
+from ._config import ENV_KEY, CacheConfig, resolve_path, split_location
 from ._crypto import (
     Envelope,
     Keyring,
@@ -28,7 +28,7 @@ from ._crypto import (
     load_or_create_key_file,
     user_hash,
 )
-from ._errors import CacheStorageError, CacheUsageError
+from ._errors import CacheConfigError, CacheStorageError, CacheUsageError
 from ._expiry import CachedToken, TokenData, normalize
 from ._flight import AFetch, Driver, Fetch, Flight, Key, Lookup, fill
 from ._locks import KeyLocks
@@ -88,9 +88,14 @@ class PersistentTokenCache:
         self.path: Path = resolve_path(path)
         self.counters = Counters()
         self.warnings = Warnings()
+        explicit = keys_from_config(self.config)
+        if url is not None and explicit is None:  # every host must open every row
+            raise CacheConfigError(
+                "a shared (redis://) cache needs the same explicit key on every host: set "
+                f"{ENV_KEY} or CacheConfig.keys (a per-host key file cannot work there)"
+            )
         self._backend: Backend = open_backend(self.path, url, self.config, self.warnings)
         self.lock_dir: Path = self.path.with_name(self.path.name + ".locks")
-        explicit = keys_from_config(self.config)
         self.key_source: str = explicit.source if explicit else "file"
         self.key_file: Path | None = None
         if explicit is None:

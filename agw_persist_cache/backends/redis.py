@@ -1,0 +1,644 @@
+"""The Redis (or Valkey) backend: one store shared by every replica of an agent.
+
+Each operation of the contract is ONE command, mostly a Lua script, encoded without I/O in
+``_redis_ops`` (a hit is a single ``MGET`` of the generation and the row). Two thin drivers
+send it: :meth:`RedisBackend.execute` on this process's ``redis.Redis`` pool and
+:meth:`RedisBackend.aexecute` on this event loop's ``redis.asyncio.Redis`` pool.
+
+Never breaking the agent: every call is bounded by ``socket_timeout_seconds`` with no
+client-side retries, and a circuit breaker turns the first failure (refused, timeout,
+``NOAUTH``, ``READONLY``, ``OOM``, a reply this layout did not write) into
+``unavailable`` for ``circuit_breaker_seconds``: ops then fail at once without touching
+the network, the cache fetches directly, and after the pause one probe decides.
+
+The key lock is ``SET {ns}:l:<hex> <random> NX PX <lease>``, renewed every lease/3 by a
+keeper thread while its holder fetches and released by compare-and-delete, which also
+``PUBLISH``-es the digest: a holder killed with ``kill -9`` frees the key within one lease.
+Waiters of a process share one pub/sub connection (open only while someone waits) and poll
+every 250 ms besides, since pub/sub may drop messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Callable, Generator
+from typing import Any, ClassVar, TypeVar, cast
+from urllib.parse import parse_qsl, urlsplit
+
+import redis
+import redis.asyncio
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError
+from redis.retry import Retry
+
+from .._config import CacheConfig
+from .._log import Warnings, log
+from ._redis_ops import Call, Codec, Garbage, Layout
+from .contract import KeyLock, LockResult, Op, StorageError
+
+T = TypeVar("T")
+
+POLL_SECONDS = 0.25
+"""Waiters re-try the lock this often even without a wake-up (pub/sub is best effort)."""
+MAX_CONNECTIONS = 64
+"""Connections per pool (one sync pool per process, one async pool per event loop)."""
+_FAILURES = (RedisError, Garbage, OSError)
+# redis-py can also fail with AttributeError/ValueError on a connection closed under it;
+# none of it may reach the agent.
+_ANY_FAILURE = (Exception,)
+_SECRET_QUERY = ("password", "username", "user", "pass")
+
+
+def redact(url: str) -> str:
+    """``url`` with any password (userinfo or query) replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, host = netloc.rsplit("@", 1)
+            user, sep, _ = userinfo.partition(":")
+            netloc = f"{user}:***@{host}" if sep else f"***@{host}" if user else host
+        query = "&".join(
+            f"{k}={'***' if k.lower() in _SECRET_QUERY else v}"
+            for k, v in parse_qsl(parts.query, keep_blank_values=True)
+        )
+        return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+    except ValueError:
+        return f"{url.partition(':')[0]}://***"
+
+
+def client_url(url: str) -> str:
+    """What redis-py understands: ``valkey(s)://`` is the same protocol as ``redis(s)://``."""
+    scheme, sep, rest = url.partition("://")
+    scheme = {"valkey": "redis", "valkeys": "rediss"}.get(scheme.lower(), scheme)
+    return f"{scheme}{sep}{rest}"
+
+
+# -- the circuit breaker ---------------------------------------------------------------------------
+
+
+class Breaker:
+    """Open for ``seconds`` after a failure; then one probe closes or re-opens it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.reason: str | None = None
+        self._until = 0.0
+        self._probing = False
+        self._mutex = threading.Lock()
+
+    @property
+    def blocked(self) -> str | None:
+        reason = self.reason
+        if reason is not None and (self._probing or time.monotonic() < self._until):
+            return reason
+        return None
+
+    def enter(self) -> None:
+        """Let a call through, or raise ``StorageError`` at once while open."""
+        if self.reason is None:
+            return
+        with self._mutex:
+            if self.reason is None:
+                return
+            if self._probing or time.monotonic() < self._until:
+                raise StorageError(f"redis unavailable: {self.reason}")
+            self._probing = True  # this call is the probe; the others keep skipping
+
+    def succeeded(self) -> bool:
+        """Close; True if it was open (the store is back)."""
+        if self.reason is None:
+            return False
+        with self._mutex:
+            was, self.reason, self._probing = self.reason, None, False
+        return was is not None
+
+    def failed(self, reason: str) -> None:
+        with self._mutex:
+            self.reason = reason
+            self._until = time.monotonic() + self.seconds
+            self._probing = False
+
+    def abandoned(self) -> None:
+        """A call ended without an answer either way (cancelled): let the next one probe."""
+        with self._mutex:
+            self._probing = False
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())[:160]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# -- drivers -----------------------------------------------------------------------------------
+
+
+# redis-py leaves execute_command and pubsub untyped.
+def _send(client: redis.Redis, call: Call[T]) -> Any:
+    try:
+        return client.execute_command(*call.command)  # type: ignore[no-untyped-call]  # see above
+    except NoScriptError:  # a restarted or new server: send the source once
+        return client.execute_command(*call.fallback())  # type: ignore[no-untyped-call]  # see above
+
+
+async def _asend(client: redis.asyncio.Redis, call: Call[T]) -> Any:
+    try:
+        return await client.execute_command(*call.command)  # type: ignore[no-untyped-call]  # see above
+    except NoScriptError:
+        return await client.execute_command(*call.fallback())  # type: ignore[no-untyped-call]  # see above
+
+
+class RedisBackend:
+    """The token store in one Redis/Valkey database; see the module docstring."""
+
+    name: ClassVar[str] = "redis"
+
+    def __init__(self, url: str, config: CacheConfig, warnings: Warnings | None = None) -> None:
+        self.location = redact(url)
+        self.config = config
+        self.warnings = warnings or Warnings()
+        self.layout = Layout(config.namespace)
+        self.codec = Codec(
+            self.layout,
+            {
+                "system": config.max_system_token_cache_size,
+                "user": config.max_user_token_cache_size,
+            },
+        )
+        self.lease_ms = max(1, int(config.lock_lease_seconds * 1000))
+        self.breaker = Breaker(config.circuit_breaker_seconds)
+        timeout = config.socket_timeout_seconds
+        self._options: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "retry": Retry(NoBackoff(), 0),  # one attempt: the breaker decides what is next
+            "health_check_interval": 0,
+            "max_connections": MAX_CONNECTIONS,
+            "timeout": timeout,  # waiting for a free pooled connection
+        }
+        self._url = client_url(url)
+        # Fails here on a malformed URL, before any connection is made.
+        redis.BlockingConnectionPool.from_url(self._url, **self._options).disconnect()
+        self._reset()
+
+    def _reset(self) -> None:
+        """Fresh per-process state (at construction and in a forked child)."""
+        self._pid = os.getpid()
+        self._mutex = threading.Lock()
+        self._client: redis.Redis | None = None
+        self._loops: dict[asyncio.AbstractEventLoop, redis.asyncio.Redis] = {}
+        self.keeper = _Keeper(self)
+        self.wakeups = _Wakeups(self)
+
+    def _check_fork(self) -> None:
+        # Sockets inherited across fork belong to the parent: dropped, never used or closed.
+        if self._pid != os.getpid():
+            self._reset()
+
+    # -- status ------------------------------------------------------------------------------
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why Redis is being skipped right now (the circuit breaker is open), or None."""
+        return self.breaker.blocked
+
+    def _failed(self, exc: BaseException) -> StorageError:
+        reason = _reason(exc)
+        self.breaker.failed(reason)
+        return StorageError(f"redis unavailable: {reason}")
+
+    def _succeeded(self) -> None:
+        if self.breaker.succeeded():
+            log.info("token cache at %s is reachable again; using it", self.location)
+
+    # -- clients -------------------------------------------------------------------------------
+
+    def client(self) -> redis.Redis:
+        """This process's client (one pool, shared by its threads)."""
+        self._check_fork()
+        client = self._client
+        if client is None:
+            with self._mutex:
+                if self._client is None:
+                    pool = redis.BlockingConnectionPool.from_url(self._url, **self._options)
+                    self._client = redis.Redis(connection_pool=pool)
+                client = self._client
+        return client
+
+    def _aclient(self) -> redis.asyncio.Redis:
+        loop = asyncio.get_running_loop()
+        client = self._loops.get(loop)
+        if client is None:
+            for other, stale in list(self._loops.items()):
+                if other.is_closed():  # asyncio.run() per task: drop what closed loops held
+                    del self._loops[other]
+                    _drop_on_closed_loop(stale)
+            pool = redis.asyncio.BlockingConnectionPool.from_url(self._url, **self._options)
+            client = self._loops[loop] = redis.asyncio.Redis(connection_pool=pool)
+        return client
+
+    # -- the two drivers ---------------------------------------------------------------------
+
+    def run(self, call: Call[T]) -> T:
+        """Send one call through the breaker; raise ``StorageError`` on any failure."""
+        self.breaker.enter()
+        try:
+            result = call.decode(_send(self.client(), call))
+        except _ANY_FAILURE as exc:
+            raise self._failed(exc) from None
+        except BaseException:
+            self.breaker.abandoned()
+            raise
+        self._succeeded()
+        return result
+
+    async def arun(self, call: Call[T]) -> T:
+        """Async twin of :meth:`run`."""
+        self._check_fork()
+        self.breaker.enter()
+        try:
+            result = call.decode(await _asend(self._aclient(), call))
+        except _ANY_FAILURE as exc:
+            raise self._failed(exc) from None
+        except BaseException:
+            self.breaker.abandoned()
+            raise
+        self._succeeded()
+        return result
+
+    def execute(self, op: Op[T]) -> T:
+        """Perform ``op`` as one command; raise ``StorageError``."""
+        return self.run(self.codec.encode(op))
+
+    async def aexecute(self, op: Op[T]) -> T:
+        """Perform ``op`` as one command without blocking the loop; raise ``StorageError``."""
+        return await self.arun(self.codec.encode(op))
+
+    def key_lock(self, digest: bytes) -> KeyLock:
+        """The key's leased lock in Redis."""
+        self._check_fork()
+        return RedisKeyLock(self, digest)
+
+    # -- closing ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close this process's connections (Redis and other processes are unaffected)."""
+        self._check_fork()
+        self.keeper.close()
+        self.wakeups.close()
+        with self._mutex:
+            client, self._client = self._client, None
+            loops, self._loops = self._loops, {}
+        if client is not None:
+            with contextlib.suppress(*_FAILURES):
+                client.connection_pool.disconnect()
+        for loop, aclient in loops.items():
+            if loop.is_closed():
+                _drop_on_closed_loop(aclient)
+            else:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_close_soon, aclient)
+
+    async def aclose(self) -> None:
+        """Close this loop's client properly, then everything else."""
+        self._check_fork()
+        aclient = self._loops.pop(asyncio.get_running_loop(), None)
+        if aclient is not None:
+            with contextlib.suppress(*_FAILURES):
+                await aclient.connection_pool.disconnect()
+        self.close()
+
+
+def _close_soon(client: redis.asyncio.Redis) -> None:
+    task = asyncio.get_running_loop().create_task(client.connection_pool.disconnect())
+    _CLOSING.add(task)
+    task.add_done_callback(_CLOSING.discard)
+
+
+_CLOSING: set[asyncio.Task[Any]] = set()
+
+
+def _drop_on_closed_loop(client: redis.asyncio.Redis) -> None:
+    """Close the sockets of an async client whose event loop is already closed.
+
+    Nothing can be awaited on that loop any more, and its transports would warn about
+    being unclosed when collected: close their sockets directly.
+    """
+    pool = client.connection_pool
+    conns = [
+        *getattr(pool, "_available_connections", ()),
+        *getattr(pool, "_in_use_connections", ()),
+    ]
+    for conn in conns:
+        writer = getattr(conn, "_writer", None)
+        if writer is None:
+            continue
+        transport = writer.transport
+        sock = getattr(transport, "_sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+            transport._sock = None
+        transport._closing = True  # what a closed transport says (no "unclosed" warning)
+        conn._writer = conn._reader = None
+
+
+# -- the key lock ----------------------------------------------------------------------------------
+
+
+class _Try:
+    """Step: one ``SET NX PX`` attempt; answered with True if it took the lock."""
+
+
+class _Listen:
+    """Step: start receiving wake-ups for this key."""
+
+
+TRY = _Try()
+LISTEN = _Listen()
+LockFlow = Generator["_Try | _Listen | float", bool | None, LockResult]
+
+
+def lock_flow(wait: float | None, poll: float = POLL_SECONDS) -> LockFlow:
+    """The waiting logic of a key lock, without I/O: yields a try, a listen, or the seconds
+    to sleep (until a wake-up); returns the outcome. Written once for both drivers."""
+    if (yield TRY):
+        return LockResult.HELD
+    if wait is None:
+        return LockResult.BUSY
+    deadline = time.monotonic() + wait
+    yield LISTEN
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return LockResult.TIMEOUT
+        yield min(poll, left)
+        if (yield TRY):
+            return LockResult.HELD
+
+
+class RedisKeyLock:
+    """One key's lock; the :class:`~.contract.KeyLock` of the Redis backend."""
+
+    __slots__ = ("_backend", "_digest", "_hex", "_token", "error")
+
+    def __init__(self, backend: RedisBackend, digest: bytes) -> None:
+        self._backend = backend
+        self._digest = digest
+        self._hex = digest.hex()
+        self._token: str | None = None
+        self.error: str | None = None
+
+    def _try_call(self) -> tuple[str, Call[bool]]:
+        token = secrets.token_hex(16)
+        return token, self._backend.codec.lock_try(self._digest, token, self._backend.lease_ms)
+
+    def _took(self, token: str) -> bool:
+        self._token = token
+        self._backend.keeper.hold(self._backend.layout.lock(self._digest), token)
+        return True
+
+    def acquire(self, wait: float | None) -> LockResult:
+        flow = lock_flow(wait)
+        woken = threading.Event()
+        listening = False
+        answer: bool | None = None
+        try:
+            while True:
+                step = flow.send(answer)
+                answer = None
+                if isinstance(step, _Try):
+                    token, call = self._try_call()
+                    answer = self._backend.run(call) and self._took(token)
+                elif isinstance(step, _Listen):
+                    listening = self._backend.wakeups.listen(self._hex, woken.set)
+                else:
+                    woken.wait(step)
+                    woken.clear()
+        except StopIteration as done:
+            return cast(LockResult, done.value)
+        except StorageError as exc:
+            self.error = str(exc)
+            return LockResult.ERROR
+        finally:
+            if listening:
+                self._backend.wakeups.forget(self._hex, woken.set)
+
+    async def aacquire(self, wait: float | None) -> LockResult:
+        flow = lock_flow(wait)
+        loop = asyncio.get_running_loop()
+        woken = asyncio.Event()
+
+        def wake() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(woken.set)
+
+        listening = False
+        answer: bool | None = None
+        try:
+            while True:
+                step = flow.send(answer)
+                answer = None
+                if isinstance(step, _Try):
+                    token, call = self._try_call()
+                    answer = await self._backend.arun(call) and self._took(token)
+                elif isinstance(step, _Listen):
+                    listening = self._backend.wakeups.listen(self._hex, wake)
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(woken.wait(), step)
+                    woken.clear()
+        except StopIteration as done:
+            return cast(LockResult, done.value)
+        except StorageError as exc:
+            self.error = str(exc)
+            return LockResult.ERROR
+        finally:
+            if listening:
+                self._backend.wakeups.forget(self._hex, wake)
+
+    def release(self) -> None:
+        """Give the lock back: at once from a thread, through the keeper from a loop (a
+        network round trip must not block the event loop)."""
+        token, self._token = self._token, None
+        if token is None:
+            return
+        key = self._backend.layout.lock(self._digest)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            self._backend.keeper.release_now(key, token)
+        else:
+            self._backend.keeper.release_later(key, token)
+
+
+class _Keeper:
+    """Renews the leases of the locks this process holds; releases locks for event loops.
+
+    One daemon thread, running only while there is something to renew or release.
+    """
+
+    def __init__(self, backend: RedisBackend) -> None:
+        self._backend = backend
+        self._held: dict[str, str] = {}
+        self._releases: queue.SimpleQueue[tuple[str, str] | None] = queue.SimpleQueue()
+        self._mutex = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    def hold(self, key: str, token: str) -> None:
+        with self._mutex:
+            self._held[key] = token
+            self._start()
+
+    def _start(self) -> None:
+        if self._thread is None and not self._closing:
+            self._thread = threading.Thread(
+                target=self._run, name="agw-cache-redis-lease", daemon=True
+            )
+            self._thread.start()
+
+    def _forget(self, key: str, token: str) -> None:
+        with self._mutex:
+            if self._held.get(key) == token:
+                del self._held[key]
+
+    def release_now(self, key: str, token: str) -> None:
+        self._forget(key, token)
+        self._release(key, token)
+
+    def release_later(self, key: str, token: str) -> None:
+        self._forget(key, token)
+        with self._mutex:
+            self._releases.put((key, token))
+            self._start()
+
+    def _release(self, key: str, token: str) -> None:
+        # A release that fails leaves the lock to expire within one lease.
+        with contextlib.suppress(Exception):
+            self._backend.run(self._backend.codec.lock_release(key, token))
+
+    def close(self) -> None:
+        """Send the releases still queued, stop renewing, and end the thread."""
+        with self._mutex:
+            self._closing = True
+            self._held.clear()
+            thread = self._thread
+        self._releases.put(None)
+        if thread is not None:
+            thread.join(5 * self._backend.config.socket_timeout_seconds + 1)
+        with self._mutex:
+            self._closing = False
+
+    def _run(self) -> None:
+        interval = self._backend.lease_ms / 3000
+        next_renewal = time.monotonic() + interval
+        while True:
+            try:
+                item = self._releases.get(timeout=max(0.0, next_renewal - time.monotonic()))
+            except queue.Empty:
+                item = None
+            if item is not None:
+                self._release(*item)
+            if time.monotonic() >= next_renewal:
+                next_renewal = time.monotonic() + interval
+                with self._mutex:
+                    held = list(self._held.items())
+                for key, token in held:
+                    self._renew(key, token)
+            with self._mutex:
+                if (self._closing or not self._held) and self._releases.empty():
+                    self._thread = None
+                    return
+
+    def _renew(self, key: str, token: str) -> None:
+        try:
+            call = self._backend.codec.lock_renew(key, token, self._backend.lease_ms)
+            kept = self._backend.run(call)
+        except Exception:
+            return  # try again next round; past the lease another process may take the key
+        if not kept:
+            self._forget(key, token)  # lost (it expired meanwhile): nothing left to renew
+
+
+class _Wakeups:
+    """One pub/sub subscription per process while anyone waits for a key lock."""
+
+    def __init__(self, backend: RedisBackend) -> None:
+        self._backend = backend
+        self._waiters: dict[str, list[Callable[[], None]]] = {}
+        self._mutex = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    def close(self) -> None:
+        """End the subscription (waiters still waiting fall back to polling)."""
+        with self._mutex:
+            self._closing = True
+            thread = self._thread
+        if thread is not None:
+            thread.join(POLL_SECONDS + self._backend.config.socket_timeout_seconds + 1)
+        with self._mutex:
+            self._closing = False
+
+    def listen(self, hexd: str, wake: Callable[[], None]) -> bool:
+        with self._mutex:
+            self._waiters.setdefault(hexd, []).append(wake)
+            if self._thread is None and not self._closing:
+                self._thread = threading.Thread(
+                    target=self._run, name="agw-cache-redis-wakeups", daemon=True
+                )
+                self._thread.start()
+        return True
+
+    def forget(self, hexd: str, wake: Callable[[], None]) -> None:
+        with self._mutex:
+            waiters = self._waiters.get(hexd, [])
+            with contextlib.suppress(ValueError):
+                waiters.remove(wake)
+            if not waiters:
+                self._waiters.pop(hexd, None)
+
+    def _run(self) -> None:
+        pubsub: Any = None
+        try:
+            while True:
+                with self._mutex:
+                    if self._closing or not self._waiters:
+                        self._thread = None
+                        return
+                if self._backend.unavailable:
+                    time.sleep(POLL_SECONDS)  # waiters poll (and fail) meanwhile
+                    continue
+                try:
+                    if pubsub is None:
+                        client = self._backend.client()
+                        pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]  # untyped in redis-py
+                        pubsub.subscribe(self._backend.layout.channel)
+                    message = pubsub.get_message(timeout=POLL_SECONDS)
+                except Exception:  # Redis away or the pool closed: waiters poll meanwhile
+                    _close_pubsub(pubsub)
+                    pubsub = None
+                    time.sleep(POLL_SECONDS)
+                    continue
+                if message and message.get("type") == "message":
+                    data = message.get("data")
+                    hexd = data.decode("ascii", "replace") if isinstance(data, bytes) else ""
+                    with self._mutex:
+                        wakes = list(self._waiters.get(hexd, ()))
+                    for wake in wakes:
+                        wake()
+        finally:
+            _close_pubsub(pubsub)
+
+
+def _close_pubsub(pubsub: Any) -> None:
+    if pubsub is not None:
+        with contextlib.suppress(Exception):
+            pubsub.close()
