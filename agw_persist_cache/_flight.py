@@ -57,10 +57,14 @@ class Key:
 
 @dataclass(frozen=True, slots=True)
 class TakeLock:
-    """Take the key's locks within ``wait`` seconds (``None``: one try); yields a LockResult."""
+    """Take the key's locks within ``wait`` seconds (``None``: one try); yields a LockResult.
+
+    ``local`` / ``cross``: the in-process lock, the cross-process lock, or both."""
 
     digest: bytes
     wait: float | None
+    local: bool = True
+    cross: bool = True
 
 
 class _Marker:
@@ -121,7 +125,28 @@ def fill(shelf: Shelf, key: Key, *, refresh: bool) -> Flight[CachedToken | None]
     token no longer due for refresh means another process already refreshed it (None).
     """
     config = shelf.config
-    locked = yield TakeLock(key.digest, None if refresh else config.lock_timeout_seconds)
+    wait = None if refresh else config.lock_timeout_seconds
+    deadline = time.monotonic() + (wait or 0.0)
+    locked = yield TakeLock(key.digest, wait, cross=False)
+    if locked is LockResult.HELD and not refresh:
+        # This process's flight of the key (if any) has ended: read before queueing on the
+        # locks, so that its followers read the token at once, side by side, instead of
+        # taking the shared lock one by one (a network round trip each on Redis).
+        yield UNLOCK
+        early = yield from _peek(shelf, key)
+        if early is not None:
+            return early
+        left = None if wait is None else max(0.0, deadline - time.monotonic())
+        locked = yield TakeLock(key.digest, left, cross=False)
+    if locked is LockResult.HELD:
+        while True:
+            left = None if wait is None else max(0.0, deadline - time.monotonic())
+            locked = yield TakeLock(key.digest, left, local=False)
+            if locked is not LockResult.LANDED:
+                break
+            early = yield from _peek(shelf, key)  # another process's flight just ended
+            if early is not None:
+                return early
     if locked is LockResult.BUSY or (refresh and locked is not LockResult.HELD):
         return None  # someone else is refreshing this very key
     if locked is not LockResult.HELD:
@@ -177,6 +202,16 @@ def fill(shelf: Shelf, key: Key, *, refresh: bool) -> Flight[CachedToken | None]
     except StorageError as exc:
         shelf.storage_failed(exc)
     return entry
+
+
+def _peek(shelf: Shelf, key: Key) -> Flight[CachedToken | None]:
+    """The usable token stored now, without the cross-process lock (None on any trouble:
+    it is met again, and counted, under the lock)."""
+    try:
+        snap: Snapshot = yield key.read
+    except StorageError:
+        return None
+    return shelf.judge(key, snap, time.time()).entry
 
 
 # -- drivers ------------------------------------------------------------------------------------
@@ -250,9 +285,10 @@ class Driver:
             for step in steps:
                 try:
                     if isinstance(step, TakeLock):
-                        steps.answer(
-                            self._locked(steps, self.locks.acquire(step.digest, step.wait))
+                        taken = self.locks.acquire(
+                            step.digest, step.wait, local=step.local, cross=step.cross
                         )
+                        steps.answer(self._locked(steps, taken))
                     elif step is UNLOCK:
                         steps.unlock()
                     else:
@@ -267,8 +303,10 @@ class Driver:
             for step in steps:
                 try:
                     if isinstance(step, TakeLock):
-                        taken = await self.locks.aacquire(step.digest, step.wait)
-                        steps.answer(self._locked(steps, taken))
+                        ataken = await self.locks.aacquire(
+                            step.digest, step.wait, local=step.local, cross=step.cross
+                        )
+                        steps.answer(self._locked(steps, ataken))
                     elif step is UNLOCK:
                         steps.unlock()
                     elif step is FETCH:

@@ -53,50 +53,69 @@ class KeyLocks:
 
     @staticmethod
     def _held(
-        keyed: _KeyedLocks[L], key: Hashable, local: L | None, cross: KeyLock | None
+        keyed: _KeyedLocks[L] | None, key: Hashable, local: L | None, cross: KeyLock | None
     ) -> Release:
-        """Undo, in reverse order, whatever of the two locks was taken."""
+        """Undo, in reverse order, whatever of the two locks was taken (``keyed``: the
+        per-key entry this acquisition counted itself in, if any)."""
 
         def release() -> None:
             if cross is not None:
                 cross.release()
             if local is not None:
                 local.release()
-            keyed.put(key)
+            if keyed is not None:
+                keyed.put(key)
 
         return release
 
-    def acquire(self, digest: bytes, wait: float | None) -> tuple[LockResult, Release]:
-        """Both locks of ``digest`` within ``wait`` seconds (``None``: one try, no wait).
+    def acquire(
+        self, digest: bytes, wait: float | None, *, local: bool = True, cross: bool = True
+    ) -> tuple[LockResult, Release]:
+        """The locks of ``digest`` within ``wait`` seconds (``None``: one try, no wait):
+        the in-process one, the cross-process one, or both (in that order).
 
         A local lock not had in time means TIMEOUT (fetch anyway) or BUSY (a try).
         """
         deadline = time.monotonic() + (wait or 0.0)
-        local = self._threads.get(digest)
-        if not (local.acquire(blocking=False) if wait is None else local.acquire(timeout=wait)):
-            return _refused(wait), self._held(self._threads, digest, None, None)
-        cross = self._backend.key_lock(digest)
-        result = cross.acquire(_left(wait, deadline))
-        held = cross if result is LockResult.HELD else None
-        return result, self._held(self._threads, digest, local, held)
+        keyed = self._threads if local else None
+        taken: threading.Lock | None = None
+        if local:
+            lock = self._threads.get(digest)
+            if not (lock.acquire(blocking=False) if wait is None else lock.acquire(timeout=wait)):
+                return _refused(wait), self._held(keyed, digest, None, None)
+            taken = lock
+        if not cross:
+            return LockResult.HELD, self._held(keyed, digest, taken, None)
+        lock_x = self._backend.key_lock(digest)
+        result = lock_x.acquire(_left(wait, deadline))
+        held = lock_x if result is LockResult.HELD else None
+        return result, self._held(keyed, digest, taken, held)
 
-    async def aacquire(self, digest: bytes, wait: float | None) -> tuple[LockResult, Release]:
+    async def aacquire(
+        self, digest: bytes, wait: float | None, *, local: bool = True, cross: bool = True
+    ) -> tuple[LockResult, Release]:
         """The same from a task: waits without blocking the event loop."""
         deadline = time.monotonic() + (wait or 0.0)
         key = (asyncio.get_running_loop(), digest)
-        local = self._tasks.get(key)
-        release = self._held(self._tasks, key, None, None)
+        keyed = self._tasks if local else None
+        taken: asyncio.Lock | None = None
+        release = self._held(keyed, key, None, None)
         try:
-            if not await _atake(local, wait):
-                return _refused(wait), release
-            release = self._held(self._tasks, key, local, None)
-            cross = self._backend.key_lock(digest)
-            result = await cross.aacquire(_left(wait, deadline))
+            if local:
+                lock = self._tasks.get(key)
+                if not await _atake(lock, wait):
+                    return _refused(wait), release
+                taken = lock
+                release = self._held(keyed, key, taken, None)
+            if not cross:
+                return LockResult.HELD, release
+            lock_x = self._backend.key_lock(digest)
+            result = await lock_x.aacquire(_left(wait, deadline))
         except BaseException:  # cancelled while waiting: give back what was taken
             release()
             raise
-        held = cross if result is LockResult.HELD else None
-        return result, self._held(self._tasks, key, local, held)
+        held = lock_x if result is LockResult.HELD else None
+        return result, self._held(keyed, key, taken, held)
 
 
 async def _atake(lock: asyncio.Lock, wait: float | None) -> bool:

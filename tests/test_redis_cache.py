@@ -23,6 +23,7 @@ from _core_support import open_api as open_api  # fixture, re-exported by name
 from support.redis_server import (  # noqa: F401  # fixtures
     RedisServer,
     acl_server,
+    count_commands,
     free_port,
     own_redis_fixture,
     redis_server_fixture,
@@ -370,7 +371,10 @@ async def test_tls_rediss_url_with_a_test_ca(open_api: ApiFactory, tmp_path: Pat
 
 
 async def test_unreachable_redis_fetches_directly_then_skips_redis_then_resumes(
-    open_api: ApiFactory, own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+    open_api: ApiFactory,
+    own_redis: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     api = open_api(config=make_config(url=own_redis.url, circuit_breaker_seconds=0.5))
     await api.set("scope", "cached")
@@ -379,7 +383,7 @@ async def test_unreachable_redis_fetches_directly_then_skips_redis_then_resumes(
     assert await api.fetch("scope", lambda: "direct-1") == "direct-1"
     assert time.monotonic() - t0 < 0.5 + 0.2
     assert api.cache._backend.unavailable is not None
-    sent = _count_commands(api.cache._backend)
+    sent = count_commands(monkeypatch)
     for i in range(20):  # the breaker is open: no command reaches the network
         assert await api.fetch("scope", lambda i=i: f"direct-{i}") == f"direct-{i}"
     assert sent() == 0
@@ -391,20 +395,6 @@ async def test_unreachable_redis_fetches_directly_then_skips_redis_then_resumes(
     assert await api.fetch("scope", lambda: "after") == "after"  # probe succeeded, stored
     assert await api.get("scope") == "after"
     assert api.cache._backend.unavailable is None
-
-
-def _count_commands(backend: Any) -> Any:
-    """How many commands the backend's clients sent from now on."""
-    counts = [0]
-    for client in [backend.client(), *backend._loops.values()]:
-        original = client.execute_command
-
-        def counting(*args: Any, _original: Any = original, **kw: Any) -> Any:
-            counts[0] += 1
-            return _original(*args, **kw)
-
-        client.execute_command = counting
-    return lambda: counts[0]
 
 
 # -- resources -----------------------------------------------------------------------------

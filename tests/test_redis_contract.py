@@ -247,6 +247,15 @@ async def test_rows_not_under_and_replace_reseal_a_row(store: Store) -> None:
     assert (await store(Read((taken.digest,)))).row == taken
 
 
+async def take(store: Store, digest: bytes, wait: float) -> tuple[LockResult, Any]:
+    """Acquire as a flight does: after LANDED (the holder let go), try again."""
+    deadline = time.monotonic() + wait
+    while True:
+        result, lock = await store.acquire(digest, max(0.0, deadline - time.monotonic()))
+        if result is not LockResult.LANDED:
+            return result, lock
+
+
 async def test_key_lock_is_exclusive_per_key_and_tries_without_waiting(store: Store) -> None:
     held, first = await store.acquire(d("k"), 1.0)
     assert held is LockResult.HELD
@@ -259,7 +268,7 @@ async def test_key_lock_is_exclusive_per_key_and_tries_without_waiting(store: St
     second.release()
     first.release()  # from an event loop a release may complete a moment later
     t0 = time.monotonic()
-    again, third = await store.acquire(d("k"), 5.0)
+    again, third = await take(store, d("k"), 5.0)
     assert again is LockResult.HELD
     assert time.monotonic() - t0 < 0.2
     third.release()
@@ -271,8 +280,12 @@ async def test_a_waiter_gets_the_key_lock_soon_after_its_release(store: Store) -
     t0 = time.monotonic()
     got, waiter = await store.acquire(d("k"), 10.0)
     waited = time.monotonic() - t0
-    assert got is LockResult.HELD
-    assert waited < 0.3 + 0.25  # woken by the release, at worst by one poll
+    # Told at once: a file lock is granted; a networked lock may say LANDED (re-read first).
+    assert got in (LockResult.HELD, LockResult.LANDED)
+    assert waited < 0.3 + 0.2
+    if got is LockResult.LANDED:
+        got, waiter = await store.acquire(d("k"), None)
+        assert got is LockResult.HELD
     waiter.release()
 
 

@@ -28,6 +28,7 @@ from support.redis_hosts import (
 )
 from support.redis_server import (  # noqa: F401  # fixtures
     RedisServer,
+    count_commands,
     own_redis_fixture,
     redis_server_fixture,
     redis_url_fixture,
@@ -86,7 +87,7 @@ def test_killed_redis_under_load_never_fails_a_caller_and_restart_resumes(
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_frozen_redis_bounds_every_call_then_costs_no_redis_time(
-    own_redis: RedisServer, mode: str
+    own_redis: RedisServer, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     timeout, fetch_delay = 0.3, 0.05
     config = CacheConfig(
@@ -113,7 +114,9 @@ def test_frozen_redis_bounds_every_call_then_costs_no_redis_time(
                 t.start()
             for t in threads:
                 t.join(10)
+            counted = count_commands(monkeypatch)
             after = [one(i) for i in range(20)]
+            during = counted()
         else:
 
             async def afetch() -> str:
@@ -125,14 +128,21 @@ def test_frozen_redis_bounds_every_call_then_costs_no_redis_time(
                 assert await cache.asystem_token(f"s{i}", afetch) == "direct"
                 return time.monotonic() - t0
 
-            async def main() -> tuple[list[float], list[float]]:
-                first = await asyncio.gather(*(aone(i) for i in range(8)))
-                return list(first), [await aone(i) for i in range(20)]
+            counted = count_commands(monkeypatch)
 
-            first, after = asyncio.run(main())
-        assert len(first) == 8
-        assert max(first) <= timeout + fetch_delay + 0.25
-        assert max(after) <= fetch_delay + 0.03  # the breaker is open: no Redis time at all
+            async def main() -> tuple[list[float], list[float], int]:
+                first = await asyncio.gather(*(aone(i) for i in range(20)))  # > 8 per loop
+                before = counted()
+                after = [await aone(i) for i in range(20)]
+                return list(first), after, counted() - before
+
+            first, after, during = asyncio.run(main())
+
+        assert len(first) >= 8
+        # Within the socket timeout plus the fetch (and scheduling slack on a busy machine).
+        assert max(first) <= timeout + fetch_delay + 0.3
+        assert during == 0  # the breaker is open: not one command reaches Redis
+        assert max(after) <= fetch_delay + 0.2
         assert cache.stats().disabled_reason is not None
     finally:
         own_redis.thaw()

@@ -23,11 +23,10 @@ one slot and its scripts stay atomic)::
 from __future__ import annotations
 
 import hashlib
-import math
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from .contract import (
     Backoff,
@@ -112,25 +111,29 @@ def pack_row(row: SealedRow) -> bytes:
 
 def unpack_row(digest: bytes, value: object) -> SealedRow | None:
     """The row in ``value``, or None for anything this layout did not write."""
+    if type(value) is not bytes:
+        return None
     try:
-        if not isinstance(value, bytes):
-            return None
         version, kind, gen, expires_at, last_used, created_at = _HEAD.unpack_from(value)
-        pos = _HEAD.size
-        n = value[pos]
-        nonce = value[pos + 1 : pos + 1 + n]
-        pos += 1 + n
-        k = value[pos]
-        kid = value[pos + 1 : pos + 1 + k].decode("ascii")
-        ct = value[pos + 1 + k :]
-        if version != 1 or kind not in _KINDS or len(nonce) != n or len(kid) != k or not ct:
+        n = value[34]
+        k = value[35 + n]
+        end = 36 + n + k
+        kind_name = _KINDS.get(kind)
+        if version != 1 or kind_name is None or len(value) <= end:
             return None
-        if not all(math.isfinite(t) for t in (expires_at, last_used, created_at)):
-            return None
-        kind_name = _KINDS[kind]
-        return SealedRow(digest, kind_name, kid, nonce, ct, expires_at, gen, last_used, created_at)
+        kid = value[36 + n : end].decode("ascii")
     except (struct.error, IndexError, UnicodeDecodeError):
         return None
+    if not _finite(expires_at) or not _finite(last_used) or not _finite(created_at):
+        return None
+    nonce = value[35 : 35 + n]
+    return SealedRow(
+        digest, kind_name, kid, nonce, value[end:], expires_at, gen, last_used, created_at
+    )
+
+
+def _finite(t: float) -> bool:
+    return -1e18 < t < 1e18  # also False for NaN
 
 
 def _generation(value: object) -> int:
@@ -343,17 +346,20 @@ def sha1(script: str) -> str:
 # -- calls ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Call(Generic[T]):
     """One command to send and how to read its reply.
 
     ``script``: the Lua source when ``command`` is an EVALSHA (sent as EVAL once if the
-    server does not know the script yet, e.g. after a restart).
+    server does not know the script yet, e.g. after a restart). ``packed``: the command in
+    wire format, kept by a call that is sent again and again (a key's read).
     """
 
     command: tuple[Any, ...]
     decode: Callable[[Any], T]
     script: str | None = None
+    packed: list[bytes] | None = None
+    reused: bool = False
 
     def fallback(self) -> tuple[Any, ...]:
         assert self.script is not None
@@ -401,6 +407,7 @@ class Codec:
     def __init__(self, layout: Layout, limits: Mapping[str, int]) -> None:
         self.layout = layout
         self.limits = dict(limits)
+        self._reads: dict[Read, Call[Snapshot]] = {}
         self._encoders: dict[type[Op[Any]], Callable[[Any], Call[Any]]] = {
             Read: self.read,
             Write: self.write,
@@ -417,6 +424,13 @@ class Codec:
         }
 
     def encode(self, op: Op[T]) -> Call[T]:
+        if type(op) is Read:  # the hit path: a cache reuses one Read per key
+            call = self._reads.get(op)
+            if call is None:
+                if len(self._reads) >= 4096:
+                    self._reads.clear()
+                call = self._reads[op] = self.read(op)
+            return cast(Call[T], call)
         return self._encoders[type(op)](op)
 
     def _lrus(self) -> list[str]:
@@ -435,7 +449,7 @@ class Codec:
                     return Snapshot(row, gen)
             return Snapshot(None, gen)
 
-        return Call(("MGET", L.gen, *(L.row(d) for d in op.digests)), decode)
+        return Call(("MGET", L.gen, *(L.row(d) for d in op.digests)), decode, reused=True)
 
     def write(self, op: Write) -> Call[bool]:
         L, row = self.layout, op.row

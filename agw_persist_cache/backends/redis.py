@@ -34,7 +34,7 @@ from urllib.parse import parse_qsl, urlsplit
 import redis
 import redis.asyncio
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.retry import Retry
 
 from .._config import CacheConfig
@@ -47,7 +47,10 @@ T = TypeVar("T")
 POLL_SECONDS = 0.25
 """Waiters re-try the lock this often even without a wake-up (pub/sub is best effort)."""
 MAX_CONNECTIONS = 64
-"""Connections per pool (one sync pool per process, one async pool per event loop)."""
+"""Connections of this process's sync pool (its threads share it)."""
+MAX_LOOP_CONNECTIONS = 8
+"""Connections of each event loop's pool: tasks queue briefly for one instead of opening
+dozens at once when a stampede starts."""
 _FAILURES = (RedisError, Garbage, OSError)
 # redis-py can also fail with AttributeError/ValueError on a connection closed under it;
 # none of it may reach the agent.
@@ -89,6 +92,7 @@ class Breaker:
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.reason: str | None = None
+        self.failures = 0
         self._until = 0.0
         self._probing = False
         self._mutex = threading.Lock()
@@ -100,16 +104,23 @@ class Breaker:
             return reason
         return None
 
-    def enter(self) -> None:
-        """Let a call through, or raise ``StorageError`` at once while open."""
+    def enter(self) -> int:
+        """Let a call through (returns the failure count it saw), or raise ``StorageError``
+        at once while open."""
         if self.reason is None:
-            return
+            return self.failures
         with self._mutex:
-            if self.reason is None:
-                return
-            if self._probing or time.monotonic() < self._until:
-                raise StorageError(f"redis unavailable: {self.reason}")
-            self._probing = True  # this call is the probe; the others keep skipping
+            if self.reason is not None:
+                if self._probing or time.monotonic() < self._until:
+                    raise StorageError(f"redis unavailable: {self.reason}")
+                self._probing = True  # this call is the probe; the others keep skipping
+            return self.failures
+
+    def check(self, seen: int) -> None:
+        """Raise if a failure happened since ``enter`` returned ``seen`` (e.g. while this
+        call queued for a pooled connection behind calls that then timed out)."""
+        if self.failures != seen:
+            raise Tripped
 
     def succeeded(self) -> bool:
         """Close; True if it was open (the store is back)."""
@@ -122,6 +133,7 @@ class Breaker:
     def failed(self, reason: str) -> None:
         with self._mutex:
             self.reason = reason
+            self.failures += 1
             self._until = time.monotonic() + self.seconds
             self._probing = False
 
@@ -129,6 +141,10 @@ class Breaker:
         """A call ended without an answer either way (cancelled): let the next one probe."""
         with self._mutex:
             self._probing = False
+
+
+class Tripped(Exception):
+    """The breaker opened while this call waited: it is skipped like the calls after it."""
 
 
 def _reason(exc: BaseException) -> str:
@@ -139,19 +155,62 @@ def _reason(exc: BaseException) -> str:
 # -- drivers -----------------------------------------------------------------------------------
 
 
-# redis-py leaves execute_command and pubsub untyped.
-def _send(client: redis.Redis, call: Call[T]) -> Any:
-    try:
-        return client.execute_command(*call.command)  # type: ignore[no-untyped-call]  # see above
-    except NoScriptError:  # a restarted or new server: send the source once
-        return client.execute_command(*call.fallback())  # type: ignore[no-untyped-call]  # see above
+# One command on one pooled connection, without redis-py's per-command machinery (retry
+# wrapper, response callbacks, metrics): replies come back raw and ``Call.decode`` reads
+# them. A connection that failed mid-command is dropped, never reused with a reply pending.
+# redis-py before 5.3 wants a command name here; later versions warn about one.
+_VERSION = tuple(int(p) for p in redis.__version__.split(".")[:2] if p.isdigit())
+_NAME_ARG: tuple[str, ...] = ("EVALSHA",) if _VERSION < (5, 3) else ()
+# (redis-py leaves send_command, disconnect and the async get_connection untyped.)
 
 
-async def _asend(client: redis.asyncio.Redis, call: Call[T]) -> Any:
+def _packed(conn: Any, call: Call[T]) -> list[bytes]:
+    packed = call.packed
+    if packed is None:
+        packed = conn.pack_command(*call.command)
+        if call.reused:
+            call.packed = packed
+    return cast(list[bytes], packed)
+
+
+def _send(pool: redis.ConnectionPool, call: Call[T], breaker: Breaker, seen: int) -> Any:
+    conn = pool.get_connection(*_NAME_ARG)
     try:
-        return await client.execute_command(*call.command)  # type: ignore[no-untyped-call]  # see above
-    except NoScriptError:
-        return await client.execute_command(*call.fallback())  # type: ignore[no-untyped-call]  # see above
+        breaker.check(seen)
+        try:
+            conn.send_packed_command(_packed(conn, call))  # type: ignore[no-untyped-call]  # see above
+            return conn.read_response()
+        except NoScriptError:  # a restarted or new server: send the source once
+            conn.send_command(*call.fallback())  # type: ignore[no-untyped-call]  # see above
+            return conn.read_response()
+    except (ResponseError, Tripped):
+        raise  # the server answered (or was never asked): the connection is clean
+    except BaseException:
+        conn.disconnect()  # type: ignore[no-untyped-call]  # see above
+        raise
+    finally:
+        pool.release(conn)
+
+
+async def _asend(
+    pool: redis.asyncio.ConnectionPool, call: Call[T], breaker: Breaker, seen: int
+) -> Any:
+    conn = await pool.get_connection(*_NAME_ARG)  # type: ignore[no-untyped-call]  # see above
+    try:
+        breaker.check(seen)
+        try:
+            await conn.send_packed_command(_packed(conn, call))
+            return await conn.read_response()
+        except NoScriptError:
+            await conn.send_command(*call.fallback())
+            return await conn.read_response()
+    except (ResponseError, Tripped):
+        raise
+    except BaseException:  # also cancelled: a reply may still be on its way
+        await conn.disconnect(nowait=True)
+        raise
+    finally:
+        await pool.release(conn)
 
 
 class RedisBackend:
@@ -191,8 +250,8 @@ class RedisBackend:
         """Fresh per-process state (at construction and in a forked child)."""
         self._pid = os.getpid()
         self._mutex = threading.Lock()
-        self._client: redis.Redis | None = None
-        self._loops: dict[asyncio.AbstractEventLoop, redis.asyncio.Redis] = {}
+        self._pool: redis.ConnectionPool | None = None
+        self._loops: dict[asyncio.AbstractEventLoop, redis.asyncio.ConnectionPool] = {}
         self.keeper = _Keeper(self)
         self.wakeups = _Wakeups(self)
 
@@ -219,37 +278,43 @@ class RedisBackend:
 
     # -- clients -------------------------------------------------------------------------------
 
-    def client(self) -> redis.Redis:
-        """This process's client (one pool, shared by its threads)."""
-        self._check_fork()
-        client = self._client
-        if client is None:
+    def pool(self) -> redis.ConnectionPool:
+        """This process's connection pool (shared by its threads; redis-py's pool resets
+        itself in a forked child)."""
+        pool = self._pool
+        if pool is None:
             with self._mutex:
-                if self._client is None:
-                    pool = redis.BlockingConnectionPool.from_url(self._url, **self._options)
-                    self._client = redis.Redis(connection_pool=pool)
-                client = self._client
-        return client
+                if self._pool is None:
+                    self._pool = redis.BlockingConnectionPool.from_url(self._url, **self._options)
+                pool = self._pool
+        return pool
 
-    def _aclient(self) -> redis.asyncio.Redis:
+    def client(self) -> redis.Redis:
+        """A client on this process's pool (for pub/sub)."""
+        return redis.Redis(connection_pool=self.pool())
+
+    def _apool(self) -> redis.asyncio.ConnectionPool:
         loop = asyncio.get_running_loop()
-        client = self._loops.get(loop)
-        if client is None:
+        pool = self._loops.get(loop)
+        if pool is None:
             for other, stale in list(self._loops.items()):
                 if other.is_closed():  # asyncio.run() per task: drop what closed loops held
                     del self._loops[other]
                     _drop_on_closed_loop(stale)
-            pool = redis.asyncio.BlockingConnectionPool.from_url(self._url, **self._options)
-            client = self._loops[loop] = redis.asyncio.Redis(connection_pool=pool)
-        return client
+            options = {**self._options, "max_connections": MAX_LOOP_CONNECTIONS}
+            pool = redis.asyncio.BlockingConnectionPool.from_url(self._url, **options)
+            self._loops[loop] = pool
+        return pool
 
     # -- the two drivers ---------------------------------------------------------------------
 
     def run(self, call: Call[T]) -> T:
         """Send one call through the breaker; raise ``StorageError`` on any failure."""
-        self.breaker.enter()
+        seen = self.breaker.enter()
         try:
-            result = call.decode(_send(self.client(), call))
+            result = call.decode(_send(self.pool(), call, self.breaker, seen))
+        except Tripped:
+            raise StorageError(f"redis unavailable: {self.breaker.reason}") from None
         except _ANY_FAILURE as exc:
             raise self._failed(exc) from None
         except BaseException:
@@ -261,9 +326,11 @@ class RedisBackend:
     async def arun(self, call: Call[T]) -> T:
         """Async twin of :meth:`run`."""
         self._check_fork()
-        self.breaker.enter()
+        seen = self.breaker.enter()
         try:
-            result = call.decode(await _asend(self._aclient(), call))
+            result = call.decode(await _asend(self._apool(), call, self.breaker, seen))
+        except Tripped:
+            raise StorageError(f"redis unavailable: {self.breaker.reason}") from None
         except _ANY_FAILURE as exc:
             raise self._failed(exc) from None
         except BaseException:
@@ -293,30 +360,30 @@ class RedisBackend:
         self.keeper.close()
         self.wakeups.close()
         with self._mutex:
-            client, self._client = self._client, None
+            pool, self._pool = self._pool, None
             loops, self._loops = self._loops, {}
-        if client is not None:
+        if pool is not None:  # connections in use by other threads close when returned
             with contextlib.suppress(*_FAILURES):
-                client.connection_pool.disconnect()
-        for loop, aclient in loops.items():
+                pool.disconnect(inuse_connections=False)
+        for loop, apool in loops.items():
             if loop.is_closed():
-                _drop_on_closed_loop(aclient)
+                _drop_on_closed_loop(apool)
             else:
                 with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(_close_soon, aclient)
+                    loop.call_soon_threadsafe(_close_soon, apool)
 
     async def aclose(self) -> None:
         """Close this loop's client properly, then everything else."""
         self._check_fork()
-        aclient = self._loops.pop(asyncio.get_running_loop(), None)
-        if aclient is not None:
+        apool = self._loops.pop(asyncio.get_running_loop(), None)
+        if apool is not None:
             with contextlib.suppress(*_FAILURES):
-                await aclient.connection_pool.disconnect()
+                await apool.disconnect()
         self.close()
 
 
-def _close_soon(client: redis.asyncio.Redis) -> None:
-    task = asyncio.get_running_loop().create_task(client.connection_pool.disconnect())
+def _close_soon(pool: redis.asyncio.ConnectionPool) -> None:
+    task = asyncio.get_running_loop().create_task(pool.disconnect())
     _CLOSING.add(task)
     task.add_done_callback(_CLOSING.discard)
 
@@ -324,13 +391,12 @@ def _close_soon(client: redis.asyncio.Redis) -> None:
 _CLOSING: set[asyncio.Task[Any]] = set()
 
 
-def _drop_on_closed_loop(client: redis.asyncio.Redis) -> None:
-    """Close the sockets of an async client whose event loop is already closed.
+def _drop_on_closed_loop(pool: redis.asyncio.ConnectionPool) -> None:
+    """Close the sockets of an async pool whose event loop is already closed.
 
     Nothing can be awaited on that loop any more, and its transports would warn about
     being unclosed when collected: close their sockets directly.
     """
-    pool = client.connection_pool
     conns = [
         *getattr(pool, "_available_connections", ()),
         *getattr(pool, "_in_use_connections", ()),
@@ -362,12 +428,19 @@ class _Listen:
 
 TRY = _Try()
 LISTEN = _Listen()
-LockFlow = Generator["_Try | _Listen | float", bool | None, LockResult]
+LockFlow = Generator["_Try | _Listen | float", bool, LockResult]
 
 
 def lock_flow(wait: float | None, poll: float = POLL_SECONDS) -> LockFlow:
     """The waiting logic of a key lock, without I/O: yields a try, a listen, or the seconds
-    to sleep (until a wake-up); returns the outcome. Written once for both drivers."""
+    to sleep (answered with whether a release woke it); returns the outcome. Written once
+    for both drivers.
+
+    A release of the key ends the wait with LANDED: the holder has just stored the token
+    (or failed), and every waiter reads it at once instead of taking the lock in turn.
+    Without a wake-up (pub/sub is best effort; a holder killed with -9 sends none) the
+    lock is tried every ``poll`` seconds, so a dead holder's key is taken within its lease.
+    """
     if (yield TRY):
         return LockResult.HELD
     if wait is None:
@@ -378,7 +451,8 @@ def lock_flow(wait: float | None, poll: float = POLL_SECONDS) -> LockFlow:
         left = deadline - time.monotonic()
         if left <= 0:
             return LockResult.TIMEOUT
-        yield min(poll, left)
+        if (yield min(poll, left)):
+            return LockResult.LANDED
         if (yield TRY):
             return LockResult.HELD
 
@@ -408,19 +482,19 @@ class RedisKeyLock:
         flow = lock_flow(wait)
         woken = threading.Event()
         listening = False
-        answer: bool | None = None
+        answer = False
         try:
+            step = next(flow)
             while True:
-                step = flow.send(answer)
-                answer = None
                 if isinstance(step, _Try):
                     token, call = self._try_call()
                     answer = self._backend.run(call) and self._took(token)
                 elif isinstance(step, _Listen):
                     listening = self._backend.wakeups.listen(self._hex, woken.set)
                 else:
-                    woken.wait(step)
+                    answer = woken.wait(step)
                     woken.clear()
+                step = flow.send(answer)
         except StopIteration as done:
             return cast(LockResult, done.value)
         except StorageError as exc:
@@ -440,20 +514,22 @@ class RedisKeyLock:
                 loop.call_soon_threadsafe(woken.set)
 
         listening = False
-        answer: bool | None = None
+        answer = False
         try:
+            step = next(flow)
             while True:
-                step = flow.send(answer)
-                answer = None
                 if isinstance(step, _Try):
                     token, call = self._try_call()
                     answer = await self._backend.arun(call) and self._took(token)
                 elif isinstance(step, _Listen):
                     listening = self._backend.wakeups.listen(self._hex, wake)
                 else:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(woken.wait(), step)
+                    try:
+                        answer = await asyncio.wait_for(woken.wait(), step)
+                    except TimeoutError:
+                        answer = False
                     woken.clear()
+                step = flow.send(answer)
         except StopIteration as done:
             return cast(LockResult, done.value)
         except StorageError as exc:

@@ -231,13 +231,13 @@ def soak(home: str, url: str, key: str, seconds: float, out: str, seed: int) -> 
                 ops[0] += 2
             except Exception:
                 errors.append(traceback.format_exc(limit=3))
+        for t in threads:
+            await asyncio.to_thread(t.join)
         await cache.aclose()
 
     threads = [threading.Thread(target=thread_main, args=(seed * 10 + i,)) for i in range(3)]
     for t in threads:
         t.start()
     asyncio.run(loop_main())
-    for t in threads:
-        t.join()
     summary = {"wrong": wrong, "errors": errors[:5], "n_errors": len(errors), "ops": ops[0]}
     write_result(out, summary)

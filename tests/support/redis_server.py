@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -238,3 +239,23 @@ def own_redis_fixture(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+def count_commands(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """How many commands the Redis drivers sent from now on."""
+    from agw_persist_cache.backends import redis as driver
+
+    counts = [0]
+    send, asend = driver._send, driver._asend
+
+    def counting(*args: Any) -> Any:
+        counts[0] += 1
+        return send(*args)
+
+    async def acounting(*args: Any) -> Any:
+        counts[0] += 1
+        return await asend(*args)
+
+    monkeypatch.setattr(driver, "_send", counting)
+    monkeypatch.setattr(driver, "_asend", acounting)
+    return lambda: counts[0]
