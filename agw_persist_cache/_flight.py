@@ -127,26 +127,21 @@ def fill(shelf: Shelf, key: Key, *, refresh: bool) -> Flight[CachedToken | None]
     config = shelf.config
     wait = None if refresh else config.lock_timeout_seconds
     deadline = time.monotonic() + (wait or 0.0)
-    locked = yield TakeLock(key.digest, wait, cross=False)
-    if locked is LockResult.HELD and not refresh:
-        # This process's flight of the key (if any) has ended: read before queueing on the
-        # locks, so that its followers read the token at once, side by side, instead of
-        # taking the shared lock one by one (a network round trip each on Redis).
-        yield UNLOCK
-        early = yield from _peek(shelf, key)
-        if early is not None:
-            return early
-        left = None if wait is None else max(0.0, deadline - time.monotonic())
-        locked = yield TakeLock(key.digest, left, cross=False)
-    if locked is LockResult.HELD:
+    locked = LockResult.HELD
+    for cross in (False, True):  # this process's flight of the key, then every process's
         while True:
             left = None if wait is None else max(0.0, deadline - time.monotonic())
-            locked = yield TakeLock(key.digest, left, local=False)
+            locked = yield TakeLock(key.digest, left, local=not cross, cross=cross)
             if locked is not LockResult.LANDED:
                 break
-            early = yield from _peek(shelf, key)  # another process's flight just ended
+            # The flight ahead of ours has just ended: read before queueing again, so that
+            # every waiter reads the token at once instead of taking the lock in turn (a
+            # network round trip each on Redis).
+            early = yield from _peek(shelf, key)
             if early is not None:
                 return early
+        if locked is not LockResult.HELD:
+            break
     if locked is LockResult.BUSY or (refresh and locked is not LockResult.HELD):
         return None  # someone else is refreshing this very key
     if locked is not LockResult.HELD:

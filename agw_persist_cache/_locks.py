@@ -74,15 +74,22 @@ class KeyLocks:
         """The locks of ``digest`` within ``wait`` seconds (``None``: one try, no wait):
         the in-process one, the cross-process one, or both (in that order).
 
-        A local lock not had in time means TIMEOUT (fetch anyway) or BUSY (a try).
+        A local lock not had in time means TIMEOUT (fetch anyway) or BUSY (a try). The
+        local lock alone, found held by another caller, is waited for and NOT kept:
+        LANDED says that caller's flight has ended, so this one re-reads first.
         """
         deadline = time.monotonic() + (wait or 0.0)
         keyed = self._threads if local else None
         taken: threading.Lock | None = None
         if local:
             lock = self._threads.get(digest)
-            if not (lock.acquire(blocking=False) if wait is None else lock.acquire(timeout=wait)):
-                return _refused(wait), self._held(keyed, digest, None, None)
+            if not lock.acquire(blocking=False):
+                if wait is None or not lock.acquire(timeout=wait):
+                    return _refused(wait), self._held(keyed, digest, None, None)
+                if not cross:
+                    lock.release()
+                    self._threads.put(digest)
+                    return LockResult.LANDED, _nothing
             taken = lock
         if not cross:
             return LockResult.HELD, self._held(keyed, digest, taken, None)
@@ -103,8 +110,13 @@ class KeyLocks:
         try:
             if local:
                 lock = self._tasks.get(key)
+                was_free = not lock.locked()
                 if not await _atake(lock, wait):
                     return _refused(wait), release
+                if not was_free and not cross:
+                    lock.release()
+                    release()
+                    return LockResult.LANDED, _nothing
                 taken = lock
                 release = self._held(keyed, key, taken, None)
             if not cross:
@@ -116,6 +128,10 @@ class KeyLocks:
             raise
         held = lock_x if result is LockResult.HELD else None
         return result, self._held(keyed, key, taken, held)
+
+
+def _nothing() -> None:
+    """Nothing to give back."""
 
 
 async def _atake(lock: asyncio.Lock, wait: float | None) -> bool:

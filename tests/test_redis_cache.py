@@ -449,3 +449,37 @@ def test_a_forked_child_uses_its_own_connections(redis_url: str) -> None:
     assert cache.get_system_token("scope") == "from-child"
     cache.close()
     assert os.getpid() == cache._backend._pid
+
+
+async def test_waiters_read_the_landed_token_instead_of_taking_the_lock_in_turn(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two caches ("hosts") of ten tasks each miss at once: one fetch, and the shared lock
+    is tried once per cache, not once per task (followers read the token when it lands)."""
+    from agw_persist_cache.backends import redis as driver
+
+    tries: list[str] = []
+    asend = driver._asend
+
+    async def counting(pool: Any, call: Any, *rest: Any) -> Any:
+        if call.command[0] == "SET":
+            tries.append(call.command[1])
+        return await asend(pool, call, *rest)
+
+    monkeypatch.setattr(driver, "_asend", counting)
+    config = make_config(url=redis_url)
+    hosts = [PersistentTokenCache(config=config) for _ in range(2)]
+    fetch = Counting()
+
+    async def afetch() -> Any:
+        await asyncio.sleep(0.2)
+        return fetch()
+
+    tokens = await asyncio.gather(
+        *(cache.asystem_token("scope", afetch) for cache in hosts for _ in range(10))
+    )
+    assert set(tokens) == {"fetched-1"}
+    assert fetch.calls == 1
+    assert len(tries) == 2
+    for cache in hosts:
+        await cache.aclose()

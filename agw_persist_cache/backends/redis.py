@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import queue
 import secrets
@@ -33,6 +34,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import redis
 import redis.asyncio
+import redis.connection
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.retry import Retry
@@ -52,6 +54,12 @@ MAX_LOOP_CONNECTIONS = 8
 """Connections of each event loop's pool: tasks queue briefly for one instead of opening
 dozens at once when a stampede starts."""
 _FAILURES = (RedisError, Garbage, OSError)
+# No CLIENT SETINFO round trips on each new connection (older servers refuse them anyway).
+_NO_SETINFO: dict[str, None] = (
+    {"driver_info": None}
+    if "driver_info" in inspect.signature(redis.connection.AbstractConnection.__init__).parameters
+    else {"lib_name": None, "lib_version": None}
+)
 # redis-py can also fail with AttributeError/ValueError on a connection closed under it;
 # none of it may reach the agent.
 _ANY_FAILURE = (Exception,)
@@ -240,6 +248,7 @@ class RedisBackend:
             "health_check_interval": 0,
             "max_connections": MAX_CONNECTIONS,
             "timeout": timeout,  # waiting for a free pooled connection
+            **_NO_SETINFO,
         }
         self._url = client_url(url)
         # Fails here on a malformed URL, before any connection is made.
