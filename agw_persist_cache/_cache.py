@@ -121,6 +121,11 @@ class PersistentTokenCache:
         if self._pid != os.getpid():
             self._fork_reset()
 
+    @property
+    def location(self) -> str:
+        """Where the store is: the SQLite file, or the URL with any password as ``***``."""
+        return self._backend.location
+
     # -- keys ----------------------------------------------------------------------------------
 
     @property

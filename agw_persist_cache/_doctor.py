@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from ._config import ENV_PATH, resolve_path
+from ._config import ENV_PATH, resolve_path, split_location
 from .cli import EXIT_OK, EXIT_PROBLEMS, open_cache
 
 NETWORK_FILESYSTEMS = frozenset(
@@ -100,6 +100,12 @@ def _mode_problem(label: str, path: Path, *, directory: bool) -> str | None:
 
 def _checks(path_arg: str | None, mounts_file: Path) -> Iterator[Check]:
     """The checks in order; stops early when going on would be unsafe or meaningless."""
+    _, url = split_location(path_arg, None)
+    if url is not None:  # a shared store ($AGW_CACHE_URL, --url): its own checks
+        from ._doctor_redis import redis_checks
+
+        yield from (Check(*finding) for finding in redis_checks(url))
+        return
     path = resolve_path(path_arg)
     source = "--path" if path_arg else (f"${ENV_PATH}" if os.environ.get(ENV_PATH) else "default")
     if path.exists() and not path.is_file():
