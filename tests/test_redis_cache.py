@@ -483,3 +483,20 @@ async def test_waiters_read_the_landed_token_instead_of_taking_the_lock_in_turn(
     assert len(tries) == 2
     for cache in hosts:
         await cache.aclose()
+
+
+def test_the_sap_drop_in_takes_the_url_from_the_environment(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("sap_cloud_sdk")
+    from agw_persist_cache.integrations import sap
+
+    monkeypatch.setenv("AGW_CACHE_URL", redis_url)
+    monkeypatch.setenv("AGW_CACHE_KEY", new_key())
+    monkeypatch.setattr(sap, "_defaults", {})
+    cache = sap.default_cache()
+    try:
+        assert cache.stats().backend == "redis"
+        assert sap.default_cache() is cache
+    finally:
+        cache.close()
