@@ -324,7 +324,7 @@ def _frozen(section: Section, server: Any, sizes: Any) -> None:
     redis_time = statistics.median(after_open) - median_fetch if after_open else float("nan")
     section.ratios.append(
         Ratio(
-            "redis frozen, circuit open: median Redis time per call (ms)",
+            "redis frozen, circuit open: median call time beyond the fetch (ms)",
             redis_time * 1000,
             (),
             1.0,
