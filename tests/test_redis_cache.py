@@ -500,3 +500,22 @@ def test_the_sap_drop_in_takes_the_url_from_the_environment(
         assert sap.default_cache() is cache
     finally:
         cache.close()
+
+
+async def test_a_failed_fetch_backs_off_every_host(open_api: ApiFactory, redis_url: str) -> None:
+    from agw_persist_cache import FetchBackoffError
+
+    config = make_config(url=redis_url, fetch_backoff_seconds=30)
+    a, b = open_api(config=config), open_api(config=config)
+
+    def failing() -> str:
+        raise RuntimeError("identity service down")
+
+    with pytest.raises(RuntimeError):
+        await a.fetch("scope", failing)
+    fetch = Counting()
+    with pytest.raises(FetchBackoffError):
+        await b.fetch("scope", fetch)  # another host fails fast: no request of its own
+    assert fetch.calls == 0
+    await b.clear()  # a clear drops back-off marks for every host too
+    assert await b.fetch("scope", fetch) == "fetched-1"

@@ -238,3 +238,24 @@ def test_random_operations_on_many_hosts_never_serve_a_wrong_token(
     assert [r["wrong"] for r in results] == [[]] * 4
     assert [r["n_errors"] for r in results] == [0] * 4, results
     assert all(r["ops"] > 50 for r in results)
+
+
+def test_a_read_only_replica_and_an_out_of_memory_server_degrade_to_fetching(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    replica = RedisServer(
+        tmp_path / "replica", args=["--replicaof", "127.0.0.1", str(own_redis.port)]
+    ).start()
+    try:
+        for url, setup in ((replica.url, None), (own_redis.url, ("maxmemory", "1"))):
+            if setup is not None:
+                own_redis.admin("CONFIG", "SET", *setup)  # every write now answers OOM
+            with PersistentTokenCache(url=url, config=CacheConfig(keys=[new_key()])) as cache:
+                assert cache.set_system_token("scope", "not-stored") is False
+                assert cache.system_token("other", lambda: "direct") == "direct"
+                stats = cache.stats()
+                assert stats.storage_errors >= 1
+                reason = stats.disabled_reason or ""
+                assert ("ReadOnly" in reason) if setup is None else ("maxmemory" in reason)
+    finally:
+        replica.stop()
