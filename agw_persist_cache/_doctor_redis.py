@@ -112,10 +112,10 @@ def _server_checks(client: Any) -> Iterator[Finding]:
         yield Finding("ok", "role", "primary (writable)")
     if info.get("cluster_enabled"):
         yield Finding(
-            "warn",
+            "ok",
             "cluster",
-            "cluster mode: the cache's keys share one hash tag (one slot), but this client "
-            "follows no MOVED redirections: give the URL of the node that owns the slot",
+            "cluster mode: the cache's keys share one hash tag, so one node (the slot's "
+            "owner, found through MOVED) serves them all",
         )
     policy, maxmemory = _config(client, "maxmemory-policy"), _config(client, "maxmemory")
     if policy is None:

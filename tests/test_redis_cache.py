@@ -519,3 +519,29 @@ async def test_a_failed_fetch_backs_off_every_host(open_api: ApiFactory, redis_u
     assert fetch.calls == 0
     await b.clear()  # a clear drops back-off marks for every host too
     assert await b.fetch("scope", fetch) == "fetched-1"
+
+
+async def test_a_cluster_node_that_does_not_own_the_cache_slot_redirects_it(
+    open_api: ApiFactory, tmp_path: Path
+) -> None:
+    from support.redis_server import cluster_pair
+
+    a, b = cluster_pair(tmp_path / "cluster")
+    try:
+        reply = a.admin("CLUSTER", "KEYSLOT", "{agw-persist-cache}")
+        owner, other = (a, b) if int(reply[1:].split(b"\r")[0]) <= 8191 else (b, a)
+        config = make_config(url=other.url)
+        writer, reader = open_api(config=config), open_api(config=config)
+        await writer.set("scope", "t")
+        assert await reader.get("scope") == "t"
+        fetch = Counting()
+        assert await reader.fetch("other", fetch) == "fetched-1"
+        assert await writer.fetch("other", fetch) == "fetched-1"
+        await writer.clear()
+        assert await reader.get("scope") is None
+        assert reader.cache.stats().storage_errors == 0
+        assert int(owner.admin("DBSIZE")[1:].split(b"\r")[0]) > 0
+        assert other.admin("DBSIZE").startswith(b":0")
+    finally:
+        a.stop()
+        b.stop()

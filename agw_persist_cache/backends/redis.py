@@ -36,7 +36,7 @@ import redis
 import redis.asyncio
 import redis.connection
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import MovedError, NoScriptError, RedisError, ResponseError
 from redis.retry import Retry
 
 from .._config import CacheConfig
@@ -321,7 +321,12 @@ class RedisBackend:
         """Send one call through the breaker; raise ``StorageError`` on any failure."""
         seen = self.breaker.enter()
         try:
-            result = call.decode(_send(self.pool(), call, self.breaker, seen))
+            try:
+                reply = _send(self.pool(), call, self.breaker, seen)
+            except MovedError as moved:  # a Cluster: the cache's slot lives on another node
+                self._move_to(moved)
+                reply = _send(self.pool(), call, self.breaker, seen)
+            result = call.decode(reply)
         except Tripped:
             raise StorageError(f"redis unavailable: {self.breaker.reason}") from None
         except _ANY_FAILURE as exc:
@@ -337,7 +342,12 @@ class RedisBackend:
         self._check_fork()
         seen = self.breaker.enter()
         try:
-            result = call.decode(await _asend(self._apool(), call, self.breaker, seen))
+            try:
+                reply = await _asend(self._apool(), call, self.breaker, seen)
+            except MovedError as moved:
+                self._move_to(moved)
+                reply = await _asend(self._apool(), call, self.breaker, seen)
+            result = call.decode(reply)
         except Tripped:
             raise StorageError(f"redis unavailable: {self.breaker.reason}") from None
         except _ANY_FAILURE as exc:
@@ -363,11 +373,16 @@ class RedisBackend:
 
     # -- closing ----------------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Close this process's connections (Redis and other processes are unaffected)."""
-        self._check_fork()
-        self.keeper.close()
-        self.wakeups.close()
+    def _move_to(self, moved: MovedError) -> None:
+        """Every key of the cache shares one hash tag, so one Cluster node serves them all:
+        talk to the node a MOVED reply names from now on (a failover or resharding moves
+        the cache again the same way)."""
+        host, port = moved.host, moved.port
+        log.info("token cache: Redis Cluster slot %s is served by %s:%s", moved.slot_id, host, port)
+        self._url = _with_node(self._url, str(host), int(port))
+        self._retire_pools()
+
+    def _retire_pools(self) -> None:
         with self._mutex:
             pool, self._pool = self._pool, None
             loops, self._loops = self._loops, {}
@@ -381,6 +396,13 @@ class RedisBackend:
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(_close_soon, apool)
 
+    def close(self) -> None:
+        """Close this process's connections (Redis and other processes are unaffected)."""
+        self._check_fork()
+        self.keeper.close()
+        self.wakeups.close()
+        self._retire_pools()
+
     async def aclose(self) -> None:
         """Close this loop's client properly, then everything else."""
         self._check_fork()
@@ -389,6 +411,16 @@ class RedisBackend:
             with contextlib.suppress(*_FAILURES):
                 await apool.disconnect()
         self.close()
+
+
+def _with_node(url: str, host: str, port: int) -> str:
+    """``url`` pointing at ``host:port``, with its credentials, database and options."""
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    node = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    netloc = f"{userinfo}@{node}" if userinfo else node
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{parts.scheme}://{netloc}{parts.path}{query}"
 
 
 def _close_soon(pool: redis.asyncio.ConnectionPool) -> None:

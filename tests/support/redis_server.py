@@ -208,6 +208,31 @@ def tls_server(directory: Path) -> RedisServer:
     return RedisServer(directory, args=args, scheme="rediss", query=f"ssl_ca_certs={ca_file}")
 
 
+def cluster_pair(directory: Path) -> tuple[RedisServer, RedisServer]:
+    """A two-node Redis Cluster: slots 0-8191 on the first node, 8192-16383 on the second."""
+    nodes, bus = [], []
+    for name in ("node-a", "node-b"):
+        bus.append(str(free_port()))  # not port + 10000, which may pass 65535
+        args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+        nodes.append(RedisServer(directory / name, args=[*args, "--cluster-port", bus[-1]]).start())
+    a, b = nodes
+    try:
+        assert a.admin("CLUSTER", "ADDSLOTSRANGE", "0", "8191").startswith(b"+OK")
+        assert b.admin("CLUSTER", "ADDSLOTSRANGE", "8192", "16383").startswith(b"+OK")
+        meet = a.admin("CLUSTER", "MEET", "127.0.0.1", str(b.port), bus[1])
+        assert meet.startswith(b"+OK"), meet
+        deadline = time.monotonic() + 30
+        while not all(b"cluster_state:ok" in n.admin("CLUSTER", "INFO") for n in nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the two-node cluster did not reach cluster_state:ok")
+            time.sleep(0.1)
+    except BaseException:
+        a.stop()
+        b.stop()
+        raise
+    return a, b
+
+
 def flush(server: RedisServer) -> None:
     reply = server.admin("FLUSHALL")
     assert reply.startswith(b"+OK"), reply
