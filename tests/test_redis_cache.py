@@ -467,6 +467,7 @@ async def test_waiters_read_the_landed_token_instead_of_taking_the_lock_in_turn(
         return await asend(pool, call, *rest)
 
     monkeypatch.setattr(driver, "_asend", counting)
+    monkeypatch.setattr(driver, "POLL_SECONDS", 30.0)  # only a wake-up ends a wait here
     config = make_config(url=redis_url)
     hosts = [PersistentTokenCache(config=config) for _ in range(2)]
     fetch = Counting()

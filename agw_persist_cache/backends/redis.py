@@ -48,6 +48,8 @@ T = TypeVar("T")
 
 POLL_SECONDS = 0.25
 """Waiters re-try the lock this often even without a wake-up (pub/sub is best effort)."""
+LISTEN_SECONDS = 0.25
+"""How often the pub/sub thread looks up from its subscription (to stop when idle)."""
 MAX_CONNECTIONS = 64
 """Connections of this process's sync pool (its threads share it)."""
 MAX_LOOP_CONNECTIONS = 8
@@ -472,7 +474,7 @@ LISTEN = _Listen()
 LockFlow = Generator["_Try | _Listen | float", bool, LockResult]
 
 
-def lock_flow(wait: float | None, poll: float = POLL_SECONDS) -> LockFlow:
+def lock_flow(wait: float | None, poll: float | None = None) -> LockFlow:
     """The waiting logic of a key lock, without I/O: yields a try, a listen, or the seconds
     to sleep (answered with whether a release woke it); returns the outcome. Written once
     for both drivers.
@@ -482,6 +484,7 @@ def lock_flow(wait: float | None, poll: float = POLL_SECONDS) -> LockFlow:
     Without a wake-up (pub/sub is best effort; a holder killed with -9 sends none) the
     lock is tried every ``poll`` seconds, so a dead holder's key is taken within its lease.
     """
+    poll = POLL_SECONDS if poll is None else poll
     if (yield TRY):
         return LockResult.HELD
     if wait is None:
@@ -700,7 +703,7 @@ class _Wakeups:
             self._closing = True
             thread = self._thread
         if thread is not None:
-            thread.join(POLL_SECONDS + self._backend.config.socket_timeout_seconds + 1)
+            thread.join(LISTEN_SECONDS + self._backend.config.socket_timeout_seconds + 1)
         with self._mutex:
             self._closing = False
 
@@ -731,18 +734,18 @@ class _Wakeups:
                         self._thread = None
                         return
                 if self._backend.unavailable:
-                    time.sleep(POLL_SECONDS)  # waiters poll (and fail) meanwhile
+                    time.sleep(LISTEN_SECONDS)  # waiters poll (and fail) meanwhile
                     continue
                 try:
                     if pubsub is None:
                         client = self._backend.client()
                         pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]  # untyped in redis-py
                         pubsub.subscribe(self._backend.layout.channel)
-                    message = pubsub.get_message(timeout=POLL_SECONDS)
+                    message = pubsub.get_message(timeout=LISTEN_SECONDS)
                 except Exception:  # Redis away or the pool closed: waiters poll meanwhile
                     _close_pubsub(pubsub)
                     pubsub = None
-                    time.sleep(POLL_SECONDS)
+                    time.sleep(LISTEN_SECONDS)
                     continue
                 if message and message.get("type") == "message":
                     data = message.get("data")
