@@ -481,7 +481,10 @@ async def test_waiters_read_the_landed_token_instead_of_taking_the_lock_in_turn(
     )
     assert set(tokens) == {"fetched-1"}
     assert fetch.calls == 1
-    assert len(tries) == 2
+    # A handful, not one per task: the holder's try; the other cache's waiter tries around
+    # listening and again after each wake-up (its subscription taking effect is one).
+    # Tasks taking the lock in turn made 16.
+    assert len(tries) <= 8
     for cache in hosts:
         await cache.aclose()
 

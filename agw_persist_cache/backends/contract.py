@@ -209,7 +209,7 @@ class LockResult(enum.Enum):
     TIMEOUT = "timeout"  # another process held it past the wait: fetch anyway
     BUSY = "busy"  # a non-blocking try found it held (refresh-ahead: someone else does it)
     ERROR = "error"  # the lock itself failed (I/O): fetch anyway, counted apart
-    LANDED = "landed"  # released by its holder while we waited: re-read, then try again
+    LANDED = "landed"  # its holder (probably) let go while we waited: re-read, then try again
 
 
 class KeyLock(Protocol):
@@ -218,8 +218,9 @@ class KeyLock(Protocol):
     def acquire(self, wait: float | None) -> LockResult:
         """Take the lock within ``wait`` seconds (``None``: one non-blocking try).
 
-        A networked lock may instead return LANDED as soon as its holder releases it, so
-        that every waiter re-reads the token at once rather than taking the lock in turn."""
+        A networked lock may instead return LANDED as soon as its holder releases it (or
+        when it cannot rule that out), so that every waiter re-reads the token at once
+        rather than taking the lock in turn."""
 
     async def aacquire(self, wait: float | None) -> LockResult:
         """The same without blocking the event loop."""

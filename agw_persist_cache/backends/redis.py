@@ -50,6 +50,8 @@ POLL_SECONDS = 0.25
 """Waiters re-try the lock this often even without a wake-up (pub/sub is best effort)."""
 LISTEN_SECONDS = 0.25
 """How often the pub/sub thread looks up from its subscription (to stop when idle)."""
+LINGER_SECONDS = 2.0
+"""The subscription stays this long after its last waiter left, then closes."""
 MAX_CONNECTIONS = 64
 """Connections of this process's sync pool (its threads share it)."""
 MAX_LOOP_CONNECTIONS = 8
@@ -491,6 +493,8 @@ def lock_flow(wait: float | None, poll: float | None = None) -> LockFlow:
         return LockResult.BUSY
     deadline = time.monotonic() + wait
     yield LISTEN
+    if (yield TRY):  # released between the first try and listening
+        return LockResult.HELD
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -688,7 +692,12 @@ class _Keeper:
 
 
 class _Wakeups:
-    """One pub/sub subscription per process while anyone waits for a key lock."""
+    """One pub/sub subscription per process while anyone waits for a key lock.
+
+    A release published before the subscription took effect would be lost: once the server
+    confirms the subscription (again after any reconnect), every waiter is woken once to
+    look again. A waiter registering later is covered by its own try after registering.
+    """
 
     def __init__(self, backend: RedisBackend) -> None:
         self._backend = backend
@@ -725,12 +734,29 @@ class _Wakeups:
             if not waiters:
                 self._waiters.pop(hexd, None)
 
+    def _wake(self, hexd: str | None) -> None:
+        with self._mutex:
+            if hexd is None:
+                wakes = [w for waiters in self._waiters.values() for w in waiters]
+            else:
+                wakes = list(self._waiters.get(hexd, ()))
+        for wake in wakes:
+            wake()
+
     def _run(self) -> None:
         pubsub: Any = None
+        idle_since: float | None = None
         try:
             while True:
                 with self._mutex:
-                    if self._closing or not self._waiters:
+                    if self._waiters:
+                        idle_since = None
+                    elif idle_since is None:
+                        idle_since = time.monotonic()
+                    # Linger a moment: a waiter that just woke often waits again at once, and
+                    # a new subscription would cost it a reconnect and a spurious wake-up.
+                    idle = idle_since is not None and time.monotonic() - idle_since > LINGER_SECONDS
+                    if self._closing or idle:
                         self._thread = None
                         return
                 if self._backend.unavailable:
@@ -739,7 +765,7 @@ class _Wakeups:
                 try:
                     if pubsub is None:
                         client = self._backend.client()
-                        pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]  # untyped in redis-py
+                        pubsub = client.pubsub()  # type: ignore[no-untyped-call]  # untyped in redis-py
                         pubsub.subscribe(self._backend.layout.channel)
                     message = pubsub.get_message(timeout=LISTEN_SECONDS)
                 except Exception:  # Redis away or the pool closed: waiters poll meanwhile
@@ -747,13 +773,12 @@ class _Wakeups:
                     pubsub = None
                     time.sleep(LISTEN_SECONDS)
                     continue
-                if message and message.get("type") == "message":
+                kind = message.get("type") if message else None
+                if kind == "subscribe":  # in effect from now on: look again, everyone
+                    self._wake(None)
+                elif kind == "message":
                     data = message.get("data")
-                    hexd = data.decode("ascii", "replace") if isinstance(data, bytes) else ""
-                    with self._mutex:
-                        wakes = list(self._waiters.get(hexd, ()))
-                    for wake in wakes:
-                        wake()
+                    self._wake(data.decode("ascii", "replace") if isinstance(data, bytes) else "")
         finally:
             _close_pubsub(pubsub)
 
