@@ -14,8 +14,10 @@ the network, the cache fetches directly, and after the pause one probe decides.
 The key lock is ``SET {ns}:l:<hex> <random> NX PX <lease>``, renewed every lease/3 by a
 keeper thread while its holder fetches and released by compare-and-delete, which also
 ``PUBLISH``-es the digest: a holder killed with ``kill -9`` frees the key within one lease.
-Waiters of a process share one pub/sub connection (open only while someone waits) and poll
-every 250 ms besides, since pub/sub may drop messages.
+Waiters of a process share one pub/sub connection (open while someone waits, and 2 s after);
+a release wakes them all to read the token side by side (LANDED), and they try the lock
+every 250 ms besides, since pub/sub may drop messages. A MOVED reply (Redis Cluster) moves
+the cache to the node that owns its one hash-tag slot.
 """
 
 from __future__ import annotations
