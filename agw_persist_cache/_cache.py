@@ -17,7 +17,9 @@ from typing import Any, Literal, TypeAlias, TypeVar
 
 from . import _otel
 from ._closing import Closing
-from ._config import CacheConfig, resolve_path, split_location
+from ._config import ENV_KEY, CacheConfig, resolve_path, split_location
+from ._crypto import keys_from_config
+from ._errors import CacheConfigError
 from ._expiry import CachedToken, TokenData
 from ._flight import AFetch, Driver, Fetch, Flight, Hit, Key, fill
 from ._locks import KeyLocks
@@ -57,6 +59,11 @@ class PersistentTokenCache(Closing):
             url if url is not None else self.config.url,
         )
         self.path: Path = resolve_path(path)
+        if url is not None and keys_from_config(self.config) is None:
+            raise CacheConfigError(  # every host must open every row
+                "a shared (redis://) cache needs the same explicit key on every host: set "
+                f"{ENV_KEY} or CacheConfig.keys (a per-host key file cannot work there)"
+            )
         self.lock_dir: Path = self.path.with_name(self.path.name + ".locks")
         warnings = Warnings()
         self._backend = open_backend(self.path, url, self.config, warnings, read_only=read_only)
@@ -88,6 +95,11 @@ class PersistentTokenCache(Closing):
     def key_file(self) -> Path | None:
         """The key file, when no key is given explicitly."""
         return self._shelf.key_file
+
+    @property
+    def location(self) -> str:
+        """Where the store is: the SQLite file, or the URL with any password as ``***``."""
+        return self._backend.location
 
     @property
     def key_ids(self) -> tuple[str, ...]:

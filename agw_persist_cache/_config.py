@@ -20,6 +20,7 @@ ENV_KEY = "AGW_CACHE_KEY"
 ENV_URL = "AGW_CACHE_URL"
 DEFAULT_FILENAME = "tokens.db"
 NETWORK_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys")
+DEFAULT_NAMESPACE = "agw-persist-cache"
 
 
 def default_cache_dir() -> Path:
@@ -106,6 +107,17 @@ class CacheConfig:
     """Hard cap on the database file size (SQLite ``max_page_count``); None: no cap."""
     lock_stripes: int = 64
     """Number of lock files the per-key locks are striped over."""
+    namespace: str = DEFAULT_NAMESPACE
+    """Redis: the prefix (and Cluster hash tag) of every key; applications sharing one
+    Redis with different namespaces never see each other's rows."""
+    socket_timeout_seconds: float = 0.5
+    """Redis: the longest one command (or connecting) may take before the call fetches
+    directly."""
+    circuit_breaker_seconds: float = 5.0
+    """Redis: after a failure, skip Redis for this long (then one call probes it)."""
+    lock_lease_seconds: float = 3.0
+    """Redis: lease of a key lock, renewed while its holder fetches; a holder that died
+    frees the key within this long."""
 
     def __post_init__(self) -> None:
         positive = {
@@ -118,6 +130,9 @@ class CacheConfig:
             "fetch_backoff_seconds": (self.fetch_backoff_seconds, True),
             "last_used_interval_seconds": (self.last_used_interval_seconds, True),
             "prune_interval_seconds": (self.prune_interval_seconds, True),
+            "socket_timeout_seconds": (self.socket_timeout_seconds, False),
+            "circuit_breaker_seconds": (self.circuit_breaker_seconds, True),
+            "lock_lease_seconds": (self.lock_lease_seconds, False),
         }
         for name, (value, zero_ok) in positive.items():
             if isinstance(value, bool) or not isinstance(value, int | float):
@@ -147,6 +162,15 @@ class CacheConfig:
             raise CacheConfigError(
                 "CacheConfig.max_db_bytes must be None or an int >= 65536, "
                 f"got {self.max_db_bytes!r}"
+            )
+        if (
+            not isinstance(self.namespace, str)
+            or not 1 <= len(self.namespace) <= 64
+            or not all(c.isascii() and c.isprintable() and c not in " {}" for c in self.namespace)
+        ):
+            raise CacheConfigError(
+                "CacheConfig.namespace must be 1-64 printable ASCII characters without spaces "
+                f"or braces, got {self.namespace!r}"
             )
         if self.url is not None:
             if not isinstance(self.url, str):

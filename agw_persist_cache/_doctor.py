@@ -18,7 +18,7 @@ from typing import TextIO
 
 from . import _files as files
 from ._cli_common import EXIT_OK, EXIT_PROBLEMS, open_cache
-from ._config import ENV_PATH, resolve_path
+from ._config import ENV_PATH, resolve_path, split_location
 from .backends.sqlite import recognize
 
 NETWORK_FILESYSTEMS = frozenset(
@@ -101,6 +101,12 @@ def _guarded(name: str, check: Callable[[], Iterator[Check]]) -> Iterator[Check]
 
 def _checks(path_arg: str | None, mounts_file: Path) -> Iterator[Check]:
     """The checks in order, reading only; stops early when going on would be unsafe or moot."""
+    _, url = split_location(path_arg, None)
+    if url is not None:  # a shared store ($AGW_CACHE_URL, --url): its own checks
+        from ._doctor_redis import redis_checks
+
+        yield from (Check(*finding) for finding in redis_checks(url))
+        return
     path = resolve_path(path_arg)
     source = "--path" if path_arg else (f"${ENV_PATH}" if os.environ.get(ENV_PATH) else "default")
     try:

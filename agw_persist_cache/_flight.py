@@ -56,10 +56,14 @@ class Key:
 
 @dataclass(frozen=True, slots=True)
 class TakeLock:
-    """Take the key's locks within ``wait`` seconds (``None``: one try); yields a LockResult."""
+    """Take the key's locks within ``wait`` seconds (``None``: one try); yields a LockResult.
+
+    ``local`` / ``cross``: the in-process lock, the cross-process lock, or both."""
 
     digest: bytes
     wait: float | None
+    local: bool = True  # this process's lock of the key
+    cross: bool = True  # every process's lock of the key
 
 
 class _Marker:
@@ -130,33 +134,43 @@ def fill(shelf: Shelf, key: Key, *, refresh: bool) -> Flight[CachedToken | None]
     token no longer due for refresh means another process already refreshed it (None).
     """
     config = shelf.config
-    deadline = time.monotonic() + config.lock_timeout_seconds
+    wait = None if refresh else config.lock_timeout_seconds
+    deadline = time.monotonic() + (wait or 0.0)
+    asked = time.monotonic()
+    locked = LockResult.HELD
+    for cross in (False, True):  # this process's flight of the key, then every process's
+        while True:
+            left = None if wait is None else max(0.0, deadline - time.monotonic())
+            locked = yield TakeLock(key.digest, left, local=not cross, cross=cross)
+            if locked is not LockResult.LANDED:
+                break
+            # The flight ahead of ours has just ended: read before queueing again, so that
+            # every waiter reads the token at once instead of taking the lock in turn.
+            early = yield from _peek(shelf, key)
+            if early is not None:
+                shelf.timed("lock", key, time.monotonic() - asked)
+                return None if refresh else early
+        if locked is not LockResult.HELD:
+            break
+    shelf.timed("lock", key, time.monotonic() - asked)
+    if locked is LockResult.BUSY or (refresh and locked is not LockResult.HELD):
+        return None  # someone else is refreshing this very key
+    if locked is not LockResult.HELD:
+        shelf.lock_trouble(locked, key)
+    now = time.time()
     generation: int | None = None
     backoff: Backoff | None = None
-    while True:
-        wait = None if refresh else max(0.0, deadline - time.monotonic())
-        asked = time.monotonic()
-        locked = yield TakeLock(key.digest, wait)
-        shelf.timed("lock", key, time.monotonic() - asked)
-        if locked is LockResult.BUSY or (refresh and locked is not LockResult.HELD):
-            return None  # someone else is refreshing this very key
-        if locked not in (LockResult.HELD, LockResult.WAITED):
-            shelf.lock_trouble(locked, key)
-        now = time.time()
-        try:
-            snap: Snapshot = yield key.read  # another process may have just written it
-            generation = snap.generation
-            lookup = shelf.judge(key, snap, now)
-            if lookup.followup is not None:
-                yield lookup.followup
-            if lookup.entry is not None and not (refresh and lookup.due):
-                return None if refresh else lookup.entry
-            if locked is LockResult.WAITED:
-                continue  # the holder let go without a token (its fetch failed): our turn
-            backoff = yield GetBackoff(key.digest)
-        except StorageError as exc:
-            shelf.storage_failed(exc)
-        break
+    try:
+        snap: Snapshot = yield key.read  # another process may have just written it
+        generation = snap.generation
+        lookup = shelf.judge(key, snap, now)
+        if lookup.followup is not None:
+            yield lookup.followup
+        if lookup.entry is not None and not (refresh and lookup.due):
+            return None if refresh else lookup.entry
+        backoff = yield GetBackoff(key.digest)
+    except StorageError as exc:
+        shelf.storage_failed(exc)
     if backoff is not None and config.fetch_backoff_seconds > 0:
         # Capped on read: a stepped clock or a planted row never blocks a key for longer.
         left = min(backoff.until - now, config.fetch_backoff_seconds)
@@ -197,6 +211,16 @@ def fill(shelf: Shelf, key: Key, *, refresh: bool) -> Flight[CachedToken | None]
         except StorageError as exc:
             shelf.storage_failed(exc)
     return entry
+
+
+def _peek(shelf: Shelf, key: Key) -> Flight[CachedToken | None]:
+    """The usable token stored now, without the cross-process lock (None on any trouble:
+    it is met again, and counted, under the lock)."""
+    try:
+        snap: Snapshot = yield key.read
+    except StorageError:
+        return None
+    return shelf.judge(key, snap, time.time()).entry
 
 
 # -- drivers ------------------------------------------------------------------------------------
@@ -265,9 +289,10 @@ class Driver:
             for step in steps:
                 try:
                     if isinstance(step, TakeLock):
-                        steps.answer(
-                            self._locked(steps, self.locks.acquire(step.digest, step.wait))
+                        taken = self.locks.acquire(
+                            step.digest, step.wait, local=step.local, cross=step.cross
                         )
+                        steps.answer(self._locked(steps, taken))
                     elif step is UNLOCK:
                         steps.unlock()
                     else:
@@ -282,8 +307,10 @@ class Driver:
             for step in steps:
                 try:
                     if isinstance(step, TakeLock):
-                        taken = await self.locks.aacquire(step.digest, step.wait)
-                        steps.answer(self._locked(steps, taken))
+                        ataken = await self.locks.aacquire(
+                            step.digest, step.wait, local=step.local, cross=step.cross
+                        )
+                        steps.answer(self._locked(steps, ataken))
                     elif step is UNLOCK:
                         steps.unlock()
                     elif step is FETCH:

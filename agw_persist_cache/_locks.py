@@ -51,46 +51,87 @@ class KeyLocks:
         self._threads: _KeyedLocks[threading.Lock] = _KeyedLocks(threading.Lock)
         self._tasks: _KeyedLocks[asyncio.Lock] = _KeyedLocks(asyncio.Lock)
 
-    def acquire(self, digest: bytes, wait: float | None) -> tuple[LockResult, Release]:
-        """Both locks of ``digest`` within ``wait`` seconds (``None``: one try, no wait).
+    @staticmethod
+    def _held(
+        keyed: _KeyedLocks[L] | None, key: Hashable, local: L | None, cross: KeyLock | None
+    ) -> Release:
+        """Undo, in reverse order, whatever of the two locks was taken (``keyed``: the
+        per-key entry this acquisition counted itself in, if any)."""
 
-        A local lock not had in time means TIMEOUT (fetch anyway) or BUSY (a try).
+        def release() -> None:
+            if cross is not None:
+                cross.release()
+            if local is not None:
+                local.release()
+            if keyed is not None:
+                keyed.put(key)
+
+        return release
+
+    def acquire(
+        self, digest: bytes, wait: float | None, *, local: bool = True, cross: bool = True
+    ) -> tuple[LockResult, Release]:
+        """The locks of ``digest`` within ``wait`` seconds (``None``: one try, no wait):
+        the in-process one, the cross-process one, or both (in that order).
+
+        A local lock not had in time means TIMEOUT (fetch anyway) or BUSY (a try). The
+        local lock alone, found held by another caller, is waited for and NOT kept:
+        LANDED says that caller's flight has ended, so this one re-reads first.
         """
         deadline = time.monotonic() + (wait or 0.0)
-        local = self._threads.get(digest)
-        if not (local.acquire(blocking=False) if wait is None else local.acquire(timeout=wait)):
-            return _refused(wait), _releaser(self._threads, digest, None)
-        cross = self._backend.key_lock(digest)
-        result = cross.acquire(_left(wait, deadline))
-        return _settled(result, cross, _releaser(self._threads, digest, local))
+        keyed = self._threads if local else None
+        taken: threading.Lock | None = None
+        if local:
+            lock = self._threads.get(digest)
+            if not lock.acquire(blocking=False):
+                if wait is None or not lock.acquire(timeout=wait):
+                    return _refused(wait), self._held(keyed, digest, None, None)
+                if not cross:
+                    lock.release()
+                    self._threads.put(digest)
+                    return LockResult.LANDED, _nothing
+            taken = lock
+        if not cross:
+            return LockResult.HELD, self._held(keyed, digest, taken, None)
+        lock_x = self._backend.key_lock(digest)
+        result = lock_x.acquire(_left(wait, deadline))
+        held = lock_x if result is LockResult.HELD else None
+        return result, self._held(keyed, digest, taken, held)
 
-    async def aacquire(self, digest: bytes, wait: float | None) -> tuple[LockResult, Release]:
+    async def aacquire(
+        self, digest: bytes, wait: float | None, *, local: bool = True, cross: bool = True
+    ) -> tuple[LockResult, Release]:
         """The same from a task: waits without blocking the event loop."""
         deadline = time.monotonic() + (wait or 0.0)
         key = (asyncio.get_running_loop(), digest)
-        local = self._tasks.get(key)
-        release = _releaser(self._tasks, key, None)
+        keyed = self._tasks if local else None
+        taken: asyncio.Lock | None = None
+        release = self._held(keyed, key, None, None)
         try:
-            if not await _atake(local, wait):
-                return _refused(wait), release
-            release = _releaser(self._tasks, key, local)
-            cross = self._backend.key_lock(digest)
-            result = await cross.aacquire(_left(wait, deadline))
+            if local:
+                lock = self._tasks.get(key)
+                was_free = not lock.locked()
+                if not await _atake(lock, wait):
+                    return _refused(wait), release
+                if not was_free and not cross:
+                    lock.release()
+                    release()
+                    return LockResult.LANDED, _nothing
+                taken = lock
+                release = self._held(keyed, key, taken, None)
+            if not cross:
+                return LockResult.HELD, release
+            lock_x = self._backend.key_lock(digest)
+            result = await lock_x.aacquire(_left(wait, deadline))
         except BaseException:  # cancelled while waiting: give back what was taken
             release()
             raise
-        return _settled(result, cross, release)
+        held = lock_x if result is LockResult.HELD else None
+        return result, self._held(keyed, key, taken, held)
 
 
-def _releaser(keyed: _KeyedLocks[L], key: Hashable, local: L | None) -> Release:
-    """Let go of the local lock (if taken) and of this user's reference to it."""
-
-    def release() -> None:
-        if local is not None:
-            local.release()
-        keyed.put(key)
-
-    return release
+def _nothing() -> None:
+    """Nothing to give back."""
 
 
 async def _atake(lock: asyncio.Lock, wait: float | None) -> bool:
@@ -102,26 +143,6 @@ async def _atake(lock: asyncio.Lock, wait: float | None) -> bool:
         return await asyncio.wait_for(lock.acquire(), wait)
     except TimeoutError:
         return False
-
-
-def _settled(result: LockResult, cross: KeyLock, local: Release) -> tuple[LockResult, Release]:
-    """What the caller holds now. After WAITED nothing: the local lock is let go at once so
-    that this process's other waiters read the new token too, instead of queueing."""
-    if result is LockResult.WAITED:
-        local()
-        return result, _noop
-    if result is LockResult.HELD:
-
-        def release() -> None:
-            cross.release()
-            local()
-
-        return result, release
-    return result, local
-
-
-def _noop() -> None:
-    pass
 
 
 def _refused(wait: float | None) -> LockResult:

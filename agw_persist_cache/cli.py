@@ -29,7 +29,7 @@ from ._cli_common import (
     open_cache,
     table_lines,
 )
-from ._config import ENV_KEY, ENV_PATH
+from ._config import ENV_KEY, ENV_PATH, ENV_URL
 from ._crypto import decode_key, keys_from_config
 from ._demo import run_demo_command
 from ._doctor import run_doctor
@@ -84,7 +84,7 @@ def cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
         stats = cache.stats()
         entries = cache.list_entries()
         configured = cache.key_ids
-        path = cache.path
+        path = cache.location
     now = time.time()
     by_kind: dict[str, dict[str, int]] = {
         kind: {"valid": 0, "expired": 0} for kind in ("system", "user")
@@ -141,7 +141,7 @@ def cmd_clear(args: argparse.Namespace, out: TextIO) -> int:
     with open_cache(args.path) as cache:
         before = len(cache.list_entries())
         cache.clear()
-        path = cache.path
+        path = cache.location
     out.write(f"cleared {before} rows from {path}; every process fetches fresh tokens now\n")
     return EXIT_OK
 
@@ -234,10 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"Keys come from ${ENV_KEY} (comma separated, first seals) or the key file "
         "beside the database. No command prints a token, JWT, scope or key.",
     )
+    url_help = f"a shared store, e.g. redis://host:6379/0 (default: ${ENV_URL})"
     parser.add_argument("--path", default=None, help=path_help)
+    parser.add_argument("--url", default=None, help=url_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--path", default=argparse.SUPPRESS, help=path_help)
+    common.add_argument("--url", default=argparse.SUPPRESS, help=url_help)
 
     def add(
         name: str,
@@ -293,6 +296,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"{args.command} takes no --path (it uses a temporary cache of its own)")
     func: Callable[[argparse.Namespace, TextIO], int] = args.func
     try:
+        if getattr(args, "url", None) is not None:  # the store every command opens
+            if args.path is not None:
+                raise UsageError("give --path or --url, not both")
+            os.environ[ENV_URL] = args.url
         code = func(args, sys.stdout)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
         return code

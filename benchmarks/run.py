@@ -1,4 +1,4 @@
-"""Run the seven benchmarks and write RESULTS.md: ``python -m benchmarks [--quick]``."""
+"""Run the benchmarks and write RESULTS.md: ``python -m benchmarks [--quick]``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from ._subject import core_available
 from .bench_latency import bench_async_hit, bench_hit, bench_prune, bench_set
 from .bench_peers import bench_peers
 from .bench_procs import bench_procs
+from .bench_redis import bench_redis
 from .bench_stampede import bench_distinct, bench_stampede
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -34,8 +35,9 @@ ON_WORKDIR: dict[str, Callable[[Path, Plan], Section]] = {
     "procs": bench_procs,
     "stampede": bench_stampede,
     "distinct": bench_distinct,
+    "redis": bench_redis,
 }
-ORDER = ("hit", "async", "set", "procs", "stampede", "prune", "peers", "distinct")
+ORDER = ("hit", "async", "set", "procs", "stampede", "prune", "peers", "distinct", "redis")
 
 
 def run(

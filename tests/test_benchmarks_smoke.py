@@ -7,6 +7,8 @@ section ran and rendered, the cache's stampede made exactly one token request, a
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ TITLES = (
     "## 6. Prune",
     "## 7. Peers",
     "## 8. Distinct cold users",
+    "## 9. Many hosts: the Redis backend",
 )
 
 
@@ -37,3 +40,6 @@ def test_every_benchmark_runs_and_writes_results(tmp_path: Path) -> None:
     assert "| stampede: token requests per round (cache, worst round) | 1 | - | == 1 |" in text
     assert "| 'database is locked' reaching a caller (count) | 0 | - | <= 0 |" in text
     assert "| distinct users: token requests per round (worst round) | 10 | - | == 10 |" in text
+    if shutil.which("redis-server") or os.environ.get("AGW_REQUIRE_REDIS") == "1":
+        assert "| redis stampede: token requests (2 hosts x 1 procs x 5 coroutines) | 1 |" in text
+        assert "| redis soak: wrong tokens served | 0 | - | == 0 | met |" in text

@@ -51,6 +51,16 @@ INVALID: list[tuple[str, Any]] = [
     ("url", "ftp://host/x"),
     ("url", "no-scheme-at-all"),
     ("url", 6379),
+    ("namespace", ""),
+    ("namespace", "a{b}"),
+    ("namespace", "with space"),
+    ("namespace", "x" * 65),
+    ("namespace", 7),
+    ("socket_timeout_seconds", 0),
+    ("socket_timeout_seconds", float("nan")),
+    ("circuit_breaker_seconds", -1),
+    ("lock_lease_seconds", 0),
+    ("lock_lease_seconds", "3"),
 ]
 
 

@@ -81,7 +81,7 @@ def test_waiters_wake_together_when_the_holder_lets_go(files: KeyLockFiles) -> N
     for t in waiters:
         t.join(30)
     # Nobody holds the lock after a wait: each reads what the holder stored, none queues.
-    assert results == [LockResult.WAITED] * 5
+    assert results == [LockResult.LANDED] * 5
     assert files.key_lock(A).acquire(None) is LockResult.HELD
 
 
@@ -102,7 +102,7 @@ async def test_an_async_waiter_does_not_block_the_loop(files: KeyLockFiles) -> N
     assert not waiter.done()
     assert ticks >= 10  # the loop kept running while the waiter waited
     holder.release()
-    assert await waiter is LockResult.WAITED
+    assert await waiter is LockResult.LANDED
     tick.cancel()
 
 
@@ -138,7 +138,7 @@ def test_a_killed_holder_frees_the_key_at_once(files: KeyLockFiles, workers: Wor
     os.kill(child.pid or 0, signal.SIGKILL)
     waiter.join(60)
     # Freed by the kernel at the holder's death, not by the 60 s timeout.
-    assert waiting in ([LockResult.WAITED], [LockResult.HELD])
+    assert waiting in ([LockResult.LANDED], [LockResult.HELD])
     lock.release()
     assert files.key_lock(A).acquire(None) is LockResult.HELD
 

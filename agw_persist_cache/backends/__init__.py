@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .._config import CacheConfig
+from .._errors import CacheConfigError
 from .._log import Warnings
 from .contract import Backend
 from .sqlite import SqliteBackend
@@ -20,9 +21,21 @@ def open_backend(
     """
     if url is None:
         return SqliteBackend(path, config, warnings, read_only=read_only)
-    from .._errors import CacheConfigError
-
-    raise CacheConfigError("networked cache URLs are not supported by this version yet")
+    try:
+        from .redis import RedisBackend
+    except ImportError as exc:
+        if exc.name is None or exc.name.partition(".")[0] != "redis":
+            raise
+        raise CacheConfigError(
+            "a redis:// cache URL needs the redis client: pip install 'agw-persist-cache[redis]'"
+        ) from None
+    try:
+        return RedisBackend(url, config, warnings)
+    except ValueError:  # redis-py's URL parser (its message may quote the URL: not shown)
+        raise CacheConfigError(
+            "cache URL is not a valid Redis URL; expected redis://[user:password@]host:port/db, "
+            "rediss://... or unix:///path/to/socket"
+        ) from None
 
 
 __all__ = ["Backend", "SqliteBackend", "open_backend"]

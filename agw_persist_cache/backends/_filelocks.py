@@ -106,7 +106,7 @@ class _Waiter:
     """A thread blocked in the kernel until the holder lets go (a shared lock is granted).
 
     Every waiter of a key gets its shared lock at the same moment, drops it at once and
-    reports WAITED: they all read the token the holder stored, none queues for the lock."""
+    reports LANDED: they all read the token the holder stored, none queues for the lock."""
 
     def __init__(self, target: _Target, fd: int) -> None:
         self.target = target
@@ -150,7 +150,7 @@ class _Waiter:
         """The outcome now; if still waiting, give up (the thread cleans up later)."""
         with self._mutex:
             if self.done.is_set():
-                return LockResult.WAITED if self.granted else LockResult.ERROR
+                return LockResult.LANDED if self.granted else LockResult.ERROR
             self._abandoned = True
             return LockResult.TIMEOUT
 

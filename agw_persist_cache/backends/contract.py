@@ -208,7 +208,7 @@ class LockResult(enum.Enum):
     """How an attempt at a key's cross-process lock ended."""
 
     HELD = "held"
-    WAITED = "waited"  # another process held it and has let go: read again, then retry
+    LANDED = "landed"  # its holder let go (its flight has landed): read again, then retry
     TIMEOUT = "timeout"  # another process held it past the wait: fetch anyway
     BUSY = "busy"  # a non-blocking try found it held (refresh-ahead: someone else does it)
     ERROR = "error"  # the lock itself failed (I/O): fetch anyway, counted apart
@@ -220,7 +220,7 @@ class KeyLock(Protocol):
     def acquire(self, wait: float | None) -> LockResult:
         """Take the lock at once, or wait up to ``wait`` seconds for its holder to let go.
 
-        ``None``: one non-blocking try. After a wait the lock is *not* held (WAITED): every
+        ``None``: one non-blocking try. After a wait the lock is *not* held (LANDED): every
         waiter wakes at once and reads what the holder stored, instead of queueing for it.
         """
 

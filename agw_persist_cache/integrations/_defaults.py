@@ -6,17 +6,19 @@ import threading
 from pathlib import Path
 
 from agw_persist_cache import PersistentTokenCache
-from agw_persist_cache._config import resolve_path
+from agw_persist_cache._config import resolve_path, split_location
 
-_defaults: dict[Path, PersistentTokenCache] = {}
+_defaults: dict[Path | str, PersistentTokenCache] = {}
 _defaults_lock = threading.Lock()
 
 
 def default_cache() -> PersistentTokenCache:
-    """This process's cache at the default path (``$AGW_CACHE_PATH`` or the user cache dir)."""
-    path = resolve_path(None)
+    """This process's cache at the default location: ``$AGW_CACHE_URL`` (a store shared by
+    many hosts), else ``$AGW_CACHE_PATH`` or the user cache dir."""
+    _, url = split_location(None, None)
+    where: Path | str = url if url is not None else resolve_path(None)
     with _defaults_lock:
-        cache = _defaults.get(path)
+        cache = _defaults.get(where)
         if cache is None:
-            cache = _defaults[path] = PersistentTokenCache(path)
+            cache = _defaults[where] = PersistentTokenCache()
         return cache

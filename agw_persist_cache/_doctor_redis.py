@@ -1,0 +1,203 @@
+"""``agw-cache doctor --url``: what a Redis/Valkey operator gets wrong, one finding per line.
+
+Read-only: PING, INFO, CONFIG GET (skipped where a managed service forbids it) and a read of
+a few sealed rows to prove the configured key opens them. Every line shows the URL with its
+password replaced by ``***``; no finding ever holds a token, scope or key.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+from ._config import CacheConfig
+from ._crypto import Keyring, UnsealError, keys_from_config
+from ._log import Warnings
+
+MIN_VERSION = (6, 2)  # SET ... PXAT
+SAMPLE_ROWS = 20
+_LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+class Finding(NamedTuple):
+    """One doctor line: ``level`` is ``ok``, ``warn`` or ``FAIL``."""
+
+    level: str
+    name: str
+    detail: str
+
+
+def redis_checks(url: str, config: CacheConfig | None = None) -> Iterator[Finding]:
+    """Every check of a Redis store, in the order an operator fixes them."""
+    try:
+        import redis
+
+        from .backends.redis import RedisBackend, client_url, redact
+    except ImportError:
+        yield Finding("FAIL", "client", "pip install 'agw-persist-cache[redis]'")
+        return
+    config = config or CacheConfig()
+    shown = redact(url)
+    scheme, _, rest = url.partition("://")
+    host = rest.rpartition("@")[2].split("/")[0].rsplit(":", 1)[0]
+    if scheme.lower() in ("rediss", "valkeys"):
+        yield Finding("ok", "url", f"{shown} (TLS; namespace {config.namespace})")
+    elif scheme.lower() == "unix" or host in _LOOPBACK:
+        yield Finding("ok", "url", f"{shown} (local; namespace {config.namespace})")
+    else:
+        yield Finding(
+            "warn",
+            "url",
+            f"{shown}: not TLS; the password and sealed rows cross the network in the clear "
+            "(use rediss://)",
+        )
+    timeout = max(2.0, config.socket_timeout_seconds)
+    try:
+        client = redis.Redis.from_url(
+            client_url(url),
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            decode_responses=True,
+        )
+    except ValueError:
+        yield Finding("FAIL", "url", "not a valid Redis URL")
+        return
+    try:
+        yield from _server_checks(client)
+    except redis.AuthenticationError as exc:
+        yield Finding("FAIL", "auth", f"{_why(exc)}: check the user and password in the URL")
+        return
+    except redis.ResponseError as exc:
+        if "NOAUTH" in str(exc) or "NOPERM" in str(exc):
+            yield Finding("FAIL", "auth", f"{_why(exc)}: give user and password in the URL")
+            return
+        yield Finding("FAIL", "server", _why(exc))
+        return
+    except (redis.RedisError, OSError) as exc:
+        hint = " (a TLS port? use rediss://)" if "Connection reset" in str(exc) else ""
+        yield Finding("FAIL", "reach", f"cannot talk to {shown}: {_why(exc)}{hint}")
+        return
+    finally:
+        client.close()
+    yield from _key_checks(url, config, RedisBackend)
+
+
+def _why(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+
+
+def _server_checks(client: Any) -> Iterator[Finding]:
+    samples = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        client.ping()
+        samples.append((time.perf_counter() - t0) * 1000)
+    latency = statistics.median(samples)
+    level = "ok" if latency < 50 else "warn"
+    yield Finding(level, "latency", f"PING median {latency:.2f} ms over 5")
+    info = client.info()
+    name = "valkey" if "valkey_version" in info else "redis"
+    version = str(info.get("valkey_version") or info.get("redis_version") or "0")
+    numbers = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if name == "redis" and numbers < MIN_VERSION:
+        yield Finding("FAIL", "version", f"redis {version}; 6.2 or newer is needed (SET PXAT)")
+    else:
+        yield Finding("ok", "version", f"{name} {version}")
+    role = info.get("role", "master")
+    if role != "master":
+        yield Finding("FAIL", "role", f"{role}: read-only; point the URL at the primary")
+    else:
+        yield Finding("ok", "role", "primary (writable)")
+    if info.get("cluster_enabled"):
+        yield Finding(
+            "ok",
+            "cluster",
+            "cluster mode: the cache's keys share one hash tag, so one node (the slot's "
+            "owner, found through MOVED) serves them all",
+        )
+    policy, maxmemory = _config(client, "maxmemory-policy"), _config(client, "maxmemory")
+    if policy is None:
+        yield Finding("warn", "eviction", "CONFIG GET not allowed: check maxmemory-policy")
+    elif policy == "noeviction" or maxmemory in ("0", None):
+        yield Finding("ok", "eviction", f"maxmemory-policy {policy}, maxmemory {maxmemory}")
+    else:
+        yield Finding(
+            "warn",
+            "eviction",
+            f"maxmemory-policy {policy} can evict lock keys (two fetches of one token) and "
+            "rows; the cache bounds itself per kind: prefer noeviction",
+        )
+    aof, save = _config(client, "appendonly"), _config(client, "save")
+    if aof is None:
+        yield Finding("warn", "persistence", "CONFIG GET not allowed: persistence unknown")
+    elif aof == "yes":
+        yield Finding("ok", "persistence", "AOF: a restart keeps rows and the clear generation")
+    elif save:
+        yield Finding(
+            "warn",
+            "persistence",
+            f"RDB snapshots only (save '{save}'): a restart restores the last snapshot, "
+            "undoing a clear() made after it until those tokens expire; AOF avoids that",
+        )
+    else:
+        yield Finding("ok", "persistence", "none: a restart empties the cache (tokens refetched)")
+
+
+def _config(client: Any, name: str) -> str | None:
+    import redis
+
+    try:
+        reply = client.config_get(name)
+    except redis.ResponseError:  # managed services often rename or forbid CONFIG
+        return None
+    value = reply.get(name) if isinstance(reply, dict) else None
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _key_checks(url: str, config: CacheConfig, backend_type: Any) -> Iterator[Finding]:
+    from .backends.contract import GetFacts, RowsNotUnder, StorageError
+
+    explicit = keys_from_config(config)
+    if explicit is None:
+        yield Finding("FAIL", "key", "no key: set AGW_CACHE_KEY to the key every replica uses")
+        return
+    ring = Keyring(explicit.keys)
+    backend = backend_type(url, config, Warnings())
+    try:
+        facts = backend.execute(GetFacts(time.time()))
+        rows = backend.execute(RowsNotUnder("", SAMPLE_ROWS))
+    except StorageError as exc:
+        yield Finding("FAIL", "rows", f"cannot read the cache's keys: {exc}")
+        return
+    finally:
+        backend.close()
+    opened = 0
+    for row in rows:
+        try:
+            ring.open(row)
+            opened += 1
+        except UnsealError:
+            pass
+    kids = ", ".join(ring.kids)
+    total = facts.entries_system + facts.entries_user
+    if not rows:
+        yield Finding("ok", "key", f"key ids {kids}; no rows yet")
+    elif opened == len(rows):
+        yield Finding("ok", "key", f"key ids {kids} open {opened} of {opened} rows sampled")
+    else:
+        foreign = sorted(set(facts.key_ids_in_use) - set(ring.kids))
+        extra = f" (sealed under key ids {', '.join(foreign)})" if foreign else ""
+        yield Finding(
+            "FAIL",
+            "key",
+            f"key ids {kids} open {opened} of {len(rows)} rows sampled{extra}: every replica "
+            "must have the same AGW_CACHE_KEY",
+        )
+    yield Finding(
+        "ok",
+        "rows",
+        f"{facts.entries_system} system, {facts.entries_user} user "
+        f"({facts.entries_expired} expired); {total} in namespace {config.namespace}",
+    )

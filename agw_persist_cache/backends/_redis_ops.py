@@ -1,0 +1,608 @@
+"""The Redis backend without I/O: key layout, row packing, Lua scripts, and each operation
+of the contract encoded as ONE command (a ``Call``) plus the decoding of its reply.
+
+Both drivers in ``redis.py`` (``redis.Redis`` and ``redis.asyncio.Redis``) send the same
+``Call`` and decode its reply with the same function: no operation is written twice.
+
+Layout (every key carries the ``{namespace}`` hash tag, so a Cluster keeps one cache in
+one slot and its scripts stay atomic)::
+
+    {ns}:gen            the clear() generation (an integer; absent = 0)
+    {ns}:t:<hex>        one row: a packed header + nonce + key id + AES-GCM ciphertext,
+                        expiring at the token's expiry (PXAT)
+    {ns}:lru:system     sorted set  hex -> last_used   (LRU bound of each kind)
+    {ns}:lru:user
+    {ns}:exp            sorted set  hex -> expires_at  (expired rows, stats)
+    {ns}:b:<hex>        a back-off mark "gen|until|status|cause", expiring at ``until``
+    {ns}:l:<hex>        a key lock: a random token, SET NX PX <lease>
+    {ns}:released       pub/sub channel: the hex digest of a lock just released
+
+``<hex>`` is the HMAC digest of a cache key; nothing here holds a token, user, scope or key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, cast
+
+from .contract import (
+    Backoff,
+    Clear,
+    Delete,
+    Facts,
+    GetBackoff,
+    GetFacts,
+    ListRows,
+    Op,
+    Prune,
+    Read,
+    Replace,
+    RowInfo,
+    RowsNotUnder,
+    SealedRow,
+    SetBackoff,
+    Snapshot,
+    Touch,
+    Write,
+)
+
+T = TypeVar("T")
+
+LAYOUT_VERSION = 1
+"""Reported as ``stats().schema_version`` for a Redis store."""
+
+# version, kind, generation, expires_at, last_used, created_at; then nonce, kid, ciphertext.
+_HEAD = struct.Struct(">BcQddd")
+_LAST_USED_OFFSET = 18  # byte offset of last_used inside _HEAD (Touch rewrites it in place)
+_KINDS = {b"s": "system", b"u": "user"}
+_KIND_BYTES = {v: k for k, v in _KINDS.items()}
+_ROW_PREFIX_BYTES = 164  # enough for the header, a nonce and a key id (ListRows reads no more)
+
+
+class Garbage(ValueError):
+    """A reply that is not what this layout writes (another program's data, a bad proxy)."""
+
+
+# -- keys ----------------------------------------------------------------------------------------
+
+
+class Layout:
+    """The key names of one namespace."""
+
+    def __init__(self, namespace: str) -> None:
+        p = "{" + namespace + "}:"
+        self.namespace = namespace
+        self.gen = p + "gen"
+        self.row_prefix = p + "t:"
+        self.lru = {"system": p + "lru:system", "user": p + "lru:user"}
+        self.exp = p + "exp"
+        self.backoff_prefix = p + "b:"
+        self.lock_prefix = p + "l:"
+        self.channel = p + "released"
+
+    def row(self, digest: bytes) -> str:
+        return self.row_prefix + digest.hex()
+
+    def backoff(self, digest: bytes) -> str:
+        return self.backoff_prefix + digest.hex()
+
+    def lock(self, digest: bytes) -> str:
+        return self.lock_prefix + digest.hex()
+
+
+# -- rows --------------------------------------------------------------------------------------
+
+
+def pack_row(row: SealedRow) -> bytes:
+    kid = row.kid.encode("ascii")
+    head = _HEAD.pack(
+        1,
+        _KIND_BYTES[row.kind],
+        row.generation,
+        row.expires_at,
+        row.last_used,
+        row.created_at,
+    )
+    return b"".join((head, bytes((len(row.nonce),)), row.nonce, bytes((len(kid),)), kid, row.ct))
+
+
+def unpack_row(digest: bytes, value: object) -> SealedRow | None:
+    """The row in ``value``, or None for anything this layout did not write."""
+    if type(value) is not bytes:
+        return None
+    try:
+        version, kind, gen, expires_at, last_used, created_at = _HEAD.unpack_from(value)
+        n = value[34]
+        k = value[35 + n]
+        end = 36 + n + k
+        kind_name = _KINDS.get(kind)
+        if version != 1 or kind_name is None or len(value) <= end:
+            return None
+        kid = value[36 + n : end].decode("ascii")
+    except (struct.error, IndexError, UnicodeDecodeError):
+        return None
+    if not _finite(expires_at) or not _finite(last_used) or not _finite(created_at):
+        return None
+    nonce = value[35 : 35 + n]
+    return SealedRow(
+        digest, kind_name, kid, nonce, value[end:], expires_at, gen, last_used, created_at
+    )
+
+
+def _finite(t: float) -> bool:
+    return -1e18 < t < 1e18  # also False for NaN
+
+
+def _generation(value: object) -> int:
+    if value is None:
+        return 0
+    try:
+        gen: int = int(value)  # type: ignore[call-overload]  # bytes from the server, checked here
+    except (TypeError, ValueError):
+        raise Garbage("the generation key does not hold an integer") from None
+    if gen < 0:
+        raise Garbage("the generation key holds a negative number")
+    return gen
+
+
+def _ms(epoch: float) -> int:
+    """PXAT milliseconds; at least 1 (a time in the past expires the key at once)."""
+    return max(1, int(epoch * 1000))
+
+
+# -- scripts -----------------------------------------------------------------------------------
+
+_KID_OF = """
+local function kid_of(v)
+  if not v or #v < 36 then return nil end
+  local n = string.byte(v, 35)
+  local k = string.byte(v, 36 + n)
+  if not k then return nil end
+  return string.sub(v, 37 + n, 36 + n + k)
+end
+"""
+
+_TRIM = """
+local function trim(lru, exp, limit, prefix)
+  local over = redis.call('ZCARD', lru) - limit
+  local n = 0
+  if over > 0 then
+    local victims = redis.call('ZPOPMIN', lru, over)
+    for i = 1, #victims, 2 do
+      redis.call('DEL', prefix .. victims[i])
+      redis.call('ZREM', exp, victims[i])
+      n = n + 1
+    end
+  end
+  return n
+end
+"""
+
+# KEYS: gen, row, lru(kind), exp, lru(other kind), rows to drop...
+# ARGV: expected gen, value, pxat, hex, last_used, expires_at, limit, row prefix, hexes to drop...
+WRITE = (
+    _TRIM
+    + """
+if tonumber(redis.call('GET', KEYS[1]) or '0') ~= tonumber(ARGV[1]) then return 0 end
+for i = 9, #ARGV do
+  redis.call('DEL', KEYS[i - 3])
+  redis.call('ZREM', KEYS[3], ARGV[i])
+  redis.call('ZREM', KEYS[5], ARGV[i])
+  redis.call('ZREM', KEYS[4], ARGV[i])
+end
+redis.call('SET', KEYS[2], ARGV[2], 'PXAT', ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4])
+redis.call('ZADD', KEYS[4], ARGV[6], ARGV[4])
+trim(KEYS[3], KEYS[4], tonumber(ARGV[7]), ARGV[8])
+return 1
+"""
+)
+
+# KEYS: lru:system, lru:user, exp, rows...   ARGV: with-nonce flag, nonce, hexes...
+DELETE = """
+local removed = 0
+for i = 4, #KEYS do
+  local ok = true
+  if ARGV[1] == '1' then
+    local v = redis.call('GET', KEYS[i])
+    ok = false
+    if v and #v >= 35 then
+      local n = string.byte(v, 35)
+      ok = string.sub(v, 36, 35 + n) == ARGV[2]
+    end
+  end
+  if ok then
+    removed = removed + redis.call('DEL', KEYS[i])
+    for z = 1, 3 do redis.call('ZREM', KEYS[z], ARGV[i - 1]) end
+  end
+end
+return removed
+"""
+
+# KEYS: gen, lru:system, lru:user, exp. Rows written before stay readable by digest only
+# until their own expiry, and every reader ignores them (their generation is old).
+CLEAR = """
+local g = redis.call('INCR', KEYS[1])
+redis.call('UNLINK', KEYS[2], KEYS[3], KEYS[4])
+return g
+"""
+
+# KEYS: exp, lru:system, lru:user   ARGV: now, system limit, user limit, row prefix
+PRUNE = (
+    _TRIM
+    + """
+local removed = 0
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])) do
+  redis.call('DEL', ARGV[4] .. m)
+  redis.call('ZREM', KEYS[2], m)
+  redis.call('ZREM', KEYS[3], m)
+  removed = removed + 1
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+removed = removed + trim(KEYS[2], KEYS[1], tonumber(ARGV[2]), ARGV[4])
+removed = removed + trim(KEYS[3], KEYS[1], tonumber(ARGV[3]), ARGV[4])
+return removed
+"""
+)
+
+# KEYS: row, lru:system, lru:user   ARGV: packed last_used, last_used, hex
+TOUCH = f"""
+local kind = redis.call('GETRANGE', KEYS[1], 1, 1)
+local lru
+if kind == 's' then lru = KEYS[2] elseif kind == 'u' then lru = KEYS[3] else return 0 end
+redis.call('SETRANGE', KEYS[1], {_LAST_USED_OFFSET}, ARGV[1])
+redis.call('ZADD', lru, 'XX', ARGV[2], ARGV[3])
+return 1
+"""
+
+# KEYS: gen, mark   ARGV: until, status, cause, pxat
+SET_BACKOFF = """
+local g = redis.call('GET', KEYS[1]) or '0'
+redis.call('SET', KEYS[2], g .. '|' .. ARGV[1] .. '|' .. ARGV[2] .. '|' .. ARGV[3], 'PXAT', ARGV[4])
+return 1
+"""
+
+# KEYS: gen, lru:system, lru:user, exp   ARGV: now, row prefix
+FACTS = (
+    _KID_OF
+    + """
+local kids, list = {}, {}
+for z = 2, 3 do
+  for _, m in ipairs(redis.call('ZRANGE', KEYS[z], 0, -1)) do
+    local kid = kid_of(redis.call('GETRANGE', ARGV[2] .. m, 0, 163))
+    if kid and not kids[kid] then kids[kid] = true; table.insert(list, kid) end
+  end
+end
+local lo = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+local hi = redis.call('ZRANGE', KEYS[4], -1, -1, 'WITHSCORES')
+return {redis.call('ZCARD', KEYS[2]), redis.call('ZCARD', KEYS[3]),
+        redis.call('ZCOUNT', KEYS[4], '-inf', ARGV[1]), lo[2] or '', hi[2] or '', list}
+"""
+)
+
+# KEYS: gen, lru:system, lru:user   ARGV: row prefix. Reply: gen, then hex, head pairs.
+LIST = f"""
+local out = {{redis.call('GET', KEYS[1]) or '0'}}
+for z = 2, 3 do
+  for _, m in ipairs(redis.call('ZREVRANGE', KEYS[z], 0, -1)) do
+    local head = redis.call('GETRANGE', ARGV[1] .. m, 0, {_ROW_PREFIX_BYTES - 1})
+    if #head > 0 then table.insert(out, m); table.insert(out, head) end
+  end
+end
+return out
+"""
+
+# KEYS: lru:system, lru:user   ARGV: kid, how many, row prefix. Reply: hex, value pairs.
+ROWS_NOT_UNDER = (
+    _KID_OF
+    + """
+local out, want = {}, tonumber(ARGV[2])
+for z = 1, 2 do
+  for _, m in ipairs(redis.call('ZRANGE', KEYS[z], 0, -1)) do
+    if #out >= 2 * want then return out end
+    local v = redis.call('GET', ARGV[3] .. m)
+    if v and kid_of(v) ~= ARGV[1] then table.insert(out, m); table.insert(out, v) end
+  end
+end
+return out
+"""
+)
+
+# KEYS: old row, new row, lru:system, lru:user, exp, lru(new kind)
+# ARGV: old hex, new hex, value, pxat, last_used, expires_at
+REPLACE = """
+redis.call('DEL', KEYS[1])
+for z = 3, 5 do redis.call('ZREM', KEYS[z], ARGV[1]) end
+if not redis.call('SET', KEYS[2], ARGV[3], 'NX', 'PXAT', ARGV[4]) then return 0 end
+redis.call('ZADD', KEYS[6], ARGV[5], ARGV[2])
+redis.call('ZADD', KEYS[5], ARGV[6], ARGV[2])
+return 1
+"""
+
+# KEYS: lock   ARGV: token, lease ms
+RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+# KEYS: lock   ARGV: token, channel, hex
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
+def sha1(script: str) -> str:
+    return hashlib.sha1(script.encode("utf-8"), usedforsecurity=False).hexdigest()
+
+
+# -- calls ---------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Call(Generic[T]):
+    """One command to send and how to read its reply.
+
+    ``script``: the Lua source when ``command`` is an EVALSHA (sent as EVAL once if the
+    server does not know the script yet, e.g. after a restart). ``packed``: the command in
+    wire format, kept by a call that is sent again and again (a key's read).
+    """
+
+    command: tuple[Any, ...]
+    decode: Callable[[Any], T]
+    script: str | None = None
+    packed: list[bytes] | None = None
+    reused: bool = False
+
+    def fallback(self) -> tuple[Any, ...]:
+        assert self.script is not None
+        return ("EVAL", self.script, *self.command[2:])
+
+
+def script_call(
+    script: str, keys: list[str], args: list[Any], decode: Callable[[Any], T]
+) -> Call[T]:
+    return Call(("EVALSHA", _SHAS[script], len(keys), *keys, *args), decode, script)
+
+
+_SHAS = {
+    s: sha1(s)
+    for s in (
+        WRITE,
+        DELETE,
+        CLEAR,
+        PRUNE,
+        TOUCH,
+        SET_BACKOFF,
+        FACTS,
+        LIST,
+        ROWS_NOT_UNDER,
+        REPLACE,
+        RENEW,
+        RELEASE,
+    )
+}
+
+
+def _int(reply: Any) -> int:
+    if isinstance(reply, bool) or not isinstance(reply, int):
+        raise Garbage(f"expected an integer reply, got {type(reply).__name__}")
+    return reply
+
+
+def _none(reply: Any) -> None:
+    return None
+
+
+class Codec:
+    """Encodes each operation of the contract for one namespace and its LRU limits."""
+
+    def __init__(self, layout: Layout, limits: Mapping[str, int]) -> None:
+        self.layout = layout
+        self.limits = dict(limits)
+        self._reads: dict[Read, Call[Snapshot]] = {}
+        self._encoders: dict[type[Op[Any]], Callable[[Any], Call[Any]]] = {
+            Read: self.read,
+            Write: self.write,
+            Delete: self.delete,
+            Clear: self.clear,
+            Prune: self.prune,
+            Touch: self.touch,
+            GetBackoff: self.get_backoff,
+            SetBackoff: self.set_backoff,
+            GetFacts: self.facts,
+            ListRows: self.list_rows,
+            RowsNotUnder: self.rows_not_under,
+            Replace: self.replace,
+        }
+
+    def encode(self, op: Op[T]) -> Call[T]:
+        if type(op) is Read:  # the hit path: a cache reuses one Read per key
+            call = self._reads.get(op)
+            if call is None:
+                if len(self._reads) >= 4096:
+                    self._reads.clear()
+                call = self._reads[op] = self.read(op)
+            return cast(Call[T], call)
+        return self._encoders[type(op)](op)
+
+    def _lrus(self) -> list[str]:
+        return [self.layout.lru["system"], self.layout.lru["user"]]
+
+    def read(self, op: Read) -> Call[Snapshot]:
+        L = self.layout
+
+        def decode(reply: Any) -> Snapshot:
+            if not isinstance(reply, list) or len(reply) != 1 + len(op.digests):
+                raise Garbage("MGET answered with the wrong number of values")
+            gen = _generation(reply[0])
+            for digest, value in zip(op.digests, reply[1:], strict=True):
+                row = unpack_row(digest, value)
+                if row is not None and row.generation == gen:  # older: cleared since
+                    return Snapshot(row, gen)
+            return Snapshot(None, gen)
+
+        return Call(("MGET", L.gen, *(L.row(d) for d in op.digests)), decode, reused=True)
+
+    def write(self, op: Write) -> Call[bool]:
+        L, row = self.layout, op.row
+        other = "user" if row.kind == "system" else "system"
+        keys = [L.gen, L.row(row.digest), L.lru[row.kind], L.exp, L.lru[other]]
+        keys += [L.row(d) for d in op.replaces]
+        args: list[Any] = [
+            row.generation,
+            pack_row(row),
+            _ms(row.expires_at),
+            row.digest.hex(),
+            repr(row.last_used),
+            repr(row.expires_at),
+            self.limits.get(row.kind, 2**31),
+            L.row_prefix,
+            *(d.hex() for d in op.replaces),
+        ]
+        return script_call(WRITE, keys, args, lambda r: _int(r) == 1)
+
+    def delete(self, op: Delete) -> Call[int]:
+        L = self.layout
+        keys = [*self._lrus(), L.exp, *(L.row(d) for d in op.digests)]
+        flag = "0" if op.nonce is None else "1"
+        args = [flag, op.nonce or b"", *(d.hex() for d in op.digests)]
+        return script_call(DELETE, keys, args, _int)
+
+    def clear(self, op: Clear) -> Call[int]:
+        L = self.layout
+        return script_call(CLEAR, [L.gen, *self._lrus(), L.exp], [], _int)
+
+    def prune(self, op: Prune) -> Call[int]:
+        L = self.layout
+        limits = [op.limits.get("system", 2**31), op.limits.get("user", 2**31)]
+        args = [repr(op.now), *limits, L.row_prefix]
+        return script_call(PRUNE, [L.exp, *self._lrus()], args, _int)
+
+    def touch(self, op: Touch) -> Call[None]:
+        args = [struct.pack(">d", op.now), repr(op.now), op.digest.hex()]
+        return script_call(TOUCH, [self.layout.row(op.digest), *self._lrus()], args, _none)
+
+    def get_backoff(self, op: GetBackoff) -> Call[Backoff | None]:
+        L = self.layout
+
+        def decode(reply: Any) -> Backoff | None:
+            if not isinstance(reply, list) or len(reply) != 2:
+                raise Garbage("MGET answered with the wrong number of values")
+            gen = _generation(reply[0])
+            if reply[1] is None:
+                return None
+            try:
+                mark_gen, until, status, cause = bytes(reply[1]).decode("ascii").split("|", 3)
+                if int(mark_gen) != gen:
+                    return None  # set before a clear()
+                return Backoff(float(until), cause, int(status) if status else None)
+            except (ValueError, TypeError):
+                return None  # not a mark of ours: no back-off (never a false one)
+
+        return Call(("MGET", L.gen, L.backoff(op.digest)), decode)
+
+    def set_backoff(self, op: SetBackoff) -> Call[None]:
+        L, b = self.layout, op.backoff
+        status = "" if b.status is None else str(int(b.status))
+        cause = "".join(c for c in b.cause if c.isalnum() or c in "._")[:100]
+        args = [repr(b.until), status, cause, _ms(b.until)]
+        return script_call(SET_BACKOFF, [L.gen, L.backoff(op.digest)], args, _none)
+
+    def facts(self, op: GetFacts) -> Call[Facts]:
+        L = self.layout
+
+        def decode(reply: Any) -> Facts:
+            try:
+                system, user, expired, lo, hi, kids = reply
+                return Facts(
+                    entries_system=_int(system),
+                    entries_user=_int(user),
+                    entries_expired=_int(expired),
+                    oldest_expiry=float(lo) if lo else None,
+                    newest_expiry=float(hi) if hi else None,
+                    schema_version=LAYOUT_VERSION,
+                    key_ids_in_use=tuple(sorted(bytes(k).decode("ascii") for k in kids)),
+                    file_bytes=0,
+                    wal_bytes=0,
+                )
+            except (TypeError, ValueError) as exc:
+                raise Garbage(f"unexpected facts reply ({exc})") from None
+
+        args = [repr(op.now), L.row_prefix]
+        return script_call(FACTS, [L.gen, *self._lrus(), L.exp], args, decode)
+
+    def list_rows(self, op: ListRows) -> Call[list[RowInfo]]:
+        L = self.layout
+
+        def decode(reply: Any) -> list[RowInfo]:
+            if not isinstance(reply, list) or not reply:
+                raise Garbage("unexpected list reply")
+            gen = _generation(reply[0])
+            out = []
+            for hexd, head in zip(reply[1::2], reply[2::2], strict=True):
+                row = unpack_row(bytes.fromhex(hexd.decode("ascii")), head + b"\0")
+                if row is not None and row.generation == gen:
+                    out.append(
+                        RowInfo(
+                            row.kind,
+                            row.digest,
+                            row.expires_at,
+                            row.last_used,
+                            row.created_at,
+                            row.kid,
+                        )
+                    )
+            return out
+
+        return script_call(LIST, [L.gen, *self._lrus()], [L.row_prefix], decode)
+
+    def rows_not_under(self, op: RowsNotUnder) -> Call[list[SealedRow]]:
+        L = self.layout
+
+        def decode(reply: Any) -> list[SealedRow]:
+            if not isinstance(reply, list):
+                raise Garbage("unexpected rows reply")
+            skip = set(op.skip)
+            rows = []
+            for hexd, value in zip(reply[0::2], reply[1::2], strict=True):
+                row = unpack_row(bytes.fromhex(hexd.decode("ascii")), value)
+                if row is not None and row.digest not in skip:
+                    rows.append(row)
+            return rows[: op.limit]
+
+        args = [op.kid, op.limit + len(op.skip), L.row_prefix]
+        return script_call(ROWS_NOT_UNDER, self._lrus(), args, decode)
+
+    def replace(self, op: Replace) -> Call[bool]:
+        L, row = self.layout, op.row
+        keys = [L.row(op.old), L.row(row.digest), *self._lrus(), L.exp, L.lru[row.kind]]
+        args = [
+            op.old.hex(),
+            row.digest.hex(),
+            pack_row(row),
+            _ms(row.expires_at),
+            repr(row.last_used),
+            repr(row.expires_at),
+        ]
+        return script_call(REPLACE, keys, args, lambda r: _int(r) == 1)
+
+    # -- the key lock ------------------------------------------------------------------------
+
+    def lock_try(self, digest: bytes, token: str, lease_ms: int) -> Call[bool]:
+        return Call(("SET", self.layout.lock(digest), token, "NX", "PX", lease_ms), bool)
+
+    def lock_renew(self, lock_key: str, token: str, lease_ms: int) -> Call[bool]:
+        return script_call(RENEW, [lock_key], [token, lease_ms], lambda r: _int(r) == 1)
+
+    def lock_release(self, lock_key: str, token: str) -> Call[bool]:
+        hexd = lock_key[len(self.layout.lock_prefix) :]
+        args = [token, self.layout.channel, hexd]
+        return script_call(RELEASE, [lock_key], args, lambda r: _int(r) == 1)

@@ -1,0 +1,125 @@
+"""``agw-cache --url ...`` and ``agw-cache doctor --url ...`` against a real redis-server: the
+same commands as for the file, the URL's password never printed."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+from _core_support import new_key
+from _deploy_procs import base_env, run_cli
+from support.redis_server import (  # noqa: F401  # fixtures
+    RedisServer,
+    acl_server,
+    redis_server_fixture,
+    redis_url_fixture,
+)
+
+from agw_persist_cache import CacheConfig, PersistentTokenCache
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def seed(url: str, key: str) -> list[str]:
+    secrets = [f"TOKEN{uuid.uuid4().hex}", f"SCOPE{uuid.uuid4().hex}", f"JWT{uuid.uuid4().hex}"]
+    with PersistentTokenCache(url=url, config=CacheConfig(keys=[key])) as cache:
+        cache.set_system_token(secrets[1], secrets[0])
+        cache.set_user_token(secrets[2], secrets[1], secrets[0])
+    return secrets
+
+
+def test_stats_list_clear_with_a_url(redis_url: str) -> None:
+    key = new_key()
+    secrets = seed(redis_url, key)
+    env = base_env(AGW_CACHE_KEY=key)
+    stats = run_cli("--url", redis_url, "stats", "--json", env=env)
+    assert stats.returncode == 0, stats.stderr
+    doc = json.loads(stats.stdout)
+    assert (doc["backend"], doc["entries_system"], doc["entries_user"]) == ("redis", 1, 1)
+    assert doc["path"] == redis_url  # no password in this URL: shown as given
+    listed = run_cli("list", "--url", redis_url, env=env)
+    assert listed.stdout.rstrip().endswith("2 rows")
+    cleared = run_cli("clear", env=base_env(AGW_CACHE_KEY=key, AGW_CACHE_URL=redis_url))
+    assert cleared.returncode == 0 and "cleared 2 rows" in cleared.stdout
+    for result in (stats, listed, cleared):
+        assert not any(s in result.stdout + result.stderr for s in [*secrets, key])
+    with PersistentTokenCache(url=redis_url, config=CacheConfig(keys=[key])) as cache:
+        assert cache.stats().entries_system == 0
+
+
+def test_path_and_url_together_are_a_usage_error(redis_url: str, tmp_path: Path) -> None:
+    result = run_cli("--url", redis_url, "--path", str(tmp_path / "t.db"), "stats", env=base_env())
+    assert result.returncode == 2
+    assert "not both" in result.stderr
+
+
+def test_doctor_checks_a_healthy_redis_and_the_key_opens_its_rows(redis_url: str) -> None:
+    key = new_key()
+    seed(redis_url, key)
+    result = run_cli("doctor", "--url", redis_url, env=base_env(AGW_CACHE_KEY=key))
+    assert result.returncode == 0, result.stdout + result.stderr
+    names = [line.split()[1] for line in result.stdout.splitlines()[:-1]]
+    assert names == [
+        "url",
+        "latency",
+        "version",
+        "role",
+        "eviction",
+        "persistence",
+        "key",
+        "rows",
+    ]
+    assert "open 2 of 2 rows sampled" in result.stdout
+    assert "persistence none" in " ".join(result.stdout.split())
+
+
+def test_doctor_fails_on_a_foreign_key_and_on_no_key(redis_url: str) -> None:
+    seed(redis_url, new_key())
+    other = run_cli("doctor", "--url", redis_url, env=base_env(AGW_CACHE_KEY=new_key()))
+    assert other.returncode == 1
+    assert "open 0 of 2 rows sampled" in other.stdout
+    none = run_cli("doctor", "--url", redis_url, env=base_env())
+    assert none.returncode == 1
+    assert "FAIL  key" in none.stdout
+
+
+def test_doctor_reports_auth_problems_without_printing_the_password(tmp_path: Path) -> None:
+    password = f"pw{uuid.uuid4().hex}"
+    server = acl_server(tmp_path / "acl", "agent", password).start()
+    try:
+        env = base_env(AGW_CACHE_KEY=new_key())
+        good = run_cli("doctor", "--url", server.url, env=env)
+        assert good.returncode == 0, good.stdout
+        assert "agent:***@" in good.stdout
+        wrong = run_cli("doctor", "--url", server.url.replace(password, "nope"), env=env)
+        assert wrong.returncode == 1
+        assert "FAIL  auth" in wrong.stdout
+        for result in (good, wrong):
+            assert password not in result.stdout + result.stderr
+    finally:
+        server.stop()
+
+
+def test_doctor_warns_about_an_eviction_policy_that_can_drop_locks(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    redis_server.admin("CONFIG", "SET", "maxmemory", "100mb")
+    redis_server.admin("CONFIG", "SET", "maxmemory-policy", "allkeys-lru")
+    try:
+        result = run_cli("doctor", "--url", redis_url, env=base_env(AGW_CACHE_KEY=new_key()))
+    finally:
+        redis_server.admin("CONFIG", "SET", "maxmemory-policy", "noeviction")
+        redis_server.admin("CONFIG", "SET", "maxmemory", "0")
+    assert "warn  eviction    maxmemory-policy allkeys-lru can evict lock keys" in result.stdout
+    assert result.returncode == 0  # a warning, not a failure
+
+
+def test_doctor_names_an_unreachable_server() -> None:
+    from support.redis_server import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    result = run_cli("doctor", "--url", url, env=base_env(AGW_CACHE_KEY=new_key()))
+    assert result.returncode == 1
+    assert "FAIL  reach" in result.stdout

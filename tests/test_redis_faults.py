@@ -1,0 +1,261 @@
+"""Faults of a real ``redis-server`` and of the hosts using it: killed (SIGKILL) under load and
+restarted, frozen (SIGSTOP), a lock holder killed with ``kill -9``, a clear during another
+host's fetch, and a cold stampede across hosts. Hosts are spawned processes with homes and
+cache directories of their own, sharing only the Redis URL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _core_support import new_key
+from support.redis_hosts import (
+    SPAWN,
+    fetch_across_clear,
+    fetches,
+    hold_in_fetch,
+    join_all,
+    read_results,
+    soak,
+    stampede,
+    start_hosts,
+)
+from support.redis_server import (  # noqa: F401  # fixtures
+    RedisServer,
+    count_commands,
+    own_redis_fixture,
+    redis_server_fixture,
+    redis_url_fixture,
+)
+
+from agw_persist_cache import CacheConfig, PersistentTokenCache
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def wait_for(path: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path.name} never appeared"
+        time.sleep(0.01)
+
+
+def test_killed_redis_under_load_never_fails_a_caller_and_restart_resumes(
+    own_redis: RedisServer,
+) -> None:
+    config = CacheConfig(keys=[new_key()], circuit_breaker_seconds=0.5)
+    cache = PersistentTokenCache(url=own_redis.url, config=config)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    served: list[str] = []
+
+    def caller(i: int) -> None:
+        while not stop.is_set():
+            try:
+                served.append(cache.system_token(f"scope-{i % 4}", lambda: f"tok-{i % 4}"))
+            except BaseException as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    before_kill = len(served)
+    own_redis.kill()
+    time.sleep(1.0)
+    during = len(served) - before_kill
+    own_redis.start()
+    time.sleep(1.0)  # the breaker's pause, then a probe: the cache uses Redis again
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert errors == []
+    assert during > 50  # callers kept getting tokens while Redis was gone
+    assert all(tok.startswith("tok-") for tok in served)
+    assert cache._backend.unavailable is None
+    hits = cache.stats().hits
+    assert cache.get_system_token("scope-0") == "tok-0"  # written again after the restart
+    assert cache.stats().hits == hits + 1
+    cache.close()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_frozen_redis_bounds_every_call_then_costs_no_redis_time(
+    own_redis: RedisServer, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    timeout, fetch_delay = 0.3, 0.05
+    config = CacheConfig(
+        keys=[new_key()], socket_timeout_seconds=timeout, circuit_breaker_seconds=30
+    )
+    cache = PersistentTokenCache(url=own_redis.url, config=config)
+    cache.set_system_token("warm", "connections-open")
+    own_redis.freeze()
+    try:
+        if mode == "sync":
+
+            def fetch() -> str:
+                time.sleep(fetch_delay)
+                return "direct"
+
+            def one(i: int) -> float:
+                t0 = time.monotonic()
+                assert cache.system_token(f"s{i}", fetch) == "direct"
+                return time.monotonic() - t0
+
+            first: list[float] = []
+            threads = [threading.Thread(target=lambda i=i: first.append(one(i))) for i in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(10)
+            counted = count_commands(monkeypatch)
+            after = [one(i) for i in range(20)]
+            during = counted()
+        else:
+
+            async def afetch() -> str:
+                await asyncio.sleep(fetch_delay)
+                return "direct"
+
+            async def aone(i: int) -> float:
+                t0 = time.monotonic()
+                assert await cache.asystem_token(f"s{i}", afetch) == "direct"
+                return time.monotonic() - t0
+
+            counted = count_commands(monkeypatch)
+
+            async def main() -> tuple[list[float], list[float], int]:
+                first = await asyncio.gather(*(aone(i) for i in range(20)))  # > 8 per loop
+                before = counted()
+                after = [await aone(i) for i in range(20)]
+                return list(first), after, counted() - before
+
+            first, after, during = asyncio.run(main())
+
+        assert len(first) >= 8
+        # Within the socket timeout plus the fetch (and scheduling slack on a busy machine).
+        assert max(first) <= timeout + fetch_delay + 0.3
+        assert during == 0  # the breaker is open: not one command reaches Redis
+        assert max(after) <= fetch_delay + 0.2
+        assert cache.stats().disabled_reason is not None
+    finally:
+        own_redis.thaw()
+        cache.close()
+
+
+def test_killed_lock_holder_frees_the_key_within_one_lease(redis_url: str, tmp_path: Path) -> None:
+    key, lease = new_key(), 1.5
+    started = tmp_path / "started"
+    (holder,) = start_hosts(hold_in_fetch, 1, 1, tmp_path, redis_url, key, str(started), lease)
+    try:
+        wait_for(started)
+        config = CacheConfig(keys=[key], lock_lease_seconds=lease)
+        waiter = PersistentTokenCache(url=redis_url, config=config)
+        got: list[tuple[str, float]] = []
+
+        def wait() -> None:
+            token = waiter.system_token("scope", lambda: "from-waiter")
+            got.append((token, time.monotonic()))
+
+        t = threading.Thread(target=wait)
+        t.start()
+        time.sleep(2 * lease)  # the holder is alive: its lease is renewed, the waiter waits
+        assert got == []
+        os.kill(holder.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        t.join(30)
+        ((token, at),) = got
+        assert token == "from-waiter"
+        assert at - killed <= lease + 0.5
+        waiter.close()
+    finally:
+        join_all([holder], timeout=5)
+
+
+def test_clear_on_one_host_during_a_fetch_on_another_is_not_undone(
+    redis_url: str, tmp_path: Path
+) -> None:
+    key = new_key()
+    started, go, out = tmp_path / "started", tmp_path / "go", tmp_path / "out"
+    out.mkdir()
+    procs = start_hosts(
+        fetch_across_clear, 1, 1, tmp_path, redis_url, key, str(started), str(go), str(out)
+    )
+    wait_for(started)
+    with PersistentTokenCache(url=redis_url, config=CacheConfig(keys=[key])) as other:
+        other.set_system_token("scope", "set-before-clear")
+        other.clear()
+        go.touch()
+        assert join_all(procs) == [0]
+        assert read_results(out) == [{"token": "fetched-before-clear", "stale": 1}]
+        assert other.get_system_token("scope") is None
+
+
+def test_a_cold_stampede_across_hosts_makes_one_fetch(redis_url: str, tmp_path: Path) -> None:
+    hosts, per_host, tasks = 3, 2, 10
+    counter, out = tmp_path / "fetches", tmp_path / "out"
+    out.mkdir()
+    barrier = SPAWN.Barrier(hosts * per_host)
+    procs = start_hosts(
+        stampede,
+        hosts,
+        per_host,
+        tmp_path,
+        redis_url,
+        new_key(),
+        str(counter),
+        str(out),
+        tasks,
+        0.2,
+        barrier,
+    )
+    assert join_all(procs) == [0] * len(procs)
+    results = read_results(out)
+    tokens = {t for r in results for t in r["tokens"]}
+    assert fetches(counter) == 1
+    assert len(tokens) == 1
+    for h in range(hosts):  # nothing on any host's disk: the store is Redis
+        assert not Path(tmp_path, f"host-{h}", ".cache", "agw-persist-cache").exists()
+
+
+def test_random_operations_on_many_hosts_never_serve_a_wrong_token(
+    redis_url: str, tmp_path: Path
+) -> None:
+    out, key = tmp_path / "out", new_key()
+    out.mkdir()
+    procs = []
+    for seed in range(4):  # four hosts, each a process with three threads and an event loop
+        home = tmp_path / f"h{seed}"
+        procs += start_hosts(soak, 1, 1, home, redis_url, key, 3.0, str(out), seed)
+    assert join_all(procs) == [0] * 4
+    results: list[dict[str, Any]] = read_results(out)
+    assert [r["wrong"] for r in results] == [[]] * 4
+    assert [r["n_errors"] for r in results] == [0] * 4, results
+    assert all(r["ops"] > 50 for r in results)
+
+
+def test_a_read_only_replica_and_an_out_of_memory_server_degrade_to_fetching(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    replica = RedisServer(
+        tmp_path / "replica", args=["--replicaof", "127.0.0.1", str(own_redis.port)]
+    ).start()
+    try:
+        for url, setup in ((replica.url, None), (own_redis.url, ("maxmemory", "1"))):
+            if setup is not None:
+                own_redis.admin("CONFIG", "SET", *setup)  # every write now answers OOM
+            with PersistentTokenCache(url=url, config=CacheConfig(keys=[new_key()])) as cache:
+                assert cache.set_system_token("scope", "not-stored") is False
+                assert cache.system_token("other", lambda: "direct") == "direct"
+                stats = cache.stats()
+                assert stats.storage_errors >= 1
+                reason = stats.disabled_reason or ""
+                assert ("ReadOnly" in reason) if setup is None else ("maxmemory" in reason)
+    finally:
+        replica.stop()
