@@ -30,7 +30,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any, ClassVar, TypeVar, cast
 from urllib.parse import parse_qsl, urlsplit
 
@@ -323,46 +323,42 @@ class RedisBackend:
 
     # -- the two drivers ---------------------------------------------------------------------
 
-    def run(self, call: Call[T]) -> T:
-        """Send one call through the breaker; raise ``StorageError`` on any failure."""
+    @contextlib.contextmanager
+    def _guarded(self) -> Iterator[int]:
+        """One call through the breaker: its failures become ``StorageError``; a call that
+        ends normally closes the breaker."""
         seen = self.breaker.enter()
         try:
+            yield seen
+        except Tripped:
+            raise StorageError(f"redis unavailable: {self.breaker.reason}") from None
+        except _ANY_FAILURE as exc:
+            raise self._failed(exc) from None
+        except BaseException:
+            self.breaker.abandoned()
+            raise
+        self._succeeded()
+
+    def run(self, call: Call[T]) -> T:
+        """Send one call through the breaker; raise ``StorageError`` on any failure."""
+        with self._guarded() as seen:
             try:
                 reply = _send(self.pool(), call, self.breaker, seen)
             except MovedError as moved:  # a Cluster: the cache's slot lives on another node
                 self._move_to(moved)
                 reply = _send(self.pool(), call, self.breaker, seen)
-            result = call.decode(reply)
-        except Tripped:
-            raise StorageError(f"redis unavailable: {self.breaker.reason}") from None
-        except _ANY_FAILURE as exc:
-            raise self._failed(exc) from None
-        except BaseException:
-            self.breaker.abandoned()
-            raise
-        self._succeeded()
-        return result
+            return call.decode(reply)
 
     async def arun(self, call: Call[T]) -> T:
-        """Async twin of :meth:`run`."""
+        """Async twin of :meth:`run` (the same guard; the send awaited)."""
         self._check_fork()
-        seen = self.breaker.enter()
-        try:
+        with self._guarded() as seen:
             try:
                 reply = await _asend(self._apool(), call, self.breaker, seen)
             except MovedError as moved:
                 self._move_to(moved)
                 reply = await _asend(self._apool(), call, self.breaker, seen)
-            result = call.decode(reply)
-        except Tripped:
-            raise StorageError(f"redis unavailable: {self.breaker.reason}") from None
-        except _ANY_FAILURE as exc:
-            raise self._failed(exc) from None
-        except BaseException:
-            self.breaker.abandoned()
-            raise
-        self._succeeded()
-        return result
+            return call.decode(reply)
 
     def execute(self, op: Op[T]) -> T:
         """Perform ``op`` as one command; raise ``StorageError``."""
