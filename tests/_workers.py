@@ -15,23 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from agw_persist_cache import CacheConfig, PersistentTokenCache
+from tests.support.fetches import count_fetch
+from tests.support.fetches import fetches as fetches  # the parent counts with it too
 from tests.support.procs import Worker
-
-
-def count_fetch(counter: str | Path) -> None:
-    """One line per real fetch, appended atomically, so the parent can count them."""
-    fd = os.open(counter, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, f"{os.getpid()}\n".encode())
-    finally:
-        os.close(fd)
-
-
-def fetches(counter: str | Path) -> int:
-    try:
-        return len(Path(counter).read_text().splitlines())
-    except FileNotFoundError:
-        return 0
 
 
 def make_fetch(counter: str | Path, delay: float = 0.2, ttl: int = 3600) -> Any:

@@ -17,6 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tests.support.fetches import count_fetch
+from tests.support.fetches import fetches as fetches  # the parent counts with it too
+
 SPAWN = multiprocessing.get_context("spawn")
 
 
@@ -29,21 +32,6 @@ def become_host(home: str, url: str, key: str) -> None:
     os.environ["AGW_CACHE_KEY"] = key
     for name in ("AGW_CACHE_PATH",):
         os.environ.pop(name, None)
-
-
-def count_fetch(counter: str) -> None:
-    fd = os.open(counter, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, f"{os.getpid()}\n".encode())
-    finally:
-        os.close(fd)
-
-
-def fetches(counter: str | Path) -> int:
-    try:
-        return len(Path(counter).read_text().splitlines())
-    except FileNotFoundError:
-        return 0
 
 
 def write_result(out_dir: str, payload: Any) -> None:
