@@ -507,6 +507,48 @@ def lock_flow(wait: float | None, poll: float | None = None) -> LockFlow:
             return LockResult.HELD
 
 
+class _Attempt:
+    """One acquisition, stepped by a driver: iterate for the lock flow's next step, set
+    ``answer``; on leaving, the wake-up is forgotten and a ``StorageError`` ends it in ERROR."""
+
+    def __init__(self, lock: RedisKeyLock, wait: float | None, wake: Callable[[], None]) -> None:
+        self.lock = lock
+        self.flow = lock_flow(wait)
+        self.wake = wake
+        self.answer = False
+        self.started = False
+        self.listening = False
+        self.result = LockResult.ERROR
+
+    def __iter__(self) -> _Attempt:
+        return self
+
+    def __next__(self) -> _Try | _Listen | float:
+        try:
+            if not self.started:
+                self.started = True
+                return next(self.flow)
+            return self.flow.send(self.answer)
+        except StopIteration as done:
+            self.result = cast(LockResult, done.value)
+            raise StopIteration from None
+
+    def listen(self) -> None:
+        self.listening = self.lock._backend.wakeups.listen(self.lock._hex, self.wake)
+
+    def __enter__(self) -> _Attempt:
+        return self
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
+        if self.listening:
+            self.lock._backend.wakeups.forget(self.lock._hex, self.wake)
+        if isinstance(exc, StorageError):
+            self.lock.error = str(exc)
+            self.result = LockResult.ERROR
+            return True
+        return False
+
+
 class RedisKeyLock:
     """One key's lock; the :class:`~.contract.KeyLock` of the Redis backend."""
 
@@ -529,33 +571,20 @@ class RedisKeyLock:
         return True
 
     def acquire(self, wait: float | None) -> LockResult:
-        flow = lock_flow(wait)
         woken = threading.Event()
-        listening = False
-        answer = False
-        try:
-            step = next(flow)
-            while True:
+        with _Attempt(self, wait, woken.set) as attempt:
+            for step in attempt:
                 if isinstance(step, _Try):
                     token, call = self._try_call()
-                    answer = self._backend.run(call) and self._took(token)
+                    attempt.answer = self._backend.run(call) and self._took(token)
                 elif isinstance(step, _Listen):
-                    listening = self._backend.wakeups.listen(self._hex, woken.set)
+                    attempt.listen()
                 else:
-                    answer = woken.wait(step)
+                    attempt.answer = woken.wait(step)
                     woken.clear()
-                step = flow.send(answer)
-        except StopIteration as done:
-            return cast(LockResult, done.value)
-        except StorageError as exc:
-            self.error = str(exc)
-            return LockResult.ERROR
-        finally:
-            if listening:
-                self._backend.wakeups.forget(self._hex, woken.set)
+        return attempt.result
 
     async def aacquire(self, wait: float | None) -> LockResult:
-        flow = lock_flow(wait)
         loop = asyncio.get_running_loop()
         woken = asyncio.Event()
 
@@ -563,31 +592,20 @@ class RedisKeyLock:
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 loop.call_soon_threadsafe(woken.set)
 
-        listening = False
-        answer = False
-        try:
-            step = next(flow)
-            while True:
+        with _Attempt(self, wait, wake) as attempt:
+            for step in attempt:
                 if isinstance(step, _Try):
                     token, call = self._try_call()
-                    answer = await self._backend.arun(call) and self._took(token)
+                    attempt.answer = await self._backend.arun(call) and self._took(token)
                 elif isinstance(step, _Listen):
-                    listening = self._backend.wakeups.listen(self._hex, wake)
+                    attempt.listen()
                 else:
                     try:
-                        answer = await asyncio.wait_for(woken.wait(), step)
+                        attempt.answer = await asyncio.wait_for(woken.wait(), step)
                     except TimeoutError:
-                        answer = False
+                        attempt.answer = False
                     woken.clear()
-                step = flow.send(answer)
-        except StopIteration as done:
-            return cast(LockResult, done.value)
-        except StorageError as exc:
-            self.error = str(exc)
-            return LockResult.ERROR
-        finally:
-            if listening:
-                self._backend.wakeups.forget(self._hex, wake)
+        return attempt.result
 
     def release(self) -> None:
         """Give the lock back: at once from a thread, through the keeper from a loop (a
