@@ -241,8 +241,7 @@ class PersistentTokenCache(Closing):
 
     def get_system_token(self, scope_key: str) -> str | None:
         """The cached system token for ``scope_key``, or None."""
-        hit = self._shelf.hit("system", scope_key, None, self._backend.execute)  # (the hot
-        return hit.entry.token if hit else _token(self.get_entry("system", scope_key))  # path)
+        return _token(self.get_entry("system", scope_key))
 
     def set_system_token(
         self, scope_key: str, token_data: TokenData, *, expires_at: float | None = None
@@ -258,10 +257,7 @@ class PersistentTokenCache(Closing):
 
     def get_user_token(self, user_jwt: str, scope_key: str) -> str | None:
         """The cached token exchanged for ``user_jwt``, or None."""
-        hit = self._shelf.hit("user", scope_key, user_jwt, self._backend.execute)
-        return (
-            hit.entry.token if hit else _token(self.get_entry("user", scope_key, user_jwt=user_jwt))
-        )
+        return _token(self.get_entry("user", scope_key, user_jwt=user_jwt))
 
     def set_user_token(
         self,
