@@ -253,7 +253,7 @@ class TokenShelf:
         """The hot path, without a flight: a clean hit (nothing to write afterwards), read
         with ``read``; None for anything else (a miss, a write due, trouble, ``read`` could
         not answer at once): then the caller runs the flight, which looks again."""
-        key = self._keys.get((kind, scope_key, user_jwt)) or self.key(kind, scope_key, user_jwt)
+        key = self.key(kind, scope_key, user_jwt)
         if key is None:
             return None
         try:
