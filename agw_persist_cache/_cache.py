@@ -70,7 +70,6 @@ class PersistentTokenCache(Closing):
         self._shelf = TokenShelf(
             self.path, self.config, self._backend, warnings, read_only=read_only
         )
-        self._memo = self._shelf._memo  # the benchmarks empty it to time a first open
         self._counters = self._shelf.counters  # what OpenTelemetry's callbacks read
         self.backend_name: str = self._backend.name
         self._fork_reset()

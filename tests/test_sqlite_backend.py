@@ -180,6 +180,40 @@ def test_migrations_are_numbered_without_gaps_and_define_the_schema_version() ->
     assert MIGRATIONS[0][2] == source.read_text(encoding="utf-8")
 
 
+def test_a_repeated_read_is_answered_from_memory_only_while_nothing_was_written(
+    db_path: Path,
+) -> None:
+    store = _store(db_path)
+    row = ROW._replace(generation=0)
+    assert store.execute(Write(row)) is True
+    conn = store._borrow()
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    key = (row.digest,)
+    assert read(conn, key) == read(conn, key) == Snapshot(row, 0)  # read, then checked and read
+    statements.clear()
+    assert read(conn, key) == Snapshot(row, 0)
+    assert statements == ["PRAGMA data_version"]  # unchanged: no row was read
+    # Another connection (as another process would) rewrites the row: seen at once.
+    raw_exec(db_path, "UPDATE tokens SET nonce = ?", (b"m" * 12,))
+    assert read(conn, key) == Snapshot(row._replace(nonce=b"m" * 12), 0)
+    # This very connection writes (data_version does not move for its own commits): seen.
+    conn.execute("UPDATE tokens SET last_used = 5")
+    assert read(conn, key) == Snapshot(row._replace(nonce=b"m" * 12, last_used=5.0), 0)
+    # A clear() elsewhere: the generation moved and the row is gone.
+    raw_exec(db_path, "UPDATE meta SET value = value + 1")
+    raw_exec(db_path, "DELETE FROM tokens")
+    assert read(conn, key) == Snapshot(None, 1)
+    # A row put back behind the cache's back (a replay) is read, not remembered away.
+    raw_exec(db_path, "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [
+        row.digest, row.kind, row.kid, row.nonce, row.ct, row.expires_at,
+        row.last_used, row.created_at, row.generation,
+    ])  # fmt: skip
+    assert read(conn, key) == Snapshot(row, 1)
+    conn.close()
+    store.close()
+
+
 def _store(path: Path, **overrides: Any) -> SqliteBackend:
     return SqliteBackend(path, CacheConfig(**overrides))
 

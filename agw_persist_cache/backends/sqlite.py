@@ -74,6 +74,8 @@ IDENTITY_CHECK_SECONDS = 2.0
 """How often a process that only reads checks that the path still names its file."""
 POOL_IDLE = 4
 """Idle ``sqlite3`` connections kept per cache; busier moments open and close extra ones."""
+SEEN_MAX = 1024
+"""Keys whose last read (sealed, as stored) each pooled connection remembers."""
 APPLICATION_ID = int.from_bytes(b"AGWC", "big")
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
@@ -119,10 +121,13 @@ _FAILURES = (sqlite3.Error, OSError, filelock.Timeout, SchemaTooNew, ValueError)
 # -- plans: the SQL of each operation and the decisions between its statements -------------------
 
 _new = tuple.__new__
+# The generation is meta's first row (migration 0001 inserts it first and only): found by
+# rowid, one b-tree step, and its name checked so that a file of another shape reads as broken.
 _READ = (
-    "SELECT m.value, t.kind, t.kid, t.nonce, t.ct, t.expires_at, t.gen, t.last_used, t.created_at"
-    " FROM meta m LEFT JOIN tokens t ON t.k = ? WHERE m.name = 'generation'"
+    "SELECT t.kind, t.kid, t.nonce, t.ct, t.expires_at, t.gen, t.last_used, t.created_at,"
+    " m.value FROM meta m LEFT JOIN tokens t ON t.k = ? WHERE m.rowid = 1 AND m.name = 'generation'"
 )
+_DATA_VERSION = "PRAGMA data_version"
 _INSERT = (
     "INSERT {verb} INTO tokens (k, kind, kid, nonce, ct, expires_at, gen, last_used, created_at)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -134,18 +139,38 @@ _INSERT_IF_GENERATION = (
 )
 
 
-def read(conn: sqlite3.Connection, digests: tuple[bytes, ...]) -> Snapshot:
-    """The hot path: one primary-key SELECT (per configured key until a row is found),
-    with the current generation; no transaction, no plan: a read never waits for a writer."""
-    generation = 0
+def read(conn: _Conn, digests: tuple[bytes, ...]) -> Snapshot:
+    """The hot path: what the store holds for ``digests`` now, with the current generation.
+
+    A connection remembers what it last read per key. ``PRAGMA data_version`` moves whenever
+    any other connection (of any process) commits, and ``total_changes`` whenever this one
+    writes: when neither moved since a read, the store is unchanged and that read is still
+    the answer, with no row read. Otherwise one primary-key SELECT per configured key until
+    a row is found. A key's first read here skips the check (its answer is remembered
+    unchecked; the next read checks and reads again). No transaction: a read never waits
+    for a writer.
+    """
+    cursor = conn.hits
+    seen = conn.seen.get(digests)
+    version = -1
+    if seen is not None:
+        version = cursor.execute(_DATA_VERSION).fetchone()[0]
+        if version == seen[0] and conn.total_changes == seen[1]:
+            return seen[2]
+    changes = conn.total_changes
+    snap = Snapshot(None, 0)
     for digest in digests:
-        found = conn.execute(_READ, (digest,)).fetchone()
+        found = cursor.execute(_READ, (digest,)).fetchone()
         if found is None:
             raise sqlite3.DatabaseError("meta table has no generation")
-        generation = found[0]
-        if found[1] is not None:  # (tuple.__new__: the named tuples without their Python __new__)
-            return _new(Snapshot, (_new(SealedRow, (digest, *found[1:])), generation))
-    return Snapshot(None, generation)
+        if found[0] is not None:  # (tuple.__new__: the named tuples without their Python __new__)
+            snap = _new(Snapshot, (_new(SealedRow, (digest, *found[:8])), found[8]))
+            break
+        snap = Snapshot(None, found[8])
+    if len(conn.seen) >= SEEN_MAX:
+        conn.seen.clear()
+    conn.seen[digests] = (version, changes, snap)
+    return snap
 
 
 def plan_write(op: Write) -> Plan[bool]:
@@ -366,10 +391,13 @@ async def arun(conn: aiosqlite.Connection, plan: Plan[T]) -> T:
 
 
 class _Conn(sqlite3.Connection):
-    """A pooled connection, tagged with the pool epoch and the process it was opened in."""
+    """A pooled connection, tagged with the pool epoch and the process it was opened in, with
+    the cursor its hits reuse (a pooled connection serves one thread at a time)."""
 
     epoch = 0
     forks = 0
+    hits: sqlite3.Cursor
+    seen: dict[tuple[bytes, ...], tuple[int, int, Snapshot]]  # see read()
 
 
 class _LoopConn:
@@ -499,6 +527,7 @@ class SqliteBackend:
             factory=_Conn,
         )
         conn.epoch, conn.forks = self._epoch, _forkgate.forks
+        conn.hits, conn.seen = conn.cursor(), {}
         for stmt in self._pragmas[1:] if quick else self._pragmas:
             conn.execute(stmt)
         return conn
