@@ -98,14 +98,8 @@ def _flush(server: Any) -> None:
 
 
 def _stampede(section: Section, server: Any, workdir: Path, plan: Plan, sizes: Any) -> None:
-    from tests.support.redis_hosts import (
-        SPAWN,
-        fetches,
-        join_all,
-        read_results,
-        stampede,
-        start_hosts,
-    )
+    from tests.support.procs import Workers
+    from tests.support.redis_hosts import fetches, homes, stampede
 
     hosts, procs, coros = sizes["hosts"], sizes["procs"], sizes["coros"]
     delay = plan.stampede_delay
@@ -116,14 +110,18 @@ def _stampede(section: Section, server: Any, workdir: Path, plan: Plan, sizes: A
     for r in range(plan.stampede_rounds):
         _flush(server)
         root = workdir / f"redis-stampede-{r}"
-        out, counter = root / "out", root / "fetches"
-        out.mkdir(parents=True)
-        barrier = SPAWN.Barrier(hosts * procs)
-        args = (str(counter), str(out), coros, delay, barrier)
-        started = start_hosts(stampede, hosts, procs, root, server.url, _key(), *args)
-        codes = join_all(started, timeout=180)
-        errors += sum(1 for c in codes if c != 0)
-        results = read_results(out)
+        counter, key = root / "fetches", _key()
+        root.mkdir(parents=True)
+        args = [
+            (home, server.url, key, str(counter), coros, delay)
+            for home in homes(root, hosts, procs)
+        ]
+        # A host that dies fails the run here (WorkerError), as in the other benchmarks.
+        with Workers("spawn", timeout=180) as workers:
+            workers.start(stampede, args)
+            results = workers.collect()
+            workers.join()
+        errors += sum(1 for p in workers.procs if p.exitcode != 0)
         requests.append(float(fetches(counter)))
         walls.append(
             (max(x["end"] for x in results) - min(x["start"] for x in results)) / delay
@@ -364,21 +362,22 @@ def _frozen(section: Section, server: Any, sizes: Any) -> None:
 
 
 def _soak(section: Section, server: Any, workdir: Path, sizes: Any) -> None:
-    from tests.support.redis_hosts import join_all, read_results, soak, start_hosts
+    from tests.support.procs import Workers
+    from tests.support.redis_hosts import homes, soak
 
     hosts, seconds = sizes["soak_hosts"], sizes["soak"]
     root = workdir / "redis-soak"
-    out = root / "out"
-    out.mkdir(parents=True)
+    root.mkdir(parents=True)
     key = _key()
-    procs = []
-    for h in range(hosts):  # 2 processes per host
-        for p in range(2):
-            procs += start_hosts(
-                soak, 1, 1, root / f"host-{h}", server.url, key, seconds, str(out), h * 2 + p
-            )
-    codes = join_all(procs, timeout=seconds + 120)
-    results = read_results(out)
+    args = [  # 2 processes per host
+        (home, server.url, key, seconds, seed) for seed, home in enumerate(homes(root, hosts, 2))
+    ]
+    # A host that dies fails the run here (WorkerError), as in the other benchmarks.
+    with Workers("spawn", timeout=seconds + 120) as workers:
+        workers.start(soak, args)
+        results: list[dict[str, Any]] = workers.collect()
+        workers.join()
+    codes = [p.exitcode for p in workers.procs]
     wrong = sum(len(r["wrong"]) for r in results)
     raised = sum(r["n_errors"] for r in results) + sum(1 for c in codes if c != 0)
     ops = sum(r["ops"] for r in results)
@@ -397,7 +396,7 @@ def _soak(section: Section, server: Any, workdir: Path, sizes: Any) -> None:
     )
     section.tables.append(
         Table(
-            f"Random get / set / get-or-fetch / invalidate / clear: {len(procs)} processes on "
+            f"Random get / set / get-or-fetch / invalidate / clear: {len(args)} processes on "
             f"{hosts} hosts (3 threads and an event loop each) for {seconds:g} s",
             ["operations", "wrong tokens", "exceptions to callers", "process exit codes"],
             [[f"{ops:,}", str(wrong), str(raised), ", ".join(str(c) for c in codes)]],

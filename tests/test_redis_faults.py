@@ -1,7 +1,8 @@
 """Faults of a real ``redis-server`` and of the hosts using it: killed (SIGKILL) under load and
 restarted, frozen (SIGSTOP), a lock holder killed with ``kill -9``, a clear during another
 host's fetch, and a cold stampede across hosts. Hosts are spawned processes with homes and
-cache directories of their own, sharing only the Redis URL."""
+cache directories of their own, sharing only the Redis URL, run through
+:class:`support.procs.Workers`."""
 
 from __future__ import annotations
 
@@ -15,16 +16,14 @@ from typing import Any
 
 import pytest
 from _core_support import new_key
+from support.procs import Workers
 from support.redis_hosts import (
-    SPAWN,
     fetch_across_clear,
     fetches,
     hold_in_fetch,
-    join_all,
-    read_results,
+    homes,
     soak,
     stampede,
-    start_hosts,
 )
 from support.redis_server import (  # noqa: F401  # fixtures
     RedisServer,
@@ -37,13 +36,6 @@ from support.redis_server import (  # noqa: F401  # fixtures
 from agw_persist_cache import CacheConfig, PersistentTokenCache
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def wait_for(path: Path, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path.name} never appeared"
-        time.sleep(0.01)
 
 
 def test_killed_redis_under_load_never_fails_a_caller_and_restart_resumes(
@@ -151,10 +143,10 @@ def test_frozen_redis_bounds_every_call_then_costs_no_redis_time(
 
 def test_killed_lock_holder_frees_the_key_within_one_lease(redis_url: str, tmp_path: Path) -> None:
     key, lease = new_key(), 1.5
-    started = tmp_path / "started"
-    (holder,) = start_hosts(hold_in_fetch, 1, 1, tmp_path, redis_url, key, str(started), lease)
-    try:
-        wait_for(started)
+    # The holder is killed on purpose: no join() (it would fail on the -9), the exit reaps it.
+    with Workers("spawn", timeout=60) as workers:
+        (holder,) = workers.start(hold_in_fetch, [(*homes(tmp_path, 1), redis_url, key, lease)])
+        assert workers.collect() == ["fetching"]
         config = CacheConfig(keys=[key], lock_lease_seconds=lease)
         waiter = PersistentTokenCache(url=redis_url, config=config)
         got: list[tuple[str, float]] = []
@@ -174,49 +166,37 @@ def test_killed_lock_holder_frees_the_key_within_one_lease(redis_url: str, tmp_p
         assert token == "from-waiter"
         assert at - killed <= lease + 0.5
         waiter.close()
-    finally:
-        join_all([holder], timeout=5)
 
 
 def test_clear_on_one_host_during_a_fetch_on_another_is_not_undone(
     redis_url: str, tmp_path: Path
 ) -> None:
-    key = new_key()
-    started, go, out = tmp_path / "started", tmp_path / "go", tmp_path / "out"
-    out.mkdir()
-    procs = start_hosts(
-        fetch_across_clear, 1, 1, tmp_path, redis_url, key, str(started), str(go), str(out)
-    )
-    wait_for(started)
-    with PersistentTokenCache(url=redis_url, config=CacheConfig(keys=[key])) as other:
-        other.set_system_token("scope", "set-before-clear")
-        other.clear()
-        go.touch()
-        assert join_all(procs) == [0]
-        assert read_results(out) == [{"token": "fetched-before-clear", "stale": 1}]
-        assert other.get_system_token("scope") is None
+    key, go = new_key(), tmp_path / "go"
+    with Workers("spawn", timeout=60) as workers:
+        workers.start(fetch_across_clear, [(*homes(tmp_path, 1), redis_url, key, str(go))])
+        assert workers.collect() == ["fetching"]
+        with PersistentTokenCache(url=redis_url, config=CacheConfig(keys=[key])) as other:
+            other.set_system_token("scope", "set-before-clear")
+            other.clear()
+            go.touch()
+            assert workers.collect() == [{"token": "fetched-before-clear", "stale": 1}]
+            workers.join()
+            assert other.get_system_token("scope") is None
 
 
 def test_a_cold_stampede_across_hosts_makes_one_fetch(redis_url: str, tmp_path: Path) -> None:
     hosts, per_host, tasks = 3, 2, 10
-    counter, out = tmp_path / "fetches", tmp_path / "out"
-    out.mkdir()
-    barrier = SPAWN.Barrier(hosts * per_host)
-    procs = start_hosts(
-        stampede,
-        hosts,
-        per_host,
-        tmp_path,
-        redis_url,
-        new_key(),
-        str(counter),
-        str(out),
-        tasks,
-        0.2,
-        barrier,
-    )
-    assert join_all(procs) == [0] * len(procs)
-    results = read_results(out)
+    counter, key = tmp_path / "fetches", new_key()
+    with Workers("spawn", timeout=60) as workers:
+        workers.start(
+            stampede,
+            [
+                (home, redis_url, key, str(counter), tasks, 0.2)
+                for home in homes(tmp_path, hosts, per_host)
+            ],
+        )
+        results = workers.collect()
+        workers.join()
     tokens = {t for r in results for t in r["tokens"]}
     assert fetches(counter) == 1
     assert len(tokens) == 1
@@ -227,14 +207,15 @@ def test_a_cold_stampede_across_hosts_makes_one_fetch(redis_url: str, tmp_path: 
 def test_random_operations_on_many_hosts_never_serve_a_wrong_token(
     redis_url: str, tmp_path: Path
 ) -> None:
-    out, key = tmp_path / "out", new_key()
-    out.mkdir()
-    procs = []
-    for seed in range(4):  # four hosts, each a process with three threads and an event loop
-        home = tmp_path / f"h{seed}"
-        procs += start_hosts(soak, 1, 1, home, redis_url, key, 3.0, str(out), seed)
-    assert join_all(procs) == [0] * 4
-    results: list[dict[str, Any]] = read_results(out)
+    key = new_key()
+    # Four hosts, each a process with three threads and an event loop.
+    with Workers("spawn", timeout=60) as workers:
+        workers.start(
+            soak,
+            [(home, redis_url, key, 3.0, seed) for seed, home in enumerate(homes(tmp_path, 4))],
+        )
+        results: list[dict[str, Any]] = workers.collect()
+        workers.join()
     assert [r["wrong"] for r in results] == [[]] * 4
     assert [r["n_errors"] for r in results] == [0] * 4, results
     assert all(r["ops"] > 50 for r in results)

@@ -1,26 +1,31 @@
 """Simulated hosts for the Redis tests and benchmarks: spawned processes, each with a home and
 cache directory of its own (nothing shared on disk), all pointing at one Redis URL through
-``AGW_CACHE_URL`` / ``AGW_CACHE_KEY``, as replicas of an agent would."""
+``AGW_CACHE_URL`` / ``AGW_CACHE_KEY``, as replicas of an agent would.
+
+They run through :class:`tests.support.procs.Workers` (spawn): each body below takes
+``home, url, key`` first and its :class:`~tests.support.procs.Worker` last, and sends what it
+saw with ``worker.report()``."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import multiprocessing
 import os
 import random
 import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tests.support.fetches import count_fetch
 from tests.support.fetches import fetches as fetches  # the parent counts with it too
+from tests.support.procs import Worker
 
-SPAWN = multiprocessing.get_context("spawn")
+
+def homes(root: Path, hosts: int, per_host: int = 1) -> list[str]:
+    """The HOME of each of ``hosts`` x ``per_host`` processes: a host's processes share one."""
+    return [str(root / f"host-{h}") for h in range(hosts) for _ in range(per_host)]
 
 
 def become_host(home: str, url: str, key: str) -> None:
@@ -34,49 +39,6 @@ def become_host(home: str, url: str, key: str) -> None:
         os.environ.pop(name, None)
 
 
-def write_result(out_dir: str, payload: Any) -> None:
-    path = Path(out_dir) / f"{os.getpid()}-{uuid.uuid4().hex}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload))
-    tmp.rename(path)
-
-
-def read_results(out_dir: str | Path) -> list[Any]:
-    return [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("*.json"))]
-
-
-def start_hosts(
-    target: Callable[..., None],
-    hosts: int,
-    per_host: int,
-    root: Path,
-    url: str,
-    key: str,
-    *args: Any,
-) -> list[Any]:
-    """``hosts`` x ``per_host`` spawned processes running ``target(home, url, key, *args)``."""
-    procs = []
-    for h in range(hosts):
-        home = root / f"host-{h}"
-        for _ in range(per_host):
-            proc = SPAWN.Process(target=target, args=(str(home), url, key, *args))
-            proc.start()
-            procs.append(proc)
-    return procs
-
-
-def join_all(procs: list[Any], timeout: float = 120.0) -> list[int | None]:
-    deadline = time.monotonic() + timeout
-    for proc in procs:
-        proc.join(max(0.1, deadline - time.monotonic()))
-    codes = [proc.exitcode for proc in procs]
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5)
-    return codes
-
-
 # -- worker bodies (run in the spawned host processes) ------------------------------------------
 
 
@@ -85,12 +47,11 @@ def stampede(
     url: str,
     key: str,
     counter: str,
-    out: str,
     tasks: int,
     delay: float,
-    barrier: Any,
+    worker: Worker,
 ) -> None:
-    """``tasks`` coroutines ask for one missing token at once; records tokens and the wall."""
+    """``tasks`` coroutines ask for one missing token at once; reports tokens and the wall."""
     become_host(home, url, key)
     from agw_persist_cache import PersistentTokenCache
 
@@ -104,47 +65,48 @@ def stampede(
                 await asyncio.sleep(delay)
                 return {"access_token": f"tok-{uuid.uuid4().hex}", "expires_in": 3600}
 
-            barrier.wait()
+            worker.wait()  # every host of the batch is warm
             t0 = time.time()
             tokens = await asyncio.gather(
                 *(cache.asystem_token("stampede", afetch) for _ in range(tasks))
             )
             return {"tokens": list(tokens), "start": t0, "end": time.time()}
 
-    write_result(out, asyncio.run(main()))
+    worker.report(asyncio.run(main()))
 
 
-def hold_in_fetch(home: str, url: str, key: str, started: str, lease: float) -> None:
-    """Start a fetch that never ends, after saying so: the parent kills us mid-flight."""
+def hold_in_fetch(home: str, url: str, key: str, lease: float, worker: Worker) -> None:
+    """Start a fetch that never ends, after reporting "fetching": the parent kills us mid-flight."""
     become_host(home, url, key)
     from agw_persist_cache import CacheConfig, PersistentTokenCache
 
     cache = PersistentTokenCache(config=CacheConfig(lock_lease_seconds=lease))
 
     def fetch() -> str:
-        Path(started).touch()
+        worker.report("fetching")
         time.sleep(600)
         return "never"
 
     cache.system_token("scope", fetch)
 
 
-def fetch_across_clear(home: str, url: str, key: str, started: str, go: str, out: str) -> None:
-    """A slow fetch still running when another host clears the cache."""
+def fetch_across_clear(home: str, url: str, key: str, go: str, worker: Worker) -> None:
+    """A slow fetch still running when another host clears the cache: reports "fetching" once
+    inside it, waits for the file ``go``, then reports the token and the skipped stale write."""
     become_host(home, url, key)
     from agw_persist_cache import PersistentTokenCache
 
     cache = PersistentTokenCache()
 
     def fetch() -> dict[str, Any]:
-        Path(started).touch()
+        worker.report("fetching")
         deadline = time.monotonic() + 60
         while not Path(go).exists() and time.monotonic() < deadline:
             time.sleep(0.01)
         return {"access_token": "fetched-before-clear", "expires_in": 3600}
 
     token = cache.system_token("scope", fetch)
-    write_result(out, {"token": token, "stale": cache.stats().stale_writes_skipped})
+    worker.report({"token": token, "stale": cache.stats().stale_writes_skipped})
 
 
 SCOPES = [f"scope-{i}" for i in range(6)]
@@ -160,7 +122,7 @@ def belongs(token: str, scope: str, user: str | None) -> bool:
     return token.rsplit("|", 1)[0] == f"{scope}|{user}"
 
 
-def soak(home: str, url: str, key: str, seconds: float, out: str, seed: int) -> None:
+def soak(home: str, url: str, key: str, seconds: float, seed: int, worker: Worker) -> None:
     """Random get / set / get-or-fetch / invalidate / clear from threads and a loop."""
     become_host(home, url, key)
     from agw_persist_cache import PersistentTokenCache
@@ -229,4 +191,4 @@ def soak(home: str, url: str, key: str, seconds: float, out: str, seed: int) -> 
         t.start()
     asyncio.run(loop_main())
     summary = {"wrong": wrong, "errors": errors[:5], "n_errors": len(errors), "ops": ops[0]}
-    write_result(out, summary)
+    worker.report(summary)
