@@ -25,6 +25,7 @@ from agw_persist_cache.backends.sqlite import (
     APPLICATION_ID,
     MIGRATIONS,
     SCHEMA_VERSION,
+    Rows,
     SqliteBackend,
     load_migrations,
     plan_clear,
@@ -32,6 +33,7 @@ from agw_persist_cache.backends.sqlite import (
     plan_prune,
     plan_write,
     read,
+    rows_of,
     run,
     transaction,
 )
@@ -44,14 +46,19 @@ def first(plan: Generator[Any, Any, Any]) -> tuple[str, tuple[Any, ...]]:
     return sql, tuple(params)
 
 
+def changed(n: int) -> Rows:
+    """What the driver hands a plan after a statement that changed ``n`` rows."""
+    return rows_of([], n)
+
+
 def send(plan: Generator[Any, Any, Any], rows: list[Any]) -> tuple[str, tuple[Any, ...]]:
-    sql, params = plan.send(rows)
+    sql, params = plan.send(rows if isinstance(rows, Rows) else rows_of(rows))
     return sql, tuple(params)
 
 
 def finish(plan: Generator[Any, Any, Any], rows: list[Any]) -> Any:
     with pytest.raises(StopIteration) as done:
-        plan.send(rows)
+        plan.send(rows if isinstance(rows, Rows) else rows_of(rows))
     return done.value.value
 
 
@@ -64,10 +71,10 @@ def test_a_write_is_one_statement_guarded_by_the_generation() -> None:
     assert sql.startswith("INSERT OR REPLACE INTO tokens")
     assert "WHERE (SELECT value FROM meta WHERE name = 'generation') = ?" in sql
     assert params == (*ROW, 3)
-    assert finish(plan, []) is False  # a clear() moved the generation: nothing inserted
+    assert finish(plan, changed(0)) is False  # a clear() moved the generation: nothing inserted
     plan = plan_write(Write(ROW))
     first(plan)
-    assert finish(plan, [(1,)]) is True
+    assert finish(plan, changed(1)) is True
     assert next(iter(transaction(Write(ROW))))[0].startswith("INSERT")  # no BEGIN
 
 
@@ -128,7 +135,7 @@ def test_prune_deletes_expired_then_only_the_surplus_of_each_kind() -> None:
     sql, params = first(plan)
     assert sql.startswith("DELETE FROM tokens WHERE expires_at <= ?")
     assert params == (1000.0,)
-    sql, _ = send(plan, [(1,), (1,)])  # two expired rows removed
+    sql, _ = send(plan, changed(2))  # two expired rows removed
     assert sql.startswith("DELETE FROM backoff")
     sql, params = send(plan, [])
     assert "ORDER BY last_used DESC LIMIT -1 OFFSET ?" in sql
@@ -136,7 +143,7 @@ def test_prune_deletes_expired_then_only_the_surplus_of_each_kind() -> None:
     sql, params = send(plan, [])  # at or under the limit: nothing beyond the newest 10
     assert "ORDER BY last_used DESC LIMIT -1 OFFSET ?" in sql
     assert params == ("user", 5)
-    assert finish(plan, [(1,), (1,), (1,)]) == 5
+    assert finish(plan, changed(3)) == 5
 
 
 def test_prune_under_every_limit_removes_only_expired_rows() -> None:

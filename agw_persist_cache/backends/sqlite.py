@@ -67,7 +67,23 @@ from .contract import (
 T = TypeVar("T")
 Row = tuple[Any, ...]
 Stmt = tuple[str, Sequence[Any]]
-Plan = Generator[Stmt, list[Row], T]
+
+
+class Rows(list[Row]):
+    """What a plan receives for each statement: its rows, and ``changes``, how many rows it
+    inserted, updated or deleted (counted by the connection: no ``RETURNING`` needed)."""
+
+    __slots__ = ("changes",)
+    changes: int
+
+
+def rows_of(found: Sequence[Row], changes: int = 0) -> Rows:
+    rows = Rows(found)
+    rows.changes = changes
+    return rows
+
+
+Plan = Generator[Stmt, Rows, T]
 
 RETRY_UNAVAILABLE_SECONDS = 30.0
 IDENTITY_CHECK_SECONDS = 2.0
@@ -135,7 +151,7 @@ _INSERT = (
 _GENERATION = "SELECT value FROM meta WHERE name = 'generation'"
 _INSERT_IF_GENERATION = (
     "INSERT OR REPLACE INTO tokens (k, kind, kid, nonce, ct, expires_at, gen, last_used,"
-    " created_at) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE (" + _GENERATION + ") = ? RETURNING 1"
+    " created_at) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE (" + _GENERATION + ") = ?"
 )
 
 
@@ -181,7 +197,7 @@ def plan_write(op: Write) -> Plan[bool]:
     """
     if _one_statement(op):
         done = yield (_INSERT_IF_GENERATION, (*op.row, op.row.generation))
-        return bool(done)
+        return done.changes > 0
     rows = yield (_GENERATION, ())
     if not rows or rows[0][0] != op.row.generation:
         return False
@@ -200,13 +216,10 @@ def plan_delete(op: Delete) -> Plan[int]:
     removed = 0
     for digest in op.digests:
         if op.nonce is None:
-            gone = yield ("DELETE FROM tokens WHERE k = ? RETURNING 1", (digest,))
+            gone = yield ("DELETE FROM tokens WHERE k = ?", (digest,))
         else:  # only the very row that was read: a replacement written since stays
-            gone = yield (
-                "DELETE FROM tokens WHERE k = ? AND nonce = ? RETURNING 1",
-                (digest, op.nonce),
-            )
-        removed += len(gone)
+            gone = yield ("DELETE FROM tokens WHERE k = ? AND nonce = ?", (digest, op.nonce))
+        removed += gone.changes
     return removed
 
 
@@ -225,16 +238,16 @@ def plan_prune(op: Prune) -> Plan[int]:
 
     The OFFSET walks at most ``limit`` entries of the LRU index: no full count(*).
     """
-    removed = yield ("DELETE FROM tokens WHERE expires_at <= ? RETURNING 1", (op.now,))
-    total = len(removed)
+    removed = yield ("DELETE FROM tokens WHERE expires_at <= ?", (op.now,))
+    total = removed.changes
     yield ("DELETE FROM backoff WHERE until <= ?", (op.now,))
     for kind, limit in op.limits.items():
         gone = yield (
             "DELETE FROM tokens WHERE rowid IN (SELECT rowid FROM tokens WHERE kind = ?"
-            " ORDER BY last_used DESC LIMIT -1 OFFSET ?) RETURNING 1",
+            " ORDER BY last_used DESC LIMIT -1 OFFSET ?)",
             (kind, limit),
         )
-        total += len(gone)
+        total += gone.changes
     return total
 
 
@@ -301,11 +314,8 @@ def plan_rows_not_under(op: RowsNotUnder) -> Plan[list[SealedRow]]:
 def plan_replace(op: Replace) -> Plan[bool]:
     """Re-seal one row in place of ``old`` unless a newer row already took the new digest."""
     yield ("DELETE FROM tokens WHERE k = ?", (op.old,))
-    done = yield (
-        _INSERT.format(verb="") + " ON CONFLICT (k) DO NOTHING RETURNING 1",
-        tuple(op.row),
-    )
-    return bool(done)
+    done = yield (_INSERT.format(verb="") + " ON CONFLICT (k) DO NOTHING", tuple(op.row))
+    return done.changes > 0
 
 
 PLANS: dict[type[Op[Any]], Callable[[Any], Plan[Any]]] = {
@@ -355,7 +365,7 @@ def _one_statement(op: Op[Any]) -> bool:
     return isinstance(op, Touch | SetBackoff)
 
 
-def _step(plan: Plan[T], rows: list[Row] | None) -> Stmt | StopIteration:
+def _step(plan: Plan[T], rows: Rows | None) -> Stmt | StopIteration:
     """Advance ``plan`` with the rows of its last statement (``None``: start it)."""
     try:
         return next(plan) if rows is None else plan.send(rows)
@@ -368,7 +378,9 @@ def run(conn: sqlite3.Connection, plan: Plan[T]) -> T:
     try:
         step = _step(plan, None)
         while not isinstance(step, StopIteration):
-            step = _step(plan, conn.execute(*step).fetchall())
+            before = conn.total_changes
+            found = conn.execute(*step).fetchall()
+            step = _step(plan, rows_of(found, conn.total_changes - before))
         return cast(T, step.value)
     finally:
         if conn.in_transaction:
@@ -380,7 +392,9 @@ async def arun(conn: aiosqlite.Connection, plan: Plan[T]) -> T:
     try:
         step = _step(plan, None)
         while not isinstance(step, StopIteration):
-            step = _step(plan, list(await conn.execute_fetchall(*step)))  # type: ignore[arg-type]  # aiosqlite types rows as Row
+            before = conn.total_changes  # read from the loop's thread: no hop
+            found = await conn.execute_fetchall(*step)
+            step = _step(plan, rows_of(found, conn.total_changes - before))  # type: ignore[arg-type]  # aiosqlite types rows as Row
         return cast(T, step.value)
     finally:
         if conn.in_transaction:
@@ -398,6 +412,14 @@ class _Conn(sqlite3.Connection):
     forks = 0
     hits: sqlite3.Cursor
     seen: dict[tuple[bytes, ...], tuple[int, int, Snapshot]]  # see read()
+
+    def close(self) -> None:
+        # The cursor holds its last statement: closed first, or sqlite3_close_v2 leaves a
+        # zombie connection whose descriptors stay open until the cycle is collected.
+        hits = getattr(self, "hits", None)  # absent if set-up failed before it was made
+        if hits is not None:
+            hits.close()
+        super().close()
 
 
 class _LoopConn:
