@@ -176,13 +176,16 @@ class Envelope(NamedTuple):
 
     def pack(self) -> bytes:
         """Compact binary form: a fixed header with the lengths, then the UTF-8 strings."""
-        token, scope, uhash = (
-            t.encode("utf-8", "surrogatepass") for t in (self.token, self.scope_key, self.uhash)
-        )
+        token = self.token.encode("utf-8", "surrogatepass")
+        scope = self.scope_key.encode("utf-8", "surrogatepass")
+        uhash = self.uhash.encode("ascii")  # a hex digest, or empty
+        extra = self.extra
         head = _HEAD.pack(
-            ENVELOPE_VERSION, self.expires_at, len(token), len(scope), len(uhash), len(self.extra)
+            ENVELOPE_VERSION, self.expires_at, len(token), len(scope), len(uhash), len(extra)
         )
-        pairs = [_field(n) + _field(v) for n, v in self.extra.items()]
+        if not extra:  # (every set runs this: the common case in one concatenation)
+            return head + token + scope + uhash
+        pairs = [_field(n) + _field(v) for n, v in extra.items()]
         return b"".join((head, token, scope, uhash, *pairs))
 
     @classmethod

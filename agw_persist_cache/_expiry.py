@@ -113,7 +113,7 @@ def normalize(
             f"not {type(token_data).__name__}"
         )
     token = data.get("access_token")
-    if not isinstance(token, str) or not token.strip():
+    if not isinstance(token, str) or not token or token.isspace():
         raise CacheUsageError("token_data has no non-empty string 'access_token'")
     extra = data.get("extra") or {}
     if not isinstance(extra, Mapping) or not all(

@@ -88,6 +88,9 @@ Plan = Generator[Stmt, Rows, T]
 RETRY_UNAVAILABLE_SECONDS = 30.0
 IDENTITY_CHECK_SECONDS = 2.0
 """How often a process that only reads checks that the path still names its file."""
+IDENTITY_WRITE_CHECK_SECONDS = 0.1
+"""How often, at most, a write checks it first (a write in the window after another process
+quarantined the file lands in the file moved aside: a narrower race than a read's)."""
 POOL_IDLE = 4
 """Idle ``sqlite3`` connections kept per cache; busier moments open and close extra ones."""
 SEEN_MAX = 1024
@@ -174,15 +177,17 @@ def read(conn: _Conn, digests: tuple[bytes, ...]) -> Snapshot:
         if version == seen[0] and conn.total_changes == seen[1]:
             return seen[2]
     changes = conn.total_changes
-    snap = Snapshot(None, 0)
+    row = None
+    generation = 0
     for digest in digests:
         found = cursor.execute(_READ, (digest,)).fetchone()
         if found is None:
             raise sqlite3.DatabaseError("meta table has no generation")
+        generation = found[8]
         if found[0] is not None:  # (tuple.__new__: the named tuples without their Python __new__)
-            snap = _new(Snapshot, (_new(SealedRow, (digest, *found[:8])), found[8]))
+            row = _new(SealedRow, (digest, *found[:8]))
             break
-        snap = Snapshot(None, found[8])
+    snap = _new(Snapshot, (row, generation))
     if len(conn.seen) >= SEEN_MAX:
         conn.seen.clear()
     conn.seen[digests] = (version, changes, snap)
@@ -483,7 +488,7 @@ class SqliteBackend:
         self._mutex = threading.Lock()
         self._ready = False
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we use
-        self._next_check = 0.0
+        self._next_check = self._next_write_check = 0.0
         self._epoch = 0  # bumped whenever the connections are dropped (file replaced)
         self._idle: deque[_Conn] = deque()
         self._idle_quick: deque[_Conn] = deque()
@@ -574,10 +579,16 @@ class SqliteBackend:
 
     def _check_identity(self, op: Op[Any]) -> None:
         """Reopen when the path names another file than ours (another process moved a
-        corrupt file aside and started a new one): on every write, and every few seconds."""
-        if self._identity is None or (not op.writes and time.monotonic() < self._next_check):
+        corrupt file aside and started a new one): before a write at most every
+        ``IDENTITY_WRITE_CHECK_SECONDS`` (a ``stat`` right after a commit costs a set ~7%),
+        and every few seconds."""
+        if self._identity is None:
             return
-        self._next_check = time.monotonic() + IDENTITY_CHECK_SECONDS
+        now = time.monotonic()
+        if now < (self._next_write_check if op.writes else self._next_check):
+            return
+        self._next_check = now + IDENTITY_CHECK_SECONDS
+        self._next_write_check = now + IDENTITY_WRITE_CHECK_SECONDS
         if _identity_of(self.path) != self._identity:
             self._drop_connections()
 
