@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from agw_persist_cache import CacheConfig, PersistentTokenCache
+from tests.support import fetches as fetches_module
 from tests.support.fetches import count_fetch
 from tests.support.fetches import fetches as fetches  # the parent counts with it too
 from tests.support.procs import Worker
@@ -89,31 +90,16 @@ def backoff_coroutines(db: str, counter: str, tasks: int, worker: Worker) -> Non
     worker.report(asyncio.run(main()))
 
 
-def hold_in_fetch(db: str, started: str, worker: Worker) -> None:
-    """Start a fetch that never ends, after saying so: the parent kills us mid-flight."""
-    cache = PersistentTokenCache(db, config=CacheConfig(lock_timeout_seconds=30.0))
-
-    def fetch() -> str:
-        Path(started).touch()
-        time.sleep(600)
-        return "never"
-
-    cache.system_token("scope", fetch)
+def hold_in_fetch(db: str, worker: Worker) -> None:
+    """Start a fetch that never ends, after reporting "fetching": the parent kills us in it."""
+    fetches_module.hold_in_fetch(
+        PersistentTokenCache(db, config=CacheConfig(lock_timeout_seconds=30.0)), worker
+    )
 
 
-def fetch_across_clear(db: str, started: str, go: str, worker: Worker) -> None:
+def fetch_across_clear(db: str, go: str, worker: Worker) -> None:
     """A slow fetch that is still running when another process clears the cache."""
-    cache = PersistentTokenCache(db)
-
-    def fetch() -> dict[str, Any]:
-        Path(started).touch()
-        deadline = time.monotonic() + 60
-        while not Path(go).exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return {"access_token": "fetched-before-clear", "expires_in": 3600}
-
-    token = cache.system_token("scope", fetch)
-    worker.report({"token": token, "stale": cache.stats().stale_writes_skipped})
+    fetches_module.fetch_across_clear(PersistentTokenCache(db), go, worker)
 
 
 def set_token(db: str, scope: str, token: str, worker: Worker) -> None:

@@ -27,13 +27,6 @@ def workers() -> Iterator[Workers]:
         yield started
 
 
-def wait_for(path: Path, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path.name} never appeared"
-        time.sleep(0.01)
-
-
 def integrity(db: Path) -> str:
     conn = sqlite3.connect(db)
     try:
@@ -90,9 +83,8 @@ def test_failed_fetch_backs_off_every_process(db_path: Path, tmp_path: Path) -> 
 
 
 def test_killed_lock_holder_frees_the_key(db_path: Path, tmp_path: Path, workers: Workers) -> None:
-    started = tmp_path / "started"
-    [holder] = workers.start(w.hold_in_fetch, [(str(db_path), str(started))])
-    wait_for(started)
+    [holder] = workers.start(w.hold_in_fetch, [(str(db_path),)])
+    assert workers.collect() == ["fetching"]
     assert holder.pid is not None
     os.kill(holder.pid, signal.SIGKILL)
     holder.join(10)
@@ -108,9 +100,8 @@ def test_killed_lock_holder_frees_the_key(db_path: Path, tmp_path: Path, workers
 def test_lock_timeout_fetches_anyway_and_warns(
     db_path: Path, tmp_path: Path, workers: Workers, caplog: pytest.LogCaptureFixture
 ) -> None:
-    started = tmp_path / "started"
-    workers.start(w.hold_in_fetch, [(str(db_path), str(started))])
-    wait_for(started)
+    workers.start(w.hold_in_fetch, [(str(db_path),)])
+    assert workers.collect() == ["fetching"]
     counter = tmp_path / "fetches"
     with (
         caplog.at_level(logging.WARNING, logger="agw_persist_cache"),
@@ -126,9 +117,9 @@ def test_lock_timeout_fetches_anyway_and_warns(
 def test_fetch_that_began_before_clear_does_not_write_back(
     db_path: Path, tmp_path: Path, workers: Workers
 ) -> None:
-    started, go = tmp_path / "started", tmp_path / "go"
-    workers.start(w.fetch_across_clear, [(str(db_path), str(started), str(go))])
-    wait_for(started)
+    go = tmp_path / "go"
+    workers.start(w.fetch_across_clear, [(str(db_path), str(go))])
+    assert workers.collect() == ["fetching"]
     with PersistentTokenCache(db_path) as cache:
         cache.clear()
         go.touch()

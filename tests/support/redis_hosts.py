@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from tests.support import fetches as parked
 from tests.support.fetches import count_fetch
 from tests.support.fetches import fetches as fetches  # the parent counts with it too
 from tests.support.procs import Worker
@@ -76,37 +77,20 @@ def stampede(
 
 
 def hold_in_fetch(home: str, url: str, key: str, lease: float, worker: Worker) -> None:
-    """Start a fetch that never ends, after reporting "fetching": the parent kills us mid-flight."""
+    """Start a fetch that never ends, after reporting "fetching": the parent kills us in it."""
     become_host(home, url, key)
     from agw_persist_cache import CacheConfig, PersistentTokenCache
 
-    cache = PersistentTokenCache(config=CacheConfig(lock_lease_seconds=lease))
-
-    def fetch() -> str:
-        worker.report("fetching")
-        time.sleep(600)
-        return "never"
-
-    cache.system_token("scope", fetch)
+    parked.hold_in_fetch(PersistentTokenCache(config=CacheConfig(lock_lease_seconds=lease)), worker)
 
 
 def fetch_across_clear(home: str, url: str, key: str, go: str, worker: Worker) -> None:
-    """A slow fetch still running when another host clears the cache: reports "fetching" once
-    inside it, waits for the file ``go``, then reports the token and the skipped stale write."""
+    """A slow fetch still running when another host clears the cache (see
+    :func:`tests.support.fetches.fetch_across_clear`)."""
     become_host(home, url, key)
     from agw_persist_cache import PersistentTokenCache
 
-    cache = PersistentTokenCache()
-
-    def fetch() -> dict[str, Any]:
-        worker.report("fetching")
-        deadline = time.monotonic() + 60
-        while not Path(go).exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return {"access_token": "fetched-before-clear", "expires_in": 3600}
-
-    token = cache.system_token("scope", fetch)
-    worker.report({"token": token, "stale": cache.stats().stale_writes_skipped})
+    parked.fetch_across_clear(PersistentTokenCache(), go, worker)
 
 
 SCOPES = [f"scope-{i}" for i in range(6)]
