@@ -238,6 +238,47 @@ def test_a_full_disk_set_returns_false_and_counts_it(db_path: Path) -> None:
     cache.close()
 
 
+def _write_under_a_file_size_limit(path: str, key: str, limit: int, worker: Worker) -> None:
+    """Sets, a get-or-fetch and a clear() in a process whose files may not grow past ``limit``
+    bytes (RLIMIT_FSIZE; SIGXFSZ ignored, so a write past it fails with EFBIG)."""
+    import resource
+
+    from _core_support import make_config as config_with
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    cache = PersistentTokenCache(path, config=config_with(keys=[key]))
+    big = {"access_token": "x" * 4000, "expires_in": 3600}
+    answers = [cache.set_system_token(f"scope-{i}", big) for i in range(100)]
+    fetched = cache.system_token("one-more", Counting(expires_in=3600))
+    try:
+        cache.clear()
+        cleared = "cleared"
+    except CacheStorageError as exc:
+        cleared = type(exc).__name__
+    worker.report((answers, cache.stats().sets_not_stored, fetched, cleared))
+
+
+def test_sets_past_a_file_size_limit_return_false_and_the_rest_still_answers(
+    db_path: Path, workers: Workers
+) -> None:
+    key = new_key()
+    with PersistentTokenCache(db_path, config=make_config(keys=[key])) as cache:
+        cache.set_system_token("before", "kept")  # the file and its WAL exist
+    limit = max(db_path.stat().st_size, 64 * 1024) + 64 * 1024
+    workers.start(_write_under_a_file_size_limit, [(str(db_path), key, limit)])
+    [(answers, not_stored, fetched, cleared)] = workers.collect()
+    workers.join()
+    assert answers[0] is True and False in answers
+    assert not_stored == answers.count(False)
+    assert fetched == "fetched-1"  # get-or-fetch answers whether or not it could store
+    assert cleared == "CacheStorageError"  # a clear() that did not happen says so
+    with PersistentTokenCache(db_path, config=make_config(keys=[key])) as cache:
+        stored = [cache.get_system_token(f"scope-{i}") is not None for i in range(100)]
+        assert stored == answers  # True means stored, False means not: never the other way
+        assert cache.get_system_token("before") == "kept"  # and the failed clear() lost nothing
+
+
 # -- corruption converges -------------------------------------------------------------------------
 
 
