@@ -250,10 +250,14 @@ def _ratios(
         c.wall / m.wall for c, m in zip(phases, outcome["in-memory per process"], strict=True)
     )
     worst = max(counts, key=lambda n: abs(n - expected))
+    wall_ratio = Ratio(wall, statistics.median(walls), walls, wall_target)
+    # Either/or: the in-memory comparison is the fallback target for a machine whose own
+    # process start-up puts the wall target out of reach; judged only when it is missed.
+    fallback = versus_target if wall_ratio.value > wall_target else None
     return [
         Ratio(requests, worst, counts, float(expected), unit="", exactly=True),
-        Ratio(wall, statistics.median(walls), walls, wall_target),
-        Ratio(versus, statistics.median(against), against, versus_target),
+        wall_ratio,
+        Ratio(versus, statistics.median(against), against, fallback),
     ]
 
 
@@ -313,7 +317,7 @@ def bench_stampede(workdir: Path, plan: Plan) -> Section:
             versus="stampede: wall, cache / in-memory per process",
             expected=1,
             wall_target=1.5,
-            # Where process start-up alone makes 1.5x out of reach on this machine.
+            # Judged only where process start-up alone makes 1.5x out of reach here.
             versus_target=1.15,
         )
     )
