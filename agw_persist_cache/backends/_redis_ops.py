@@ -28,26 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 
-from .contract import (
-    Backoff,
-    Clear,
-    Delete,
-    Facts,
-    GetBackoff,
-    GetFacts,
-    ListRows,
-    Op,
-    Prune,
-    Read,
-    Replace,
-    RowInfo,
-    RowsNotUnder,
-    SealedRow,
-    SetBackoff,
-    Snapshot,
-    Touch,
-    Write,
-)
+from . import contract
 
 T = TypeVar("T")
 
@@ -96,7 +77,7 @@ class Layout:
 # -- rows --------------------------------------------------------------------------------------
 
 
-def pack_row(row: SealedRow) -> bytes:
+def pack_row(row: contract.SealedRow) -> bytes:
     kid = row.kid.encode("ascii")
     head = _HEAD.pack(
         1,
@@ -109,7 +90,7 @@ def pack_row(row: SealedRow) -> bytes:
     return b"".join((head, bytes((len(row.nonce),)), row.nonce, bytes((len(kid),)), kid, row.ct))
 
 
-def unpack_row(digest: bytes, value: object) -> SealedRow | None:
+def unpack_row(digest: bytes, value: object) -> contract.SealedRow | None:
     """The row in ``value``, or None for anything this layout did not write."""
     if type(value) is not bytes:
         return None
@@ -127,7 +108,7 @@ def unpack_row(digest: bytes, value: object) -> SealedRow | None:
     if not _finite(expires_at) or not _finite(last_used) or not _finite(created_at):
         return None
     nonce = value[35 : 35 + n]
-    return SealedRow(
+    return contract.SealedRow(
         digest, kind_name, kid, nonce, value[end:], expires_at, gen, last_used, created_at
     )
 
@@ -407,24 +388,24 @@ class Codec:
     def __init__(self, layout: Layout, limits: Mapping[str, int]) -> None:
         self.layout = layout
         self.limits = dict(limits)
-        self._reads: dict[Read, Call[Snapshot]] = {}
-        self._encoders: dict[type[Op[Any]], Callable[[Any], Call[Any]]] = {
-            Read: self.read,
-            Write: self.write,
-            Delete: self.delete,
-            Clear: self.clear,
-            Prune: self.prune,
-            Touch: self.touch,
-            GetBackoff: self.get_backoff,
-            SetBackoff: self.set_backoff,
-            GetFacts: self.facts,
-            ListRows: self.list_rows,
-            RowsNotUnder: self.rows_not_under,
-            Replace: self.replace,
+        self._reads: dict[contract.Read, Call[contract.Snapshot]] = {}
+        self._encoders: dict[type[contract.Op[Any]], Callable[[Any], Call[Any]]] = {
+            contract.Read: self.read,
+            contract.Write: self.write,
+            contract.Delete: self.delete,
+            contract.Clear: self.clear,
+            contract.Prune: self.prune,
+            contract.Touch: self.touch,
+            contract.GetBackoff: self.get_backoff,
+            contract.SetBackoff: self.set_backoff,
+            contract.GetFacts: self.facts,
+            contract.ListRows: self.list_rows,
+            contract.RowsNotUnder: self.rows_not_under,
+            contract.Replace: self.replace,
         }
 
-    def encode(self, op: Op[T]) -> Call[T]:
-        if type(op) is Read:  # the hit path: a cache reuses one Read per key
+    def encode(self, op: contract.Op[T]) -> Call[T]:
+        if type(op) is contract.Read:  # the hit path: a cache reuses one Read per key
             call = self._reads.get(op)
             if call is None:
                 if len(self._reads) >= 4096:
@@ -436,22 +417,22 @@ class Codec:
     def _lrus(self) -> list[str]:
         return [self.layout.lru["system"], self.layout.lru["user"]]
 
-    def read(self, op: Read) -> Call[Snapshot]:
+    def read(self, op: contract.Read) -> Call[contract.Snapshot]:
         L = self.layout
 
-        def decode(reply: Any) -> Snapshot:
+        def decode(reply: Any) -> contract.Snapshot:
             if not isinstance(reply, list) or len(reply) != 1 + len(op.digests):
                 raise Garbage("MGET answered with the wrong number of values")
             gen = _generation(reply[0])
             for digest, value in zip(op.digests, reply[1:], strict=True):
                 row = unpack_row(digest, value)
                 if row is not None and row.generation == gen:  # older: cleared since
-                    return Snapshot(row, gen)
-            return Snapshot(None, gen)
+                    return contract.Snapshot(row, gen)
+            return contract.Snapshot(None, gen)
 
         return Call(("MGET", L.gen, *(L.row(d) for d in op.digests)), decode, reused=True)
 
-    def write(self, op: Write) -> Call[bool]:
+    def write(self, op: contract.Write) -> Call[bool]:
         L, row = self.layout, op.row
         other = "user" if row.kind == "system" else "system"
         keys = [L.gen, L.row(row.digest), L.lru[row.kind], L.exp, L.lru[other]]
@@ -469,31 +450,31 @@ class Codec:
         ]
         return script_call(WRITE, keys, args, lambda r: _int(r) == 1)
 
-    def delete(self, op: Delete) -> Call[int]:
+    def delete(self, op: contract.Delete) -> Call[int]:
         L = self.layout
         keys = [*self._lrus(), L.exp, *(L.row(d) for d in op.digests)]
         flag = "0" if op.nonce is None else "1"
         args = [flag, op.nonce or b"", *(d.hex() for d in op.digests)]
         return script_call(DELETE, keys, args, _int)
 
-    def clear(self, op: Clear) -> Call[int]:
+    def clear(self, op: contract.Clear) -> Call[int]:
         L = self.layout
         return script_call(CLEAR, [L.gen, *self._lrus(), L.exp], [], _int)
 
-    def prune(self, op: Prune) -> Call[int]:
+    def prune(self, op: contract.Prune) -> Call[int]:
         L = self.layout
         limits = [op.limits.get("system", 2**31), op.limits.get("user", 2**31)]
         args = [repr(op.now), *limits, L.row_prefix]
         return script_call(PRUNE, [L.exp, *self._lrus()], args, _int)
 
-    def touch(self, op: Touch) -> Call[None]:
+    def touch(self, op: contract.Touch) -> Call[None]:
         args = [struct.pack(">d", op.now), repr(op.now), op.digest.hex()]
         return script_call(TOUCH, [self.layout.row(op.digest), *self._lrus()], args, _none)
 
-    def get_backoff(self, op: GetBackoff) -> Call[Backoff | None]:
+    def get_backoff(self, op: contract.GetBackoff) -> Call[contract.Backoff | None]:
         L = self.layout
 
-        def decode(reply: Any) -> Backoff | None:
+        def decode(reply: Any) -> contract.Backoff | None:
             if not isinstance(reply, list) or len(reply) != 2:
                 raise Garbage("MGET answered with the wrong number of values")
             gen = _generation(reply[0])
@@ -503,26 +484,26 @@ class Codec:
                 mark_gen, until, status, cause = bytes(reply[1]).decode("ascii").split("|", 3)
                 if int(mark_gen) != gen:
                     return None  # set before a clear()
-                return Backoff(float(until), cause, int(status) if status else None)
+                return contract.Backoff(float(until), cause, int(status) if status else None)
             except (ValueError, TypeError):
                 return None  # not a mark of ours: no back-off (never a false one)
 
         return Call(("MGET", L.gen, L.backoff(op.digest)), decode)
 
-    def set_backoff(self, op: SetBackoff) -> Call[None]:
+    def set_backoff(self, op: contract.SetBackoff) -> Call[None]:
         L, b = self.layout, op.backoff
         status = "" if b.status is None else str(int(b.status))
-        cause = "".join(c for c in b.cause if c.isalnum() or c in "._")[:100]
+        cause = "".join(ch for ch in b.cause if ch.isalnum() or ch in "._")[:100]
         args = [repr(b.until), status, cause, _ms(b.until)]
         return script_call(SET_BACKOFF, [L.gen, L.backoff(op.digest)], args, _none)
 
-    def facts(self, op: GetFacts) -> Call[Facts]:
+    def facts(self, op: contract.GetFacts) -> Call[contract.Facts]:
         L = self.layout
 
-        def decode(reply: Any) -> Facts:
+        def decode(reply: Any) -> contract.Facts:
             try:
                 system, user, expired, lo, hi, kids = reply
-                return Facts(
+                return contract.Facts(
                     entries_system=_int(system),
                     entries_user=_int(user),
                     entries_expired=_int(expired),
@@ -539,10 +520,10 @@ class Codec:
         args = [repr(op.now), L.row_prefix]
         return script_call(FACTS, [L.gen, *self._lrus(), L.exp], args, decode)
 
-    def list_rows(self, op: ListRows) -> Call[list[RowInfo]]:
+    def list_rows(self, op: contract.ListRows) -> Call[list[contract.RowInfo]]:
         L = self.layout
 
-        def decode(reply: Any) -> list[RowInfo]:
+        def decode(reply: Any) -> list[contract.RowInfo]:
             if not isinstance(reply, list) or not reply:
                 raise Garbage("unexpected list reply")
             gen = _generation(reply[0])
@@ -551,7 +532,7 @@ class Codec:
                 row = unpack_row(bytes.fromhex(hexd.decode("ascii")), head + b"\0")
                 if row is not None and row.generation == gen:
                     out.append(
-                        RowInfo(
+                        contract.RowInfo(
                             row.kind,
                             row.digest,
                             row.expires_at,
@@ -564,10 +545,10 @@ class Codec:
 
         return script_call(LIST, [L.gen, *self._lrus()], [L.row_prefix], decode)
 
-    def rows_not_under(self, op: RowsNotUnder) -> Call[list[SealedRow]]:
+    def rows_not_under(self, op: contract.RowsNotUnder) -> Call[list[contract.SealedRow]]:
         L = self.layout
 
-        def decode(reply: Any) -> list[SealedRow]:
+        def decode(reply: Any) -> list[contract.SealedRow]:
             if not isinstance(reply, list):
                 raise Garbage("unexpected rows reply")
             skip = set(op.skip)
@@ -581,7 +562,7 @@ class Codec:
         args = [op.kid, op.limit + len(op.skip), L.row_prefix]
         return script_call(ROWS_NOT_UNDER, self._lrus(), args, decode)
 
-    def replace(self, op: Replace) -> Call[bool]:
+    def replace(self, op: contract.Replace) -> Call[bool]:
         L, row = self.layout, op.row
         keys = [L.row(op.old), L.row(row.digest), *self._lrus(), L.exp, L.lru[row.kind]]
         args = [
