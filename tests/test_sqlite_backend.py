@@ -69,7 +69,7 @@ def test_a_write_is_one_statement_guarded_by_the_generation() -> None:
     plan = plan_write(Write(ROW))
     sql, params = first(plan)
     assert sql.startswith("INSERT OR REPLACE INTO tokens")
-    assert "WHERE (SELECT value FROM meta WHERE name = 'generation') = ?" in sql
+    assert "WHERE (SELECT value FROM meta WHERE rowid = 1 AND name = 'generation') = ?" in sql
     assert params == (*ROW, 3)
     assert finish(plan, changed(0)) is False  # a clear() moved the generation: nothing inserted
     plan = plan_write(Write(ROW))
@@ -218,6 +218,18 @@ def test_a_repeated_read_is_answered_from_memory_only_while_nothing_was_written(
     ])  # fmt: skip
     assert read(conn, key) == Snapshot(row, 1)
     conn.close()
+    store.close()
+
+
+def test_a_file_without_its_generation_refuses_reads_and_clears(db_path: Path) -> None:
+    store = _store(db_path)
+    assert store.execute(Write(ROW._replace(generation=0))) is True
+    raw_exec(db_path, "DELETE FROM meta")
+    with pytest.raises(StorageError):
+        store.execute(Clear())  # no fence for a fetch in flight: nothing is cleared
+    with pytest.raises(StorageError):
+        store.execute(Read((b"z" * 32,)))
+    assert len(raw_rows(db_path)) == 1
     store.close()
 
 

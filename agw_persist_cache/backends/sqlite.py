@@ -151,7 +151,7 @@ _INSERT = (
     "INSERT {verb} INTO tokens (k, kind, kid, nonce, ct, expires_at, gen, last_used, created_at)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_GENERATION = "SELECT value FROM meta WHERE name = 'generation'"
+_GENERATION = "SELECT value FROM meta WHERE rowid = 1 AND name = 'generation'"
 _INSERT_IF_GENERATION = (
     "INSERT OR REPLACE INTO tokens (k, kind, kid, nonce, ct, expires_at, gen, last_used,"
     " created_at) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE (" + _GENERATION + ") = ?"
@@ -230,9 +230,11 @@ def plan_delete(op: Delete) -> Plan[int]:
 
 def plan_clear(op: Clear) -> Plan[int]:
     rows = yield (
-        "UPDATE meta SET value = value + 1 WHERE name = 'generation' RETURNING value",
+        "UPDATE meta SET value = value + 1 WHERE rowid = 1 AND name = 'generation' RETURNING value",
         (),
     )
+    if not rows:  # rolled back by the driver: a clear() that cannot be fenced does not happen
+        raise sqlite3.DatabaseError("meta table has no generation")
     yield ("DELETE FROM tokens", ())
     yield ("DELETE FROM backoff", ())
     return int(rows[0][0])
