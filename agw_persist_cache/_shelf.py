@@ -43,6 +43,8 @@ from .backends.contract import (
     Delete,
     Facts,
     GetFacts,
+    GetKeyChecks,
+    KeyChecks,
     ListRows,
     LockResult,
     Prune,
@@ -424,17 +426,18 @@ class TokenShelf:
         a wrong key (digests are keyed, so they would only ever miss). Say so, and count."""
         self._keys_compared = True
         ring = self.ring()
-        facts: Facts = yield GetFacts(time.time())
-        rows = facts.entries_system + facts.entries_user
-        if ring is None or not rows:
+        found: KeyChecks = yield GetKeyChecks()
+        if ring is None or not found.rows:
             return
-        if facts.key_checks:
-            mine = ring.matches(facts.key_checks)
-            written_under = tuple(kid for kid, _ in facts.key_checks)
+        if found.checks:
+            mine = ring.matches(found.checks)
+            written_under = tuple(kid for kid, _ in found.checks)
         else:  # a store that keeps no check values: the key ids of the rows
-            mine = bool(set(ring.kids) & set(facts.key_ids_in_use))
-            written_under = facts.key_ids_in_use
+            mine = bool(set(ring.kids) & set(found.kids))
+            written_under = found.kids
         if not mine:
+            facts: Facts = yield GetFacts(time.time())  # how many rows: for the message only
+            rows = facts.entries_system + facts.entries_user
             self._trouble(
                 "key_mismatch",
                 "key-mismatch",
@@ -554,7 +557,6 @@ class TokenShelf:
             self.storage_failed(exc)
             facts = None
         found = _NO_FACTS if facts is None else facts._asdict()
-        found.pop("key_checks", None)
         return CacheStats(
             **dataclasses.asdict(self.counters),
             **found,

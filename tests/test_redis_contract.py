@@ -28,6 +28,8 @@ from agw_persist_cache.backends.contract import (
     Delete,
     GetBackoff,
     GetFacts,
+    GetKeyChecks,
+    KeyChecks,
     ListRows,
     LockResult,
     Op,
@@ -173,6 +175,16 @@ async def test_clear_returns_the_new_generation_and_drops_rows_and_backoff(store
     facts = await store(GetFacts(NOW))
     assert (facts.entries_system, facts.entries_user, facts.key_ids_in_use) == (0, 0, ())
     assert await store(Clear()) == 2
+
+
+async def test_key_checks_say_whether_rows_exist_and_which_keys_wrote_them(store: Store) -> None:
+    assert await store(GetKeyChecks()) == KeyChecks(False, (), ())
+    await store(Write(row("a", kid="kid-a"), key_check=b"check-a"))
+    found = await store(GetKeyChecks())
+    if isinstance(store.backend, SqliteBackend):  # keeps the check value of each key
+        assert found == KeyChecks(True, (("kid-a", b"check-a"),), ())
+    else:  # keeps none: the rows' key ids decide
+        assert found == KeyChecks(True, (), ("kid-a",))
 
 
 async def test_prune_drops_expired_rows_then_the_lru_surplus_per_kind(store: Store) -> None:

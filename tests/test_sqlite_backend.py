@@ -14,6 +14,8 @@ from agw_persist_cache import CacheConfig, PersistentTokenCache
 from agw_persist_cache.backends.contract import (
     Clear,
     GetFacts,
+    GetKeyChecks,
+    KeyChecks,
     Prune,
     Read,
     SealedRow,
@@ -30,6 +32,7 @@ from agw_persist_cache.backends.sqlite import (
     load_migrations,
     plan_clear,
     plan_facts,
+    plan_key_checks,
     plan_prune,
     plan_write,
     read,
@@ -159,7 +162,6 @@ def test_facts_are_aggregated_per_kind() -> None:
     first(plan)
     send(plan, [("system", 2, 1, 900.0, 1500.0), ("user", 3, 0, 1100.0, 1200.0)])
     send(plan, [("kid-a",), ("kid-b",)])
-    send(plan, [("kid-a", b"check-a")])
     facts = finish(plan, [(2,)])
     assert facts._asdict() == {
         "entries_system": 2,
@@ -171,8 +173,23 @@ def test_facts_are_aggregated_per_kind() -> None:
         "key_ids_in_use": ("kid-a", "kid-b"),
         "file_bytes": 0,
         "wal_bytes": 0,
-        "key_checks": (("kid-a", b"check-a"),),
     }
+
+
+def test_key_checks_are_two_point_reads_unless_the_file_kept_none() -> None:
+    plan = plan_key_checks(GetKeyChecks())
+    assert first(plan)[0].startswith("SELECT kid, check_value FROM key_checks")
+    assert send(plan, [("kid-a", b"check-a")])[0] == "SELECT EXISTS (SELECT 1 FROM tokens)"
+    assert finish(plan, [(1,)]) == KeyChecks(True, (("kid-a", b"check-a"),), ())  # no scan
+    plan = plan_key_checks(GetKeyChecks())  # rows from before check values were kept
+    first(plan)
+    send(plan, [])
+    assert send(plan, [(1,)])[0].startswith("SELECT DISTINCT kid FROM tokens")
+    assert finish(plan, [("kid-b",)]) == KeyChecks(True, (), ("kid-b",))
+    plan = plan_key_checks(GetKeyChecks())  # an empty store
+    first(plan)
+    send(plan, [])
+    assert finish(plan, [(0,)]) == KeyChecks(False, (), ())
 
 
 # -- migrations and the real file ----------------------------------------------------------------

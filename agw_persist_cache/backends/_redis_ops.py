@@ -324,6 +324,25 @@ def sha1(script: str) -> str:
     return hashlib.sha1(script.encode("utf-8"), usedforsecurity=False).hexdigest()
 
 
+def _facts(reply: Any) -> contract.Facts:
+    """The facts script's reply."""
+    try:
+        system, user, expired, lo, hi, kids = reply
+        return contract.Facts(
+            entries_system=_int(system),
+            entries_user=_int(user),
+            entries_expired=_int(expired),
+            oldest_expiry=float(lo) if lo else None,
+            newest_expiry=float(hi) if hi else None,
+            schema_version=LAYOUT_VERSION,
+            key_ids_in_use=tuple(sorted(bytes(k).decode("ascii") for k in kids)),
+            file_bytes=0,
+            wal_bytes=0,
+        )
+    except (TypeError, ValueError) as exc:
+        raise Garbage(f"unexpected facts reply ({exc})") from None
+
+
 # -- calls ---------------------------------------------------------------------------------------
 
 
@@ -399,6 +418,7 @@ class Codec:
             contract.GetBackoff: self.get_backoff,
             contract.SetBackoff: self.set_backoff,
             contract.GetFacts: self.facts,
+            contract.GetKeyChecks: self.key_checks,
             contract.ListRows: self.list_rows,
             contract.RowsNotUnder: self.rows_not_under,
             contract.Replace: self.replace,
@@ -498,27 +518,21 @@ class Codec:
         return script_call(SET_BACKOFF, [L.gen, L.backoff(op.digest)], args, _none)
 
     def facts(self, op: contract.GetFacts) -> Call[contract.Facts]:
+        return self._facts_call(op.now, _facts)
+
+    def key_checks(self, op: contract.GetKeyChecks) -> Call[contract.KeyChecks]:
+        """The facts script (no check values are kept here: the rows' key ids decide)."""
+
+        def decode(reply: Any) -> contract.KeyChecks:
+            facts = _facts(reply)
+            rows = facts.entries_system + facts.entries_user > 0
+            return contract.KeyChecks(rows, (), facts.key_ids_in_use)
+
+        return self._facts_call(0.0, decode)
+
+    def _facts_call(self, now: float, decode: Callable[[Any], T]) -> Call[T]:
         L = self.layout
-
-        def decode(reply: Any) -> contract.Facts:
-            try:
-                system, user, expired, lo, hi, kids = reply
-                return contract.Facts(
-                    entries_system=_int(system),
-                    entries_user=_int(user),
-                    entries_expired=_int(expired),
-                    oldest_expiry=float(lo) if lo else None,
-                    newest_expiry=float(hi) if hi else None,
-                    schema_version=LAYOUT_VERSION,
-                    key_ids_in_use=tuple(sorted(bytes(k).decode("ascii") for k in kids)),
-                    file_bytes=0,
-                    wal_bytes=0,
-                )
-            except (TypeError, ValueError) as exc:
-                raise Garbage(f"unexpected facts reply ({exc})") from None
-
-        args = [repr(op.now), L.row_prefix]
-        return script_call(FACTS, [L.gen, *self._lrus(), L.exp], args, decode)
+        return script_call(FACTS, [L.gen, *self._lrus(), L.exp], [repr(now), L.row_prefix], decode)
 
     def list_rows(self, op: contract.ListRows) -> Call[list[contract.RowInfo]]:
         L = self.layout

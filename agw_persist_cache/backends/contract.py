@@ -75,7 +75,14 @@ class Facts(NamedTuple):
     key_ids_in_use: tuple[str, ...]
     file_bytes: int
     wal_bytes: int
-    key_checks: tuple[tuple[str, bytes], ...] = ()  # (key id, check value) of keys that wrote
+
+
+class KeyChecks(NamedTuple):
+    """What tells whether a process's keys open the stored rows, read without a scan."""
+
+    rows: bool  # any row at all
+    checks: tuple[tuple[str, bytes], ...]  # (key id, check value) of keys that wrote
+    kids: tuple[str, ...]  # the rows' key ids, only from a store that keeps no check values
 
 
 class StorageError(Exception):
@@ -179,6 +186,12 @@ class GetFacts(Op[Facts]):
 
 
 @dataclass(frozen=True, slots=True)
+class GetKeyChecks(Op[KeyChecks]):
+    """Whether there are rows and the check values of the keys that wrote them (a process's
+    first miss asks: it must stay cheap however many rows there are)."""
+
+
+@dataclass(frozen=True, slots=True)
 class ListRows(Op[list[RowInfo]]):
     """Metadata of every row, most recently used first within each kind."""
 
@@ -269,6 +282,8 @@ __all__ = [
     "Facts",
     "GetBackoff",
     "GetFacts",
+    "GetKeyChecks",
+    "KeyChecks",
     "KeyLock",
     "ListRows",
     "LockResult",

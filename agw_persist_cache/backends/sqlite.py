@@ -47,6 +47,8 @@ from .contract import (
     Facts,
     GetBackoff,
     GetFacts,
+    GetKeyChecks,
+    KeyChecks,
     KeyLock,
     ListRows,
     Op,
@@ -281,7 +283,6 @@ def plan_facts(op: GetFacts) -> Plan[Facts]:
         (op.now,),
     )
     kids = yield ("SELECT DISTINCT kid FROM tokens ORDER BY kid", ())
-    checks = yield ("SELECT kid, check_value FROM key_checks ORDER BY kid", ())
     ((version,),) = yield ("PRAGMA user_version", ())
     counts = {kind: n for kind, n, _, _, _ in by_kind}
     return Facts(
@@ -294,7 +295,19 @@ def plan_facts(op: GetFacts) -> Plan[Facts]:
         key_ids_in_use=tuple(k for (k,) in kids),
         file_bytes=0,
         wal_bytes=0,
-        key_checks=tuple((kid, bytes(check)) for kid, check in checks),
+    )
+
+
+def plan_key_checks(op: GetKeyChecks) -> Plan[KeyChecks]:
+    """Two point reads; the rows' key ids (a scan) only from a file written before check
+    values were kept."""
+    checks = yield ("SELECT kid, check_value FROM key_checks ORDER BY kid", ())
+    ((rows,),) = yield ("SELECT EXISTS (SELECT 1 FROM tokens)", ())
+    kids: list[Row] = []
+    if rows and not checks:
+        kids = yield ("SELECT DISTINCT kid FROM tokens ORDER BY kid", ())
+    return KeyChecks(
+        bool(rows), tuple((kid, bytes(check)) for kid, check in checks), tuple(k for (k,) in kids)
     )
 
 
@@ -334,6 +347,7 @@ PLANS: dict[type[Op[Any]], Callable[[Any], Plan[Any]]] = {
     GetBackoff: plan_get_backoff,
     SetBackoff: plan_set_backoff,
     GetFacts: plan_facts,
+    GetKeyChecks: plan_key_checks,
     ListRows: plan_list,
     RowsNotUnder: plan_rows_not_under,
     Replace: plan_replace,
