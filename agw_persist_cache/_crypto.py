@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from ._config import ENV_KEY, CacheConfig
 from ._errors import CacheConfigError
 from ._files import NOFOLLOW, read_private
-from .backends.contract import SealedRow
+from .backends.contract import KeyChecks, SealedRow
 
 ENVELOPE_VERSION = 2
 KEY_BYTES = 32
@@ -248,10 +248,15 @@ class Keyring:
     def __repr__(self) -> str:
         return f"Keyring(kids={self.kids!r})"
 
-    def matches(self, checks: Sequence[tuple[str, bytes]]) -> bool:
-        """Whether any configured key has one of the stored (key id, check value) pairs."""
-        mine = {(k.kid, k.check) for k in self.keys}
-        return any((kid, bytes(check)) in mine for kid, check in checks)
+    def opens(self, found: KeyChecks) -> tuple[bool, tuple[str, ...]]:
+        """Whether these keys open the stored rows, and the key ids that wrote them: by the
+        stored check values (any configured key with one of them), or, from a store that
+        keeps none, by the rows' key ids."""
+        if found.checks:
+            mine = {(k.kid, k.check) for k in self.keys}
+            opened = any((kid, bytes(check)) in mine for kid, check in found.checks)
+            return opened, tuple(kid for kid, _ in found.checks)
+        return bool(set(self.kids) & set(found.kids)), found.kids
 
     @staticmethod
     def digest_input(kind: str, scope_key: str, uhash: str) -> bytes:

@@ -198,6 +198,8 @@ def _opened(path_arg: str | None, path: Path) -> Iterator[Check]:
     with open_cache(path_arg, read_only=True) as cache:
         stats = cache.stats()
         key_ids, key_source, key_file = cache.key_ids, cache.key_source, cache.key_file
+        # The cache's own judgement of its key (what a process warns about at its first miss).
+        verdict = None if stats.disabled_reason else cache._run(cache._shelf.key_verdict())
     if stats.disabled_reason:
         yield Check("FAIL", "schema", f"cache disabled: {stats.disabled_reason}")
         return
@@ -212,12 +214,12 @@ def _opened(path_arg: str | None, path: Path) -> Iterator[Check]:
     if not key_ids:
         level = "FAIL" if rows else "warn"
         yield Check(level, "key", f"no usable key (source {key_source}{where}); set AGW_CACHE_KEY")
-    elif rows and stats.key_ids_in_use and not set(key_ids) & set(stats.key_ids_in_use):
+    elif verdict is not None and not verdict[0]:
         yield Check(
             "FAIL",
             "key",
             f"the configured key does not open this cache: {rows} rows were written under key "
-            f"ids {', '.join(stats.key_ids_in_use)}, this environment has {', '.join(key_ids)}; "
+            f"ids {', '.join(verdict[1])}, this environment has {', '.join(key_ids)}; "
             "give every process the same AGW_CACHE_KEY",
         )
     else:

@@ -421,21 +421,22 @@ class TokenShelf:
 
     # -- trouble, counted once -----------------------------------------------------------------
 
+    def key_verdict(self) -> Flight[tuple[bool, tuple[str, ...]] | None]:
+        """Whether the configured keys open the stored rows, and the key ids that wrote
+        them; None without a key or without rows. Two point reads, whatever the size."""
+        ring = self.ring()
+        found: KeyChecks = yield GetKeyChecks()
+        if ring is None or not found.rows:
+            return None
+        return ring.opens(found)
+
     def _compare_keys(self) -> Flight[None]:
         """Once per process, at the first miss: rows written under keys we do not have are
         a wrong key (digests are keyed, so they would only ever miss). Say so, and count."""
         self._keys_compared = True
+        verdict = yield from self.key_verdict()
         ring = self.ring()
-        found: KeyChecks = yield GetKeyChecks()
-        if ring is None or not found.rows:
-            return
-        if found.checks:
-            mine = ring.matches(found.checks)
-            written_under = tuple(kid for kid, _ in found.checks)
-        else:  # a store that keeps no check values: the key ids of the rows
-            mine = bool(set(ring.kids) & set(found.kids))
-            written_under = found.kids
-        if not mine:
+        if verdict is not None and not verdict[0] and ring is not None:
             facts: Facts = yield GetFacts(time.time())  # how many rows: for the message only
             rows = facts.entries_system + facts.entries_user
             self._trouble(
@@ -446,7 +447,7 @@ class TokenShelf:
                 "process (`agw-cache doctor` checks it)",
                 self.backend.location,
                 rows,
-                ", ".join(written_under) or "-",
+                ", ".join(verdict[1]) or "-",
                 ", ".join(ring.kids),
             )
 
