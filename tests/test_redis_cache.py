@@ -168,6 +168,26 @@ async def test_two_hosts_share_set_invalidate_and_clear(
     assert dump(redis_url).keys() <= {b"{agw-persist-cache}:gen", *_row_keys(redis_url)}
 
 
+def test_a_wrong_key_is_named_and_counted_on_redis_too(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    right, wrong = new_key(), new_key()
+    writer = PersistentTokenCache(config=make_config(url=redis_url, keys=[right]))
+    for i in range(3):
+        writer.set_system_token(f"scope-{i}", f"token-{i}")
+    other = PersistentTokenCache(config=make_config(url=redis_url, keys=[wrong]))
+    assert other.get_system_token("scope-0") is None
+    assert other.get_system_token("scope-1") is None
+    assert other.stats().key_mismatch == 1  # once per process
+    (warning,) = [r.getMessage() for r in caplog.records if "does not open" in r.getMessage()]
+    assert "3 rows" in warning and writer.key_ids[0] in warning and other.key_ids[0] in warning
+    rotated = PersistentTokenCache(config=make_config(url=redis_url, keys=[wrong, right]))
+    assert rotated.get_system_token("nothing") is None
+    assert rotated.stats().key_mismatch == 0  # new,old: the old key still opens them
+    for cache in (writer, other, rotated):
+        cache.close()
+
+
 def _row_keys(url: str) -> set[bytes]:
     return {k for k in dump(url) if k.startswith(b"{agw-persist-cache}:t:")}
 

@@ -21,6 +21,7 @@ from support.redis_server import (  # noqa: F401  # fixtures
 
 from agw_persist_cache import CacheConfig
 from agw_persist_cache._log import Warnings
+from agw_persist_cache.backends._redis_ops import KEY_CHECK_SAMPLE
 from agw_persist_cache.backends.contract import (
     Backend,
     Backoff,
@@ -183,8 +184,12 @@ async def test_key_checks_say_whether_rows_exist_and_which_keys_wrote_them(store
     found = await store(GetKeyChecks())
     if isinstance(store.backend, SqliteBackend):  # keeps the check value of each key
         assert found == KeyChecks(True, (("kid-a", b"check-a"),), ())
-    else:  # keeps none: the rows' key ids decide
+    else:  # keeps none: the key ids of the newest rows of each kind decide, not a scan
         assert found == KeyChecks(True, (), ("kid-a",))
+        for i in range(KEY_CHECK_SAMPLE):  # newer rows of each kind, under another key
+            await store(Write(row(f"s{i}", kid="kid-b", last_used=NOW + 1 + i)))
+            await store(Write(row(f"u{i}", kind="user", kid="kid-b", last_used=NOW + 1 + i)))
+        assert await store(GetKeyChecks()) == KeyChecks(True, (), ("kid-b",))
 
 
 async def test_prune_drops_expired_rows_then_the_lru_surplus_per_kind(store: Store) -> None:

@@ -246,21 +246,44 @@ redis.call('SET', KEYS[2], g .. '|' .. ARGV[1] .. '|' .. ARGV[2] .. '|' .. ARGV[
 return 1
 """
 
+# The key ids of the rows in the given LRU sets, the most recently used first, ``stop`` + 1 rows
+# of each at most (-1: every row).
+_KIDS_OF = (
+    _KID_OF
+    + f"""
+local function kids_of(lrus, prefix, stop)
+  local seen, list = {{}}, {{}}
+  for _, lru in ipairs(lrus) do
+    for _, m in ipairs(redis.call('ZREVRANGE', lru, 0, stop)) do
+      local kid = kid_of(redis.call('GETRANGE', prefix .. m, 0, {_ROW_PREFIX_BYTES - 1}))
+      if kid and not seen[kid] then seen[kid] = true; table.insert(list, kid) end
+    end
+  end
+  return list
+end
+"""
+)
+
 # KEYS: gen, lru:system, lru:user, exp   ARGV: now, row prefix
 FACTS = (
-    _KID_OF
+    _KIDS_OF
     + """
-local kids, list = {}, {}
-for z = 2, 3 do
-  for _, m in ipairs(redis.call('ZRANGE', KEYS[z], 0, -1)) do
-    local kid = kid_of(redis.call('GETRANGE', ARGV[2] .. m, 0, 163))
-    if kid and not kids[kid] then kids[kid] = true; table.insert(list, kid) end
-  end
-end
+local list = kids_of({KEYS[2], KEYS[3]}, ARGV[2], -1)
 local lo = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
 local hi = redis.call('ZRANGE', KEYS[4], -1, -1, 'WITHSCORES')
 return {redis.call('ZCARD', KEYS[2]), redis.call('ZCARD', KEYS[3]),
         redis.call('ZCOUNT', KEYS[4], '-inf', ARGV[1]), lo[2] or '', hi[2] or '', list}
+"""
+)
+
+# KEYS: lru:system, lru:user   ARGV: row prefix. Reply: rows, key ids of the newest rows.
+# Bounded whatever the size (a process's first miss asks; a script blocks the server).
+KEY_CHECK_SAMPLE = 16
+KEY_CHECKS = (
+    _KIDS_OF
+    + f"""
+local rows = redis.call('ZCARD', KEYS[1]) + redis.call('ZCARD', KEYS[2])
+return {{rows, kids_of({{KEYS[1], KEYS[2]}}, ARGV[1], {KEY_CHECK_SAMPLE - 1})}}
 """
 )
 
@@ -382,6 +405,7 @@ _SHAS = {
         TOUCH,
         SET_BACKOFF,
         FACTS,
+        KEY_CHECKS,
         LIST,
         ROWS_NOT_UNDER,
         REPLACE,
@@ -518,21 +542,23 @@ class Codec:
         return script_call(SET_BACKOFF, [L.gen, L.backoff(op.digest)], args, _none)
 
     def facts(self, op: contract.GetFacts) -> Call[contract.Facts]:
-        return self._facts_call(op.now, _facts)
+        L = self.layout
+        args = [repr(op.now), L.row_prefix]
+        return script_call(FACTS, [L.gen, *self._lrus(), L.exp], args, _facts)
 
     def key_checks(self, op: contract.GetKeyChecks) -> Call[contract.KeyChecks]:
-        """The facts script (no check values are kept here: the rows' key ids decide)."""
+        """No check values are kept here: the key ids of the newest rows of each kind decide
+        (a bounded sample, not a scan of every row)."""
 
         def decode(reply: Any) -> contract.KeyChecks:
-            facts = _facts(reply)
-            rows = facts.entries_system + facts.entries_user > 0
-            return contract.KeyChecks(rows, (), facts.key_ids_in_use)
+            try:
+                rows, kids = reply
+                names = tuple(sorted(bytes(k).decode("ascii") for k in kids))
+                return contract.KeyChecks(_int(rows) > 0, (), names)
+            except (TypeError, ValueError) as exc:
+                raise Garbage(f"unexpected key checks reply ({exc})") from None
 
-        return self._facts_call(0.0, decode)
-
-    def _facts_call(self, now: float, decode: Callable[[Any], T]) -> Call[T]:
-        L = self.layout
-        return script_call(FACTS, [L.gen, *self._lrus(), L.exp], [repr(now), L.row_prefix], decode)
+        return script_call(KEY_CHECKS, self._lrus(), [self.layout.row_prefix], decode)
 
     def list_rows(self, op: contract.ListRows) -> Call[list[contract.RowInfo]]:
         L = self.layout
