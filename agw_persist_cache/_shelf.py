@@ -423,7 +423,7 @@ class TokenShelf:
 
     def key_verdict(self) -> Flight[tuple[bool, tuple[str, ...]] | None]:
         """Whether the configured keys open the stored rows, and the key ids that wrote
-        them; None without a key or without rows. Two point reads, whatever the size."""
+        them; None without a key or without rows. A bounded read, whatever the size."""
         ring = self.ring()
         found: KeyChecks = yield GetKeyChecks()
         if ring is None or not found.rows:

@@ -112,6 +112,17 @@ def _as_nobody(*args: str) -> tuple[int, str, str]:
     return result.returncode, result.stdout, result.stderr
 
 
+def _root_cache(cache_dir: Path, *, mode: int, reachable: Path) -> Path:
+    """A cache with one row in ``cache_dir`` (``mode``), made by this (root) user; every
+    directory from ``reachable`` up may be entered by others."""
+    cache_dir.mkdir()
+    with PersistentTokenCache(cache_dir / "tokens.db", config=CacheConfig(keys=[new_key()])) as c:
+        c.set_system_token("scope", "token")
+    cache_dir.chmod(mode)
+    _open_to_all(reachable)
+    return cache_dir / "tokens.db"
+
+
 def _open_to_all(path: Path) -> None:
     for p in (path, *path.parents):
         if p in (Path("/"), Path("/tmp")):
@@ -122,13 +133,9 @@ def _open_to_all(path: Path) -> None:
 def test_doctor_as_another_user_reports_a_root_owned_cache_without_crashing(
     tmp_path: Path,
 ) -> None:
-    cache_dir = tmp_path / "shared"
-    cache_dir.mkdir()
-    with PersistentTokenCache(cache_dir / "tokens.db", config=CacheConfig(keys=[new_key()])) as c:
-        c.set_system_token("scope", "token")
-    cache_dir.chmod(0o777)  # the caller can write the directory, not read the 0600 database
-    _open_to_all(cache_dir)
-    code, out, err = _as_nobody("--path", str(cache_dir / "tokens.db"), "doctor")
+    # The caller can write the directory, not read the 0600 database.
+    db = _root_cache(tmp_path / "shared", mode=0o777, reachable=tmp_path / "shared")
+    code, out, err = _as_nobody("--path", str(db), "doctor")
     assert code == 1
     assert "Traceback" not in err
     assert any(
@@ -139,13 +146,8 @@ def test_doctor_as_another_user_reports_a_root_owned_cache_without_crashing(
 def test_doctor_as_another_user_reports_a_private_directory_without_crashing(
     tmp_path: Path,
 ) -> None:
-    cache_dir = tmp_path / "private"
-    cache_dir.mkdir()
-    with PersistentTokenCache(cache_dir / "tokens.db", config=CacheConfig(keys=[new_key()])) as c:
-        c.set_system_token("scope", "token")
-    cache_dir.chmod(0o700)
-    _open_to_all(tmp_path)
-    code, out, err = _as_nobody("--path", str(cache_dir / "tokens.db"), "doctor")
+    db = _root_cache(tmp_path / "private", mode=0o700, reachable=tmp_path)
+    code, out, err = _as_nobody("--path", str(db), "doctor")
     assert code == 1
     assert "Traceback" not in err
     assert out.splitlines()[-1].startswith("doctor: ")

@@ -732,7 +732,8 @@ class SqliteBackend:
         return self._read(op.digests)
 
     def _read(self, digests: tuple[bytes, ...]) -> Snapshot:
-        """The hit path of ``execute``: a pooled connection, one SELECT, nothing else.
+        """The hit path of ``execute``: a pooled connection and :func:`read` (one SELECT, or
+        a data_version check when the connection's last read of the key still stands).
 
         (Every hit runs this: the pool and the fork gate are used inline, not called.)
         """
