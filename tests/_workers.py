@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from agw_persist_cache import CacheConfig, PersistentTokenCache
-from tests.support import fetches as fetches_module
+from tests.support import fetches as parked
 from tests.support.fetches import count_fetch
 from tests.support.fetches import fetches as fetches  # the parent counts with it too
 from tests.support.procs import Worker
@@ -92,14 +92,14 @@ def backoff_coroutines(db: str, counter: str, tasks: int, worker: Worker) -> Non
 
 def hold_in_fetch(db: str, worker: Worker) -> None:
     """Start a fetch that never ends, after reporting "fetching": the parent kills us in it."""
-    fetches_module.hold_in_fetch(
+    parked.hold_in_fetch(
         PersistentTokenCache(db, config=CacheConfig(lock_timeout_seconds=30.0)), worker
     )
 
 
 def fetch_across_clear(db: str, go: str, worker: Worker) -> None:
     """A slow fetch that is still running when another process clears the cache."""
-    fetches_module.fetch_across_clear(PersistentTokenCache(db), go, worker)
+    parked.fetch_across_clear(PersistentTokenCache(db), go, worker)
 
 
 def set_token(db: str, scope: str, token: str, worker: Worker) -> None:
