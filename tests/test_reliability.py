@@ -24,7 +24,7 @@ from agw_persist_cache import (
     FetchBackoffError,
     PersistentTokenCache,
 )
-from agw_persist_cache.backends.sqlite import IDENTITY_CHECK_SECONDS
+from agw_persist_cache.backends.sqlite import IDENTITY_CHECK_SECONDS, POOL_IDLE
 
 SCALE = float(os.environ.get("AGW_TEST_SCALE", "1"))
 """``AGW_TEST_SCALE=5`` runs the counts the issue measures (10,000 threads, 1,000 loops)."""
@@ -51,21 +51,28 @@ def test_short_lived_threads_leave_no_descriptor_or_thread_behind(db_path: Path)
     cache = PersistentTokenCache(db_path, config=make_config())
     cache.set_system_token("scope", "token")
 
-    def one_get() -> None:
-        assert cache.get_system_token("scope") == "token"
+    def one_get(start: threading.Barrier) -> None:
+        start.wait()  # the 8 overlap, so the pool runs past its idle bound and closes extras
+        for _ in range(5):
+            assert cache.get_system_token("scope") == "token"
 
     def batch(n: int) -> None:
-        threads = [threading.Thread(target=one_get) for _ in range(n)]
+        start = threading.Barrier(n)
+        threads = [threading.Thread(target=one_get, args=(start,)) for _ in range(n)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
 
-    batch(8)  # the pool grows to what 8 concurrent callers need, once
+    batch(8)
     fds, threads = open_fds(), live_threads()
     for _ in range(int(250 * SCALE)):
         batch(8)  # 2,000 threads (10,000 with AGW_TEST_SCALE=5)
-    assert open_fds() <= fds + 4
+    # How many connections the warm-up left idle depends on how many of its 8 threads
+    # overlapped, so the pool may still grow to its bound after it: POOL_IDLE connections
+    # of two descriptors each (the file and its -wal), and one SQLite defers closing while
+    # another connection holds a lock. A leak per thread would be thousands.
+    assert open_fds() <= fds + 2 * POOL_IDLE + 2
     assert live_threads() <= threads + 4
     cache.close()
     assert open_fds() < fds
