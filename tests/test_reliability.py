@@ -25,7 +25,13 @@ from agw_persist_cache import (
     FetchBackoffError,
     PersistentTokenCache,
 )
-from agw_persist_cache.backends.sqlite import IDENTITY_CHECK_SECONDS, POOL_IDLE
+from agw_persist_cache.backends import sqlite as sqlite_backend
+from agw_persist_cache.backends.sqlite import (
+    IDENTITY_CHECK_SECONDS,
+    POOL_IDLE,
+    QUICK_IDLE,
+    READERS,
+)
 
 SCALE = float(os.environ.get("AGW_TEST_SCALE", "1"))
 """``AGW_TEST_SCALE=5`` runs the counts the issue measures (10,000 threads, 1,000 loops)."""
@@ -35,13 +41,16 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def cache_fds(db_path: Path) -> int:
-    """Open descriptors on the cache's files (the database, -wal, -shm, key locks)."""
+def cache_fds(db_path: Path, *, only_the_database: bool = False) -> int:
+    """Open descriptors on the cache's files (the database, -wal, -shm, key locks), or on the
+    database file alone: one per connection open, or closed while others stayed open
+    (SQLite keeps those for its next open)."""
     ours = str(db_path.resolve())
     count = 0
     for fd in os.listdir("/proc/self/fd"):
         with contextlib.suppress(FileNotFoundError):  # the listing's own descriptor
-            count += os.readlink(f"/proc/self/fd/{fd}").startswith(ours)
+            name = os.readlink(f"/proc/self/fd/{fd}")
+            count += name == ours if only_the_database else name.startswith(ours)
     return count
 
 
@@ -81,10 +90,54 @@ def test_short_lived_threads_leave_no_descriptor_or_thread_behind(db_path: Path)
         batch(8)  # 2,000 threads (10,000 with AGW_TEST_SCALE=5)
     # How far the pool grew in the warm-up depends on how its threads overlapped, so the
     # descriptors on the cache's own files are held to the pool's bound (each idle
-    # connection: the file and its -wal; one -shm per process), and everything else to +4.
+    # connection: the file and its -wal; one -shm per process; and SQLite keeps the file's
+    # descriptor of a connection closed while others are open, at most one per thread that
+    # was inside at once), and everything else to +4.
     assert open_fds() - cache_fds(db_path) <= others + 4
-    assert 0 < cache_fds(db_path) <= 2 * 2 * POOL_IDLE + 1  # two pools: waiting, and quick
+    assert 0 < cache_fds(db_path) <= 2 * (POOL_IDLE + QUICK_IDLE) + 1 + 8
     assert live_threads() <= threads + 4
+    cache.close()
+    assert cache_fds(db_path) == 0
+
+
+def test_hits_of_many_threads_share_a_few_connections(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_backend, "READER_WAIT_SECONDS", 30.0)  # no waiting hit gives up
+    cache = PersistentTokenCache(db_path, config=make_config())
+    cache.set_system_token("scope", "token")
+    start = threading.Barrier(8)
+
+    def gets() -> None:
+        start.wait()
+        for _ in range(200):
+            assert cache.get_system_token("scope") == "token"
+
+    threads = [threading.Thread(target=gets) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # the set's connection, READERS that hits opened, the best-effort one (unlimited: ~9)
+    assert cache_fds(db_path, only_the_database=True) <= 1 + READERS + QUICK_IDLE
+    cache.close()
+
+
+def test_a_hit_opens_one_more_connection_rather_than_wait_long(db_path: Path) -> None:
+    cache = PersistentTokenCache(db_path, config=make_config())
+    cache.set_system_token("scope", "token")
+    backend = cache._backend
+    assert isinstance(backend, sqlite_backend.SqliteBackend)
+    held = [backend._idle.pop()]  # as writers would hold them, in another process's lock
+    held += [backend._borrow_reader() for _ in range(READERS)]
+    assert not backend._idle
+    answers: list[str | None] = []
+    reader = threading.Thread(target=lambda: answers.append(cache.get_system_token("scope")))
+    reader.start()
+    reader.join(10)
+    assert answers == ["token"]
+    for conn in held:
+        backend._give_back(conn)
     cache.close()
     assert cache_fds(db_path) == 0
 

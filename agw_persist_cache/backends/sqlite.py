@@ -93,8 +93,17 @@ IDENTITY_CHECK_SECONDS = 2.0
 IDENTITY_WRITE_CHECK_SECONDS = 0.1
 """How often, at most, a write checks it first (a write in the window after another process
 quarantined the file lands in the file moved aside: a narrower race than a read's)."""
-POOL_IDLE = 4
+POOL_IDLE = 2
 """Idle ``sqlite3`` connections kept per cache; busier moments open and close extra ones."""
+READERS = POOL_IDLE
+"""Connections that hits may have opened at once. A hit that finds none idle waits for one to
+come back (reads take microseconds and never wait for a writer) instead of opening one per
+concurrent thread: SQLite keeps the descriptor of a connection closed while others are open
+(for its next open), so descriptors would follow the peak number of threads inside at once."""
+READER_WAIT_SECONDS = 0.005
+"""Past this a waiting hit opens one more (writers may be holding the idle connections)."""
+QUICK_IDLE = 1
+"""Idle connections kept for best-effort writes (the rate-limited LRU touch and prune)."""
 SEEN_MAX = 1024
 """Keys whose last read (sealed, as stored) each pooled connection remembers."""
 APPLICATION_ID = int.from_bytes(b"AGWC", "big")
@@ -431,6 +440,7 @@ class _Conn(sqlite3.Connection):
 
     epoch = 0
     forks = 0
+    reader = False  # opened for a hit: counted in SqliteBackend._readers while open
     hits: sqlite3.Cursor
     seen: dict[tuple[bytes, ...], tuple[int, int, Snapshot]]  # see read()
 
@@ -508,6 +518,9 @@ class SqliteBackend:
         self._epoch = 0  # bumped whenever the connections are dropped (file replaced)
         self._idle: deque[_Conn] = deque()
         self._idle_quick: deque[_Conn] = deque()
+        self._returned = threading.Condition(threading.Lock())  # an idle connection is back
+        self._readers = 0  # open connections of this epoch that hits opened (READERS)
+        self._waiting = 0  # hits waiting for one
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopConn] = (
             weakref.WeakKeyDictionary()
         )
@@ -584,14 +597,50 @@ class SqliteBackend:
         self._ensure_ready()
         return self._connect(quick=quick)
 
+    def _borrow_reader(self) -> _Conn:
+        """A connection for a hit that found none idle: a new one while fewer than
+        ``READERS`` that hits opened are open, else the next one given back."""
+        with self._returned:
+            if not self._idle and self._readers >= READERS:
+                self._waiting += 1
+                self._returned.wait_for(lambda: self._idle, READER_WAIT_SECONDS)
+                self._waiting -= 1
+            with contextlib.suppress(IndexError):
+                return self._idle.pop()
+            self._readers += 1
+        try:
+            self._ensure_ready()
+            conn = self._connect()
+        except BaseException:
+            self._closed_reader(self._epoch)
+            raise
+        conn.reader = True
+        return conn
+
+    def _closed_reader(self, epoch: int) -> None:
+        with self._returned:
+            if epoch == self._epoch:
+                self._readers -= 1
+            self._returned.notify()
+
     def _give_back(self, conn: _Conn, quick: bool = False) -> None:
         if conn.forks != _forkgate.forks:
             return  # a connection of the parent's: never reuse nor close it
         idle = self._idle_quick if quick else self._idle
-        if len(idle) < POOL_IDLE and conn.epoch == self._epoch:
+        if len(idle) < (QUICK_IDLE if quick else POOL_IDLE) and conn.epoch == self._epoch:
             idle.append(conn)
+            if self._waiting:
+                with self._returned:
+                    self._returned.notify()
         else:
+            self._close(conn)
+
+    def _close(self, conn: _Conn) -> None:
+        try:
             conn.close()
+        finally:
+            if conn.reader:
+                self._closed_reader(conn.epoch)
 
     def _check_identity(self, op: Op[Any]) -> None:
         """Reopen when the path names another file than ours (another process moved a
@@ -638,10 +687,11 @@ class SqliteBackend:
         """Close this process's connections; the next operation opens the path afresh.
 
         Connections in use are closed when given back (the pool is no longer ready)."""
-        with self._mutex:
+        with self._mutex, self._returned:
             self._ready = False
             self._identity = None
             self._epoch += 1
+            self._readers = 0  # the old epoch's are closed as they come back
         for state in self._close_idle():  # their workers close them; nobody waits for that
             threading.Thread(target=_stop, args=(state.conn,), daemon=True).start()
 
@@ -655,7 +705,7 @@ class SqliteBackend:
             self._loops.clear()
         for conn in idle:
             with contextlib.suppress(sqlite3.Error):
-                conn.close()
+                self._close(conn)
         return loops
 
     def _quarantine(self, exc: BaseException) -> None:
@@ -748,11 +798,11 @@ class SqliteBackend:
             try:
                 conn = self._idle.pop()
             except IndexError:
-                conn = self._borrow()
+                conn = self._borrow_reader()
             try:
                 return read(conn, digests)
             finally:
-                if len(self._idle) < POOL_IDLE and conn.epoch == self._epoch:
+                if len(self._idle) < POOL_IDLE and conn.epoch == self._epoch and not self._waiting:
                     self._idle.append(conn)
                 else:
                     self._give_back(conn)
