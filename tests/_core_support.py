@@ -213,9 +213,26 @@ class ApiFactory:
         self.opened.append(api)
         return api
 
+    def two(self, **overrides: Any) -> tuple[Api, Api]:
+        """Two caches on one store with one config (so one key), as two processes would be."""
+        config = make_config(**overrides)
+        return self(config=config), self(config=config)
+
     async def close_all(self) -> None:
         for api in self.opened:
             await api.close()
+
+
+async def store_every_secret(api: Api, tag: str) -> list[str]:
+    """Put each kind of secret through ``api`` (a token, a user JWT, a scope, a fetched token,
+    extra token data) and return them, for a scan of the store that must find none."""
+    token, user_jwt, scope = f"TOKENMARK{tag}", f"USERJWTMARK{tag}", f"SCOPEMARK{tag}"
+    fetched, extra = f"FETCHEDMARK{tag}", f"EXTRAMARK{tag}"
+    await api.set(scope, token)
+    await api.set(scope, {"access_token": token, "extra": {"u": extra}}, user=user_jwt)
+    await api.fetch(f"{scope}-2", lambda: fetched, user=user_jwt)
+    assert await api.get(scope, user=user_jwt) == token
+    return [token, user_jwt, scope, fetched, extra]
 
 
 @pytest.fixture(params=["sync", "async"])

@@ -26,6 +26,7 @@ from _core_support import (
     new_key,
     raw_exec,
     raw_rows,
+    store_every_secret,
     warnings_of,
 )
 from _core_support import open_api as open_api  # fixture, re-exported by name
@@ -90,8 +91,7 @@ async def test_invalidate_forgets_only_that_token(open_api: ApiFactory) -> None:
 
 
 async def test_invalidate_is_seen_by_another_cache_on_the_file(open_api: ApiFactory) -> None:
-    cfg = make_config()
-    writer, reader = open_api(config=cfg), open_api(config=cfg)
+    writer, reader = open_api.two()
     await writer.set("scope", "token")
     assert await reader.get("scope") == "token"
     await writer.invalidate("scope")
@@ -99,8 +99,7 @@ async def test_invalidate_is_seen_by_another_cache_on_the_file(open_api: ApiFact
 
 
 async def test_clear_removes_every_token_for_every_cache_on_the_file(open_api: ApiFactory) -> None:
-    cfg = make_config()
-    api, other = open_api(config=cfg), open_api(config=cfg)
+    api, other = open_api.two()
     await api.set("s1", "t1")
     await api.set("s2", "t2", user="jwt")
     assert await other.get("s1") == "t1"
@@ -162,8 +161,7 @@ async def test_a_fetch_that_straddles_a_clear_returns_its_token_but_does_not_sto
 
 
 async def test_a_row_rewritten_by_another_cache_is_read_anew(open_api: ApiFactory) -> None:
-    cfg = make_config()
-    writer, reader = open_api(config=cfg), open_api(config=cfg)
+    writer, reader = open_api.two()
     for version in ("v1", "v2", "v3"):
         await writer.set("scope", version, user="jwt")
         assert await reader.get("scope", user="jwt") == version
@@ -454,14 +452,8 @@ async def test_no_token_user_jwt_or_scope_is_on_disk_in_any_encoding(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     tag = uuid.uuid4().hex
-    token, user_jwt, scope = f"TOKENMARK{tag}", f"USERJWTMARK{tag}", f"SCOPEMARK{tag}"
-    fetched, extra = f"FETCHEDMARK{tag}", f"EXTRAMARK{tag}"
-    markers = [token, user_jwt, scope, fetched, extra]
     api = open_api(keys=None)  # the generated key file sits in the same directory
-    await api.set(scope, token)
-    await api.set(scope, {"access_token": token, "extra": {"u": extra}}, user=user_jwt)
-    await api.fetch(f"{scope}-2", lambda: fetched, user=user_jwt)
-    assert await api.get(scope, user=user_jwt) == token
+    markers = await store_every_secret(api, tag)
     wal = db_path.with_name(db_path.name + "-wal")
     assert wal.exists() and wal.stat().st_size > 0
     assert _scan(db_path.parent, markers) == []

@@ -18,7 +18,14 @@ from typing import Any
 
 import pytest
 import redis
-from _core_support import ApiFactory, Counting, log_text, make_config, new_key
+from _core_support import (
+    ApiFactory,
+    Counting,
+    log_text,
+    make_config,
+    new_key,
+    store_every_secret,
+)
 from _core_support import open_api as open_api  # fixture, re-exported by name
 from support.redis_server import (  # noqa: F401  # fixtures
     RedisServer,
@@ -154,8 +161,7 @@ def test_every_key_of_a_namespace_shares_one_cluster_hash_tag() -> None:
 async def test_two_hosts_share_set_invalidate_and_clear(
     open_api: ApiFactory, redis_url: str
 ) -> None:
-    cfg = make_config(url=redis_url)
-    a, b = open_api(config=cfg), open_api(config=cfg)
+    a, b = open_api.two(url=redis_url)
     await a.set("scope", "sys-token")
     await a.set("scope", "user-token", user="alice")
     assert await b.get("scope") == "sys-token"
@@ -195,8 +201,7 @@ def _row_keys(url: str) -> set[bytes]:
 async def test_fetch_fetches_once_and_a_fetch_straddling_a_clear_is_not_stored(
     open_api: ApiFactory, redis_url: str
 ) -> None:
-    cfg = make_config(url=redis_url)
-    a, b = open_api(config=cfg), open_api(config=cfg)
+    a, b = open_api.two(url=redis_url)
     fetch = Counting()
     assert await a.fetch("scope", fetch) == "fetched-1"
     assert await b.fetch("scope", fetch) == "fetched-1"
@@ -214,8 +219,7 @@ async def test_fetch_fetches_once_and_a_fetch_straddling_a_clear_is_not_stored(
 async def test_invalidate_with_the_rejected_token_keeps_a_newer_replacement(
     open_api: ApiFactory, redis_url: str
 ) -> None:
-    cfg = make_config(url=redis_url)
-    a, b = open_api(config=cfg), open_api(config=cfg)
+    a, b = open_api.two(url=redis_url)
     await a.set("scope", "old")
     await b.set("scope", "new")  # another host already replaced the rejected token
     assert a.cache.invalidate_entry("system", "scope", token="old") is False
@@ -228,18 +232,12 @@ async def test_nothing_in_redis_holds_a_token_user_jwt_scope_or_key(
     open_api: ApiFactory, redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    tag = uuid.uuid4().hex
-    token, user_jwt, scope = f"TOKENMARK{tag}", f"USERJWTMARK{tag}", f"SCOPEMARK{tag}"
-    fetched, extra, key = f"FETCHEDMARK{tag}", f"EXTRAMARK{tag}", new_key()
+    tag, key = uuid.uuid4().hex, new_key()
     api = open_api(config=CacheConfig(url=redis_url, keys=[key]))
-    await api.set(scope, token)
-    await api.set(scope, {"access_token": token, "extra": {"u": extra}}, user=user_jwt)
-    await api.fetch(f"{scope}-2", lambda: fetched, user=user_jwt)
+    markers = await store_every_secret(api, tag)
     mark = Backoff(time.time() + 60, "RuntimeError", 503)
     api.cache._backend.execute(SetBackoff(b"k" * 32, mark))
-    assert await api.get(scope, user=user_jwt) == token
-    markers = [token, user_jwt, scope, fetched, extra, key, key.rstrip("=")]
-    markers.append(base64.urlsafe_b64decode(key).hex())
+    markers += [key, key.rstrip("="), base64.urlsafe_b64decode(key).hex()]
     assert len(dump(redis_url)) >= 6
     assert leaks(redis_url, markers) == []
     assert leaks(redis_url, [f"SANITY{tag}"]) == []
