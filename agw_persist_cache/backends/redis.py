@@ -37,6 +37,7 @@ from urllib.parse import parse_qsl, urlsplit
 import redis
 import redis.asyncio
 import redis.connection
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.exceptions import MovedError, NoScriptError, RedisError, ResponseError
 from redis.retry import Retry
@@ -316,7 +317,11 @@ class RedisBackend:
                 if other.is_closed():  # asyncio.run() per task: drop what closed loops held
                     del self._loops[other]
                     _drop_on_closed_loop(stale)
-            options = {**self._options, "max_connections": MAX_LOOP_CONNECTIONS}
+            options = {
+                **self._options,
+                "max_connections": MAX_LOOP_CONNECTIONS,
+                "retry": AsyncRetry(NoBackoff(), 0),  # the asyncio pool's own Retry type
+            }
             pool = redis.asyncio.BlockingConnectionPool.from_url(self._url, **options)
             self._loops[loop] = pool
         return pool
