@@ -789,8 +789,9 @@ class _Wakeups:
                     continue
                 try:
                     if pubsub is None:
-                        client = self._backend.client()
-                        pubsub = client.pubsub()  # type: ignore[no-untyped-call]  # untyped in redis-py
+                        # Typed only in newer redis-py releases: Any works with every one.
+                        client: Any = self._backend.client()
+                        pubsub = client.pubsub()
                         pubsub.subscribe(self._backend.layout.channel)
                     message = pubsub.get_message(timeout=LISTEN_SECONDS)
                 except Exception:  # Redis away or the pool closed: waiters poll meanwhile
