@@ -1,10 +1,10 @@
 """What CI needs to know about our dependencies, read from pyproject.toml (stdlib only).
 
-    names                 the runtime dependencies (and the [redis] extra), one line
-    sdk-minimum           the lowest sap-cloud-sdk the [sap] extra accepts (">=0.62" -> 0.62.0)
-    check-lowest FILE     FILE pins each runtime dependency to a release at its lower bound
-    check-installed FILE  this interpreter has exactly the versions FILE pins
-    versions              the installed versions of the runtime dependencies and the SDK
+names                 the runtime dependencies (and the [redis] extra), one line
+sdk-minimum           the lowest sap-cloud-sdk the [sap] extra accepts (">=0.62" -> 0.62.0)
+check-lowest FILE     FILE pins each runtime dependency to a release at its lower bound
+check-installed FILE  this interpreter has exactly the versions FILE pins
+versions              the installed versions of the runtime dependencies and the SDK
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def main(argv: list[str]) -> None:
     elif command == "sdk-minimum":
         low = _split(PROJECT["optional-dependencies"]["sap"][0])[1]
         assert low, "the [sap] extra needs a lower bound"
-        print(".".join((low.split(".") + ["0", "0"])[:3]))
+        print(".".join([*low.split("."), "0", "0"][:3]))
     elif command == "check-lowest":
         check_lowest(*args)
     elif command == "check-installed":
