@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,14 @@ def test_lock_and_cache_modules_pass_on_the_portable_path(tmp_path: Path, fcntl:
         f"portable path ({'flock' if fcntl else 'no fcntl'}): {summary} "
         f"[{time.monotonic() - started:.1f} s]"
     )
+
+
+def test_the_metadata_names_the_platforms_these_tests_cover() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    platforms = {c for c in project["classifiers"] if c.startswith("Operating System ::")}
+    assert platforms == {
+        "Operating System :: MacOS",
+        "Operating System :: Microsoft :: Windows",
+        "Operating System :: POSIX",
+        "Operating System :: POSIX :: Linux",
+    }
