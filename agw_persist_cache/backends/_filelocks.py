@@ -27,6 +27,7 @@ also made unimportable it runs as on a platform without ``fcntl`` (tests/test_po
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Generator
@@ -123,7 +124,11 @@ class PortableKeyLock:
 
     def release(self) -> None:
         if self._lock.is_locked:
-            self._lock.release()
+            # An unlock the OS refused (it never does on a good descriptor): the lock goes
+            # when filelock's finalizer or this process's exit closes it; the caller has its
+            # token either way, as on the OFD path.
+            with contextlib.suppress(OSError):
+                self._lock.release()
 
 
 class KeyLockFiles:
