@@ -105,8 +105,10 @@ class CacheConfig:
     """A process prunes expired and surplus rows after a write at most this often."""
     max_db_bytes: int | None = None
     """Hard cap on the database file size (SQLite ``max_page_count``); None: no cap."""
-    lock_stripes: int = 64
-    """Number of lock files the per-key locks are striped over."""
+    lock_stripes: int = 1024
+    """Where OFD locks are missing (macOS, BSD, Windows): the number of lock files the per-key
+    locks are striped over (made as used, never removed); two keys fetched at the same moment
+    share one with a chance of 1 in this. On Linux every key has its own lock in one file."""
     namespace: str = DEFAULT_NAMESPACE
     """Redis: the prefix (and Cluster hash tag) of every key; applications sharing one
     Redis with different namespaces never see each other's rows."""

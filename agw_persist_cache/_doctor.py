@@ -135,7 +135,7 @@ def _checks(path_arg: str | None, mounts_file: Path) -> Iterator[Check]:
         yield Check(
             "FAIL",
             "path",
-            f"cannot look at {path} as uid {os.geteuid()} ({exc.strerror}); run doctor as the "
+            f"cannot look at {path} as {_user()} ({exc.strerror}); run doctor as the "
             "user the workers run as",
         )
         return
@@ -144,6 +144,11 @@ def _checks(path_arg: str | None, mounts_file: Path) -> Iterator[Check]:
     yield from _guarded("directory", lambda: _directory(path))
     yield from _guarded("file", lambda: _recognized(path))
     yield from _guarded("open", lambda: _opened(path_arg, path))
+
+
+def _user() -> str:
+    uid = files.euid()
+    return "this user" if uid is None else f"uid {uid}"  # None: Windows (no uids)
 
 
 def _files_of(path: Path) -> list[Path]:
@@ -164,7 +169,7 @@ def _ownership(path: Path) -> Iterator[Check]:
         yield Check("FAIL", "modes", "; ".join(problems))
     else:
         yield Check("ok", "modes", "every file regular, private (0600) and owned by this user")
-        yield Check("ok", "owner", f"uid {os.geteuid()} owns every file")
+        yield Check("ok", "owner", f"{_user()} owns every file")
 
 
 def _directory(path: Path) -> Iterator[Check]:
@@ -228,7 +233,7 @@ def _opened(path_arg: str | None, path: Path) -> Iterator[Check]:
     if not lock_dir.is_dir():
         yield Check("warn", "locks", f"lock dir {lock_dir} is missing (a worker makes it)")
     elif not os.access(lock_dir, os.W_OK | os.X_OK):
-        yield Check("FAIL", "locks", f"lock dir {lock_dir} is not writable by uid {os.geteuid()}")
+        yield Check("FAIL", "locks", f"lock dir {lock_dir} is not writable by {_user()}")
     else:
         yield Check("ok", "locks", f"{lock_dir}")
 

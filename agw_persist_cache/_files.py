@@ -14,6 +14,13 @@ import stat
 from pathlib import Path
 
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+CLOEXEC = getattr(os, "O_CLOEXEC", 0)  # Windows has none: its descriptors are never inherited
+
+
+def euid() -> int | None:
+    """The effective user id; None on Windows, where ACLs guard files, not owner and mode bits
+    (``st_uid`` is always 0 and ``st_mode`` reports 0666 there), so those checks do not apply."""
+    return os.geteuid() if hasattr(os, "geteuid") else None
 
 
 class NotOurs(PermissionError):
@@ -29,10 +36,12 @@ def problem(path: Path, st: os.stat_result) -> str | None:
         return f"{path} is a symbolic link; the cache never follows one (point it at the target)"
     if not stat.S_ISREG(st.st_mode):
         return f"{path} is not a regular file"
-    euid = os.geteuid()
-    if st.st_uid != euid:
+    user = euid()
+    if user is None:
+        return None
+    if st.st_uid != user:
         return (
-            f"{path} is owned by uid {st.st_uid}, not by this user (uid {euid}); the cache "
+            f"{path} is owned by uid {st.st_uid}, not by this user (uid {user}); the cache "
             "uses only files its own user made"
         )
     if st.st_mode & 0o077:
@@ -60,15 +69,14 @@ def check_dir(directory: Path) -> None:
     st = os.lstat(directory)
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
         raise NotOurs(f"{directory} is not a directory (a link is never followed)")
-    if st.st_uid != os.geteuid():
-        raise NotOurs(
-            f"{directory} is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
-        )
+    user = euid()
+    if user is not None and st.st_uid != user:
+        raise NotOurs(f"{directory} is owned by uid {st.st_uid}, not by this user (uid {user})")
 
 
 def read_private(path: Path) -> bytes:
     """The bytes of a file that is ours (``NotOurs`` otherwise), read without following links."""
-    fd = os.open(path, os.O_RDONLY | NOFOLLOW | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | NOFOLLOW | CLOEXEC)
     try:
         reason = problem(path, os.fstat(fd))
         if reason is not None:

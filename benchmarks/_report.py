@@ -57,6 +57,7 @@ CORE = (
     "backends/contract",
     "backends/sqlite",
     "backends/_filelocks",
+    "backends/_ofdlocks",
     "backends/_forkgate",
 )
 

@@ -1,4 +1,5 @@
-"""Per-key cross-process locks: OFD byte ranges in one file (Linux) or striped flock files."""
+"""Per-key cross-process locks: OFD byte ranges in one file (Linux) or, on the portable path
+(macOS, Windows), filelock's lock on striped files. Every behaviour test runs on both."""
 
 from __future__ import annotations
 
@@ -15,13 +16,19 @@ from _core_support import make_config, warnings_of
 from support.procs import Worker, Workers
 
 from agw_persist_cache import PersistentTokenCache
-from agw_persist_cache.backends._filelocks import OFD_SUPPORTED, KeyLockFiles
+from agw_persist_cache.backends._filelocks import (
+    FORCE_ENV,
+    KEEPS_LOCK_FILES,
+    OFD_SUPPORTED,
+    KeyLockFiles,
+    use_ofd,
+)
 from agw_persist_cache.backends.contract import LockResult
 
 A, B = b"\x01" * 32, b"\x02" * 32
 
 
-@pytest.fixture(params=["ofd", "stripes"])
+@pytest.fixture(params=["ofd", "portable"])
 def files(request: pytest.FixtureRequest, tmp_path: Path) -> KeyLockFiles:
     if request.param == "ofd" and not OFD_SUPPORTED:
         pytest.skip("open-file-description locks need Linux")
@@ -55,6 +62,23 @@ def test_unrelated_keys_never_wait_for_each_other(tmp_path: Path) -> None:
     for h in holders:
         h.release()
     assert [p.name for p in tmp_path.iterdir()] == ["keys.lock"]  # one file, not one per key
+
+
+def test_portable_keys_on_different_stripes_never_wait_for_each_other(tmp_path: Path) -> None:
+    files = KeyLockFiles(tmp_path, stripes=1024, ofd=False)
+    keys = [i.to_bytes(4, "big") * 8 for i in range(300)]  # stripes 0..299 of 1024
+    holders = [files.key_lock(key) for key in keys]
+    assert {h.acquire(None) for h in holders} == {LockResult.HELD}
+    for h in holders:
+        h.release()
+    # Lock files stay (never unlinked) and are bounded by the stripes, not by the keys.
+    kept = 300 if KEEPS_LOCK_FILES else 0  # a marker-file lock (no fcntl) drops its marker
+    assert len(list(tmp_path.iterdir())) == kept
+    others = [files.key_lock(key + b"other") for key in keys]  # the same 300 stripes
+    assert {h.acquire(None) for h in others} == {LockResult.HELD}
+    assert len(list(tmp_path.iterdir())) == 300
+    for h in others:
+        h.release()
 
 
 def test_stripes_share_a_lock_between_keys_of_one_stripe(tmp_path: Path) -> None:
@@ -136,6 +160,7 @@ def test_a_killed_holder_frees_the_key_at_once(files: KeyLockFiles, workers: Wor
     waiter = threading.Thread(target=lambda: waiting.append(lock.acquire(60.0)))
     waiter.start()
     os.kill(child.pid or 0, signal.SIGKILL)
+    child.join(30)  # reaped: a lock with no kernel state (no fcntl) checks the holder's pid
     waiter.join(60)
     # Freed by the kernel at the holder's death, not by the 60 s timeout.
     assert waiting in ([LockResult.LANDED], [LockResult.HELD])
@@ -143,17 +168,36 @@ def test_a_killed_holder_frees_the_key_at_once(files: KeyLockFiles, workers: Wor
     assert files.key_lock(A).acquire(None) is LockResult.HELD
 
 
-def test_a_lock_file_that_cannot_be_opened_is_an_error_not_a_timeout(tmp_path: Path) -> None:
-    (tmp_path / "keys.lock").mkdir()  # a directory where the lock file should be
-    lock = KeyLockFiles(tmp_path, stripes=64, ofd=True).key_lock(A)
+def test_a_lock_file_that_cannot_be_opened_is_an_error_not_a_timeout(files: KeyLockFiles) -> None:
+    files.path(A).mkdir()  # a directory where the lock file should be
+    lock = files.key_lock(A)
     assert lock.acquire(5.0) is LockResult.ERROR
-    assert lock.error is not None and "keys.lock" in lock.error
+    assert files.key_lock(A).acquire(None) is LockResult.ERROR
+    error = getattr(lock, "error", None)
+    assert error is not None and str(files.path(A)) in error and "EISDIR" in error
+
+
+def test_the_environment_forces_the_portable_path(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(FORCE_ENV, "portable")
+    assert not use_ofd()
+    cache = PersistentTokenCache(db_path, config=make_config(lock_stripes=1))
+    assert cache.system_token("scope", lambda: "token") == "token"
+    kept = ["000.lock", "init.lock"] if KEEPS_LOCK_FILES else []
+    assert sorted(p.name for p in cache.lock_dir.iterdir()) == kept
+    cache.close()
+    monkeypatch.setenv(FORCE_ENV, "ofd")
+    assert use_ofd() is OFD_SUPPORTED
+    monkeypatch.setenv(FORCE_ENV, "flock")
+    with pytest.raises(ValueError, match=FORCE_ENV):
+        use_ofd()
 
 
 def test_get_or_fetch_counts_a_lock_io_failure_apart_from_timeouts(
     db_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cache = PersistentTokenCache(db_path, config=make_config())
+    cache = PersistentTokenCache(db_path, config=make_config(lock_stripes=1))
     cache.get_system_token("warm-up")  # creates the directory and the lock directory
     (cache.lock_dir / "keys.lock").mkdir()
     (cache.lock_dir / "000.lock").mkdir()

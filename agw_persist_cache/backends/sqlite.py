@@ -39,7 +39,7 @@ from .._config import CacheConfig
 from .._files import make_private_dirs
 from .._log import Warnings, warn_unopenable
 from . import _forkgate
-from ._filelocks import KeyLockFiles
+from ._filelocks import KeyLockFiles, file_lock
 from .contract import (
     Backoff,
     Clear,
@@ -818,7 +818,7 @@ class SqliteBackend:
         return result
 
     def key_lock(self, digest: bytes) -> KeyLock:
-        """The key's lock: an OFD byte-range lock in ``<db>.locks/keys.lock`` (Linux)."""
+        """The key's lock in ``<db>.locks/``: see ``_filelocks`` (OFD on Linux, else portable)."""
         return self.files.key_lock(digest)
 
     # -- file set-up ---------------------------------------------------------------------------
@@ -861,14 +861,10 @@ class SqliteBackend:
             )
         self._identity = _identity_of(self.path)
 
-    def _init_lock(self) -> filelock.FileLock:
+    def _init_lock(self) -> filelock.BaseFileLock:
         """Serializes schema creation, migration and quarantine across processes."""
-        return filelock.FileLock(
-            self.lock_dir / "init.lock",
-            timeout=max(30.0, self.config.busy_timeout_seconds),
-            mode=0o600,
-            thread_local=False,
-            preserve_lock_file=True,
+        return file_lock(
+            self.lock_dir / "init.lock", timeout=max(30.0, self.config.busy_timeout_seconds)
         )
 
     def _initialize(self) -> None:
@@ -1015,7 +1011,7 @@ def _tables(path: Path) -> set[str] | None:
 
 
 def _no_follow(path: str, flags: int) -> int:
-    return os.open(path, flags | files.NOFOLLOW | os.O_CLOEXEC)
+    return os.open(path, flags | files.NOFOLLOW | files.CLOEXEC)
 
 
 def _too_new(path: Path, version: int) -> str:
