@@ -3,17 +3,15 @@ reports every broken set-up as a FAIL line (as another user too), never a traceb
 
 from __future__ import annotations
 
-import os
-import shutil
 import sqlite3
-import sys
 from pathlib import Path
 
 import pytest
 from _core_support import new_key
-from _deploy_procs import base_env, cli_command, run, run_cli
+from _deploy_procs import base_env, run_cli
 
 from agw_persist_cache import CacheConfig, PersistentTokenCache
+from tests.support.other_user import run_python_as_nobody
 
 
 def _tree(root: Path) -> list[str]:
@@ -99,16 +97,8 @@ def test_doctor_warns_about_a_directory_others_may_write(tmp_path: Path) -> None
 
 
 def _as_nobody(*args: str) -> tuple[int, str, str]:
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("running as another user needs root and setpriv (CI runs as root)")
-    env = base_env(PYTHONPATH=str(Path(__file__).resolve().parent.parent), HOME="/nonexistent")
-    cmd = cli_command()
-    if not os.access(cmd[0], os.X_OK):
-        cmd = [sys.executable, "-m", "agw_persist_cache"]
-    result = run(
-        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *cmd, *args],
-        env=env,
-    )
+    """``agw-cache ARGS`` as ``nobody``, on a readable copy of the package (any checkout)."""
+    result = run_python_as_nobody(["-m", "agw_persist_cache", *args])
     return result.returncode, result.stdout, result.stderr
 
 
