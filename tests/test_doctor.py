@@ -11,7 +11,10 @@ from _core_support import new_key
 from _deploy_procs import base_env, run_cli
 
 from agw_persist_cache import CacheConfig, PersistentTokenCache
-from tests.support.other_user import run_python_as_nobody
+from tests.support.other_user import (
+    public_tmp_path_fixture,  # noqa: F401  (a fixture: pytest finds it by its name)
+    run_python_as_nobody,
+)
 
 
 def _tree(root: Path) -> list[str]:
@@ -121,10 +124,10 @@ def _open_to_all(path: Path) -> None:
 
 
 def test_doctor_as_another_user_reports_a_root_owned_cache_without_crashing(
-    tmp_path: Path,
+    public_tmp_path: Path,
 ) -> None:
     # The caller can write the directory, not read the 0600 database.
-    db = _root_cache(tmp_path / "shared", mode=0o777, reachable=tmp_path / "shared")
+    db = _root_cache(public_tmp_path / "shared", mode=0o777, reachable=public_tmp_path)
     code, out, err = _as_nobody("--path", str(db), "doctor")
     assert code == 1
     assert "Traceback" not in err
@@ -134,9 +137,9 @@ def test_doctor_as_another_user_reports_a_root_owned_cache_without_crashing(
 
 
 def test_doctor_as_another_user_reports_a_private_directory_without_crashing(
-    tmp_path: Path,
+    public_tmp_path: Path,
 ) -> None:
-    db = _root_cache(tmp_path / "private", mode=0o700, reachable=tmp_path)
+    db = _root_cache(public_tmp_path / "private", mode=0o700, reachable=public_tmp_path)
     code, out, err = _as_nobody("--path", str(db), "doctor")
     assert code == 1
     assert "Traceback" not in err

@@ -19,7 +19,11 @@ from _core_support import new_key, raw_rows
 from agw_persist_cache import PersistentTokenCache
 from agw_persist_cache._crypto import encode_key
 from agw_persist_cache._files import make_private_dirs, others_may_write
-from tests.support.other_user import cannot_drop_privileges, run_python_as_nobody
+from tests.support.other_user import (
+    cannot_drop_privileges,
+    public_tmp_path_fixture,  # noqa: F401  (a fixture: pytest finds it by its name)
+    run_python_as_nobody,
+)
 
 VICTIM = textwrap.dedent(
     """
@@ -35,14 +39,9 @@ VICTIM = textwrap.dedent(
 
 
 @pytest.fixture
-def shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def shared_dir(public_tmp_path: Path) -> Path:
     """A directory every user can enter, like /var/tmp."""
-    base = Path(tmp_path_factory.mktemp("shared"))
-    for p in (base, *base.parents):
-        if p == Path("/tmp") or p == Path("/"):
-            break
-        p.chmod(p.stat().st_mode | 0o011)  # others may traverse, not list or write
-    return base
+    return public_tmp_path
 
 
 def test_another_users_directory_database_and_key_file_are_refused(shared_dir: Path) -> None:

@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -42,6 +42,22 @@ def cannot_drop_privileges() -> str | None:
     if shutil.which("setpriv") is None:
         return "setpriv (util-linux) is not installed"
     return None
+
+
+@pytest.fixture(name="public_tmp_path")
+def public_tmp_path_fixture() -> Iterator[Path]:
+    """A fresh directory every user may enter (0711), like ``/var/tmp``.
+
+    Not under pytest's base temp: every pytest session that starts resets its root
+    (``/tmp/pytest-of-<user>``) to 0700, and a concurrent session would lock the other
+    user out mid-test.
+    """
+    path = Path(tempfile.mkdtemp(prefix="agw-shared-"))
+    path.chmod(0o711)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _dependencies(name: str) -> set[str]:
