@@ -6,8 +6,11 @@ The assertions count the token requests the endpoint saw, not anything the cache
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import json
 import os
+import re
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +30,7 @@ from _deploy_procs import (
     wait_for_log,
 )
 
+from tests.support.other_user import DISTRIBUTION, distribution_dependencies
 from tests.support.tokenserver import TokenServer
 
 pytestmark = pytest.mark.timeout(180)
@@ -177,3 +181,36 @@ def test_the_celery_examples_broker_never_hands_out_a_half_written_message(
     assert not consumer.is_alive()
     assert undecodable == []
     assert sorted(received) == list(range(sent))
+
+
+def _normalised(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@pytest.mark.parametrize("example", ["gunicorn", "celery"])
+def test_an_example_installs_what_it_imports_and_nothing_else(example: str) -> None:
+    folder = EXAMPLES / example
+    lines = (folder / "requirements.txt").read_text().splitlines()
+    wanted = {
+        _normalised(re.split(r"[<>=!~\[ ]", line, maxsplit=1)[0])
+        for line in lines
+        if line.strip() and not line.startswith("#")
+    }
+    local = {path.stem for path in folder.glob("*.py")}
+    imported: set[str] = set()
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - local - {"agw_persist_cache"}
+    providers = importlib.metadata.packages_distributions()
+    needed = {_normalised(providers[module][0]) for module in third_party}
+    covered = distribution_dependencies(DISTRIBUTION)
+    for requirement in wanted:
+        covered |= distribution_dependencies(requirement)
+    assert needed <= covered, "an import of the example that requirements.txt does not bring"
+    readme = (folder / "README.md").read_text()
+    for requirement in wanted:  # each one is imported, or a program its README runs
+        assert requirement in needed or f"bin/{requirement} " in readme, requirement

@@ -60,7 +60,7 @@ def public_tmp_path_fixture() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _dependencies(name: str) -> set[str]:
+def distribution_dependencies(name: str) -> set[str]:
     """``name`` and every distribution it needs without extras, by normalised name."""
     found: set[str] = set()
     todo = [name]
@@ -100,7 +100,7 @@ def readable_site() -> Path:
     shutil.copytree(package, root / package.name, ignore=ignore)
     if not (root / package.name / "_migrations").exists():  # a checkout, not a wheel
         shutil.copytree(REPO / "migrations", root / package.name / "_migrations")
-    for name in _dependencies(DISTRIBUTION) - {DISTRIBUTION}:
+    for name in distribution_dependencies(DISTRIBUTION) - {DISTRIBUTION}:
         _copy_distribution(name, root)
     for directory, _dirs, files in os.walk(root):
         os.chmod(directory, 0o755)
