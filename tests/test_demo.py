@@ -99,3 +99,33 @@ def test_the_old_requests_option_still_sets_the_callers() -> None:
     args = build_parser().parse_args(["demo", "--requests", "3"])
     assert args.callers == 3
     assert build_parser().parse_args(["demo"]).callers == 8
+
+
+def test_the_demo_endpoint_answers_as_many_callers_as_connect_at_once() -> None:
+    # --workers 64 opens 64 connections at once (128 here). With socketserver's default
+    # backlog of 5 the kernel reset some of them: "12 requests failed" with no reason.
+    import threading
+
+    import httpx
+
+    from agw_persist_cache._demo_endpoint import DemoTokenEndpoint
+
+    failures: list[str] = []
+    with DemoTokenEndpoint(delay=0.15) as endpoint:
+        start = threading.Barrier(128)
+
+        def one() -> None:
+            start.wait()
+            try:
+                with httpx.Client(timeout=60) as client:
+                    client.post(endpoint.token_url, data={"grant_type": "x"}).raise_for_status()
+            except httpx.HTTPError as exc:
+                failures.append(type(exc).__name__)
+
+        callers = [threading.Thread(target=one) for _ in range(128)]
+        for thread in callers:
+            thread.start()
+        for thread in callers:
+            thread.join()
+        assert failures == []
+        assert endpoint.token_requests == 128
