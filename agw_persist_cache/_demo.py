@@ -26,8 +26,6 @@ from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-import httpx
-
 from . import CacheConfig, CacheError, PersistentTokenCache
 from ._cli_common import EXIT_OK, EXIT_PROBLEMS, UsageError, table_lines
 from ._demo_endpoint import DemoTokenEndpoint
@@ -117,6 +115,8 @@ def _worker(
     results: multiprocessing.Queue[tuple[Any, ...]],
 ) -> None:
     """One worker process: ``callers`` concurrent threads, ``rounds`` calls each."""
+    import httpx  # here, not at the top: every other agw-cache command starts without it
+
     client = httpx.Client(timeout=30.0)
     fetches = [0]
     failures: dict[str, int] = {}
