@@ -41,7 +41,7 @@ def test_demo_prints_a_plain_table_without_rich() -> None:
     code = (
         "import sys; sys.modules['rich'] = None\n"  # as if the demo extra were not installed
         "from agw_persist_cache.cli import main\n"
-        "sys.exit(main(['demo', '--workers', '2', '--requests', '2', '--rounds', '1',"
+        "sys.exit(main(['demo', '--workers', '2', '--callers', '2', '--rounds', '1',"
         " '--delay-ms', '20']))"
     )
     result = run([sys.executable, "-c", code], env=base_env(), timeout=90)
