@@ -16,6 +16,7 @@ from ._errors import (
     TokenFetchError,
 )
 from ._expiry import CachedToken, TokenData
+from ._instrument import instrument
 from ._stats import CacheStats, EntryInfo
 from ._version import __version__
 
@@ -33,4 +34,5 @@ __all__ = [
     "TokenData",
     "TokenFetchError",
     "__version__",
+    "instrument",
 ]

@@ -1,9 +1,12 @@
 """``agw-cache demo``: N worker processes share one token, measured against a local endpoint.
 
 Needs no configuration: it starts a token endpoint on 127.0.0.1 with a realistic delay,
-runs worker processes (fresh, as after a deploy) that each send concurrent requests
-needing a token, then starts them again ("restart"). The same workload then runs with a
-per-process in-memory cache (the sap-cloud-sdk default) for comparison.
+runs worker processes (fresh, as after a deploy) whose concurrent callers each make a few
+calls that need a token, then starts them again ("restart"). The same workload then runs
+with a per-process in-memory cache (the sap-cloud-sdk default) for comparison.
+
+One word for one thing: a *caller* is a thread in a worker, a *call* is one
+``system_token`` call of a caller, a *token request* is one request the endpoint received.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from . import CacheConfig, PersistentTokenCache
+from . import CacheConfig, CacheError, PersistentTokenCache
 from ._cli_common import EXIT_OK, EXIT_PROBLEMS, UsageError, table_lines
 from ._demo_endpoint import DemoTokenEndpoint
 
@@ -72,27 +75,57 @@ def _percentile(sorted_values: Sequence[float], pct: float) -> float:
     return sorted_values[int(rank) - 1]
 
 
+# Why a call can fail, by exception class: what to do about it.
+HINTS = {
+    "FetchBackoffError": "another caller's fetch had just failed, and this key was backed off "
+    "for fetch_backoff_seconds: the first failure listed is the cause",
+    "HTTPStatusError": "the token endpoint answered with an error status (a real identity "
+    "service: check the credentials and the token URL)",
+    "ConnectTimeout": "the local token endpoint did not accept the connection in time: the "
+    "machine is overloaded; try fewer --workers or --callers",
+    "ReadTimeout": "the local token endpoint did not answer in time: the machine is "
+    "overloaded; try fewer --workers or --callers",
+    "ConnectError": "could not connect to the local token endpoint (connection refused or "
+    "reset): try fewer --workers or --callers",
+}
+GENERIC_HINT = "unexpected here; run with fewer --workers to see whether load causes it"
+
+
+def _failure_lines(results: Sequence[PhaseResult]) -> list[str]:
+    """Per phase and exception class: how many calls failed with it, and what to do."""
+    lines = []
+    for result in results:
+        for name, count in sorted(result.failures.items(), key=lambda item: (-item[1], item[0])):
+            noun = "call" if count == 1 else "calls"
+            lines.append(
+                f"  {result.cache} {result.phase}: {count} {noun} failed with {name}: "
+                f"{HINTS.get(name, GENERIC_HINT)}"
+            )
+    return lines
+
+
 def _worker(
     kind: str,
     path: str,
     key: bytes,
     token_url: str,
-    threads: int,
+    callers: int,
     rounds: int,
     go: Event,
     results: multiprocessing.Queue[tuple[Any, ...]],
 ) -> None:
-    """One worker process: ``threads`` concurrent callers, ``rounds`` requests each."""
-    import httpx
+    """One worker process: ``callers`` concurrent threads, ``rounds`` calls each."""
+    import httpx  # here, not at the top: every other agw-cache command starts without it
 
     client = httpx.Client(timeout=30.0)
-    tally = {"fetches": 0, "errors": 0}
+    fetches = [0]
+    failures: dict[str, int] = {}
     lock = threading.Lock()
     latencies: list[float] = []
 
     def fetch() -> TokenData:
         with lock:
-            tally["fetches"] += 1
+            fetches[0] += 1
         response = client.post(token_url, data={"grant_type": "client_credentials"})
         response.raise_for_status()
         body = response.json()
@@ -110,21 +143,22 @@ def _worker(
             start = time.perf_counter()
             try:
                 cache.system_token(SCOPE, fetch)
-            except Exception:  # counted and reported; the demo goes on
+            except (httpx.HTTPError, CacheError, OSError) as exc:  # reported; the demo goes on
                 with lock:
-                    tally["errors"] += 1
+                    name = type(exc).__name__
+                    failures[name] = failures.get(name, 0) + 1
             with lock:
                 latencies.append((time.perf_counter() - start) * 1000.0)
         results.put(("tick", os.getpid()))
 
     results.put(("ready", os.getpid()))
     if go.wait(PHASE_TIMEOUT_SECONDS):
-        pool = [threading.Thread(target=caller) for _ in range(threads)]
+        pool = [threading.Thread(target=caller) for _ in range(callers)]
         for thread in pool:
             thread.start()
         for thread in pool:
             thread.join()
-    results.put(("done", os.getpid(), latencies, tally["fetches"], tally["errors"]))
+    results.put(("done", os.getpid(), latencies, fetches[0], failures))
     cache.close()
     client.close()
 
@@ -136,16 +170,17 @@ class PhaseResult:
     cache: str
     phase: str
     processes: int
-    requests: int
+    calls: int
     token_requests: int
     fetches: int
-    errors: int
+    failed_calls: int
+    failures: dict[str, int]
     seconds: float
     latencies_ms: list[float] = field(repr=False)
 
     @property
     def hit_ratio(self) -> float:
-        return 1.0 - self.fetches / self.requests if self.requests else 0.0
+        return 1.0 - self.fetches / self.calls if self.calls else 0.0
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -253,23 +288,23 @@ def _run_phase(
     deadline = time.monotonic() + PHASE_TIMEOUT_SECONDS
     results: multiprocessing.Queue[tuple[Any, ...]] = ctx.Queue()
     go = ctx.Event()
-    args = (kind, str(cache_path), key, server.token_url, settings.threads, settings.rounds, go)
+    args = (kind, str(cache_path), key, server.token_url, settings.callers, settings.rounds, go)
     procs = [
         ctx.Process(target=_worker, args=(*args, results), daemon=True)
         for _ in range(settings.workers)
     ]
     label = f"{kind + ' cache,':<18} {phase:<8}"
-    progress.start(label, settings.workers * settings.threads)
+    progress.start(label, settings.workers * settings.callers)
     try:
         for proc in procs:
             proc.start()
         _collect(results, "ready", settings.workers, deadline, progress)
-        before = server.requests
+        before = server.token_requests
         started = time.perf_counter()
         go.set()
         done = _collect(results, "done", settings.workers, deadline, progress)
         seconds = time.perf_counter() - started
-        token_requests = server.requests - before
+        token_requests = server.token_requests - before
     finally:
         go.set()
         for proc in procs:
@@ -279,14 +314,19 @@ def _run_phase(
                 proc.join()
         results.close()
         results.join_thread()
+    failures: dict[str, int] = {}
+    for message in done:
+        for name, count in message[4].items():
+            failures[name] = failures.get(name, 0) + count
     result = PhaseResult(
         cache=kind,
         phase=phase,
         processes=settings.workers,
-        requests=settings.workers * settings.threads * settings.rounds,
+        calls=settings.workers * settings.callers * settings.rounds,
         token_requests=token_requests,
         fetches=sum(message[3] for message in done),
-        errors=sum(message[4] for message in done),
+        failed_calls=sum(failures.values()),
+        failures=failures,
         seconds=round(seconds, 3),
         latencies_ms=[latency for message in done for latency in message[2]],
     )
@@ -297,15 +337,15 @@ def _run_phase(
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """The workload: processes x concurrent callers x sequential requests, endpoint delay."""
+    """The workload: processes x concurrent callers x sequential calls, endpoint delay."""
 
     workers: int = 4
-    threads: int = 8
+    callers: int = 8
     rounds: int = 5
     delay_ms: float = 150.0
 
     def validate(self) -> None:
-        limits = {"--workers": self.workers, "--requests": self.threads, "--rounds": self.rounds}
+        limits = {"--workers": self.workers, "--callers": self.callers, "--rounds": self.rounds}
         for flag, value in limits.items():
             if not 1 <= value <= 64:
                 raise UsageError(f"{flag} must be between 1 and 64, got {value}")
@@ -345,7 +385,7 @@ def _rows(results: Sequence[PhaseResult]) -> list[tuple[str, ...]]:
                 result.cache,
                 result.phase,
                 str(result.processes),
-                str(result.requests),
+                str(result.calls),
                 str(result.token_requests),
                 f"{doc['hit_ratio']:.1%}",
                 f"{doc['p50_ms']:.2f}",
@@ -399,7 +439,7 @@ def _make_progress(json_output: bool) -> tuple[Progress, Any]:
 def run_demo_command(args: argparse.Namespace, out: TextIO) -> int:
     """``agw-cache demo``: run, then print the table (or JSON) and a one-line verdict."""
     settings = DemoSettings(
-        workers=args.workers, threads=args.requests, rounds=args.rounds, delay_ms=args.delay_ms
+        workers=args.workers, callers=args.callers, rounds=args.rounds, delay_ms=args.delay_ms
     )
     settings.validate()
     progress, live = _make_progress(args.json)
@@ -414,13 +454,15 @@ def run_demo_command(args: argparse.Namespace, out: TextIO) -> int:
         out.write(f"demo failed: {exc}\n")
         return EXIT_PROBLEMS
     totals = _totals(results)
-    errors = sum(result.errors for result in results)
+    failed = sum(result.failed_calls for result in results)
+    seen = sorted({name for result in results for name in result.failures})
     if args.json:
         doc = {
             "settings": asdict(settings),
             "phases": [result.to_json() for result in results],
             "token_requests": totals,
-            "errors": errors,
+            "failed_calls": failed,
+            "hints": {name: HINTS.get(name, GENERIC_HINT) for name in seen},
             "seconds": round(time.perf_counter() - started, 2),
         }
         json.dump(doc, out, indent=2)
@@ -430,11 +472,13 @@ def run_demo_command(args: argparse.Namespace, out: TextIO) -> int:
         starts = 2 * settings.workers
         out.write(
             f"{starts} process starts ({settings.workers} workers, started twice), "
-            f"{settings.workers * settings.threads} concurrent callers per phase, "
+            f"{settings.workers * settings.callers} concurrent callers per phase, "
             f"token endpoint delay {settings.delay_ms:.0f} ms.\n"
             f"token requests: persistent cache {totals.get('persistent', 0)}, "
             f"per-process in-memory cache {totals.get('in_memory', 0)}.\n"
         )
-        if errors:
-            out.write(f"{errors} requests failed\n")
-    return EXIT_PROBLEMS if errors else EXIT_OK
+        if failed:
+            noun = "call" if failed == 1 else "calls"
+            out.write(f"{failed} {noun} failed (token requests above still counted):\n")
+            out.writelines(line + "\n" for line in _failure_lines(results))
+    return EXIT_PROBLEMS if failed else EXIT_OK

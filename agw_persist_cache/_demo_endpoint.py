@@ -1,7 +1,7 @@
 """The token endpoint ``agw-cache demo`` measures against: 127.0.0.1, a fixed delay, a count.
 
 ``POST /oauth2/token`` answers every request, after ``delay`` seconds, with a fresh unsigned
-JWT (pyjwt, ``alg: none``) and its ``expires_in``; :attr:`DemoTokenEndpoint.requests` counts
+JWT (pyjwt, ``alg: none``) and its ``expires_in``; :attr:`DemoTokenEndpoint.token_requests` counts
 them. Nothing else: the demo needs no grant types, errors or TLS.
 """
 
@@ -43,6 +43,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog is 5: 64 workers that miss at once overflowed it, and
+    # the kernel reset the connections it could not queue (httpx ReadError in the demo).
+    request_queue_size = 1024
     owner: DemoTokenEndpoint
 
 
@@ -58,7 +61,7 @@ class DemoTokenEndpoint:
         self.token_url = f"http://127.0.0.1:{self._server.server_address[1]}/oauth2/token"
 
     @property
-    def requests(self) -> int:
+    def token_requests(self) -> int:
         """Token requests received so far."""
         return self._count
 

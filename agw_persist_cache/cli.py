@@ -33,6 +33,7 @@ from ._config import ENV_KEY, ENV_PATH, ENV_URL
 from ._crypto import decode_key, keys_from_config
 from ._demo import run_demo_command
 from ._doctor import run_doctor
+from ._version import __version__
 
 ENV_NEW_KEY = "AGW_CACHE_NEW_KEY"
 EXIT_BROKEN_PIPE = 128 + 13  # as a shell reports a writer killed by SIGPIPE
@@ -235,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         "beside the database. No command prints a token, JWT, scope or key.",
     )
     url_help = f"a shared store, e.g. redis://host:6379/0 (default: ${ENV_URL})"
+    parser.add_argument("--version", action="version", version=f"agw-cache {__version__}")
     parser.add_argument("--path", default=None, help=path_help)
     parser.add_argument("--url", default=None, help=url_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -277,10 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
         uses_path=False,
     )
     demo.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
-    demo.add_argument(
-        "--requests", type=int, default=8, help="concurrent requests per worker (default 8)"
-    )
-    demo.add_argument("--rounds", type=int, default=5, help="requests per thread (default 5)")
+    callers = "concurrent callers (threads) per worker (default 8)"
+    demo.add_argument("--callers", type=int, default=8, help=callers)
+    demo.add_argument("--requests", dest="callers", type=int, help=argparse.SUPPRESS)  # old name
+    demo.add_argument("--rounds", type=int, default=5, help="calls per caller (default 5)")
     demo.add_argument(
         "--delay-ms", type=float, default=150.0, help="token endpoint latency (default 150)"
     )

@@ -403,3 +403,12 @@ def test_rotate_key_prints_the_one_safe_order_and_whether_step_1_is_done(seeded:
         assert steps == sorted(steps)
     assert "NOT done here" in before.stdout
     assert "[done here]" in after.stdout and "NOT done" not in after.stdout
+
+
+def test_version_prints_the_package_version() -> None:
+    import agw_persist_cache
+
+    result = run_cli("--version", env=base_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"agw-cache {agw_persist_cache.__version__}\n"
+    assert agw_persist_cache.__version__[0].isdigit()

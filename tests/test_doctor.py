@@ -3,17 +3,18 @@ reports every broken set-up as a FAIL line (as another user too), never a traceb
 
 from __future__ import annotations
 
-import os
-import shutil
 import sqlite3
-import sys
 from pathlib import Path
 
 import pytest
 from _core_support import new_key
-from _deploy_procs import base_env, cli_command, run, run_cli
+from _deploy_procs import base_env, run_cli
 
 from agw_persist_cache import CacheConfig, PersistentTokenCache
+from tests.support.other_user import (
+    public_tmp_path_fixture,  # noqa: F401  (a fixture: pytest finds it by its name)
+    run_python_as_nobody,
+)
 
 
 def _tree(root: Path) -> list[str]:
@@ -99,16 +100,8 @@ def test_doctor_warns_about_a_directory_others_may_write(tmp_path: Path) -> None
 
 
 def _as_nobody(*args: str) -> tuple[int, str, str]:
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("running as another user needs root and setpriv (CI runs as root)")
-    env = base_env(PYTHONPATH=str(Path(__file__).resolve().parent.parent), HOME="/nonexistent")
-    cmd = cli_command()
-    if not os.access(cmd[0], os.X_OK):
-        cmd = [sys.executable, "-m", "agw_persist_cache"]
-    result = run(
-        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *cmd, *args],
-        env=env,
-    )
+    """``agw-cache ARGS`` as ``nobody``, on a readable copy of the package (any checkout)."""
+    result = run_python_as_nobody(["-m", "agw_persist_cache", *args])
     return result.returncode, result.stdout, result.stderr
 
 
@@ -131,10 +124,10 @@ def _open_to_all(path: Path) -> None:
 
 
 def test_doctor_as_another_user_reports_a_root_owned_cache_without_crashing(
-    tmp_path: Path,
+    public_tmp_path: Path,
 ) -> None:
     # The caller can write the directory, not read the 0600 database.
-    db = _root_cache(tmp_path / "shared", mode=0o777, reachable=tmp_path / "shared")
+    db = _root_cache(public_tmp_path / "shared", mode=0o777, reachable=public_tmp_path)
     code, out, err = _as_nobody("--path", str(db), "doctor")
     assert code == 1
     assert "Traceback" not in err
@@ -144,9 +137,9 @@ def test_doctor_as_another_user_reports_a_root_owned_cache_without_crashing(
 
 
 def test_doctor_as_another_user_reports_a_private_directory_without_crashing(
-    tmp_path: Path,
+    public_tmp_path: Path,
 ) -> None:
-    db = _root_cache(tmp_path / "private", mode=0o700, reachable=tmp_path)
+    db = _root_cache(public_tmp_path / "private", mode=0o700, reachable=public_tmp_path)
     code, out, err = _as_nobody("--path", str(db), "doctor")
     assert code == 1
     assert "Traceback" not in err

@@ -1,17 +1,15 @@
 """Only what is ours: files another user made, links, and files that are not a cache of ours.
 
-The two-user test runs the victim as ``nobody`` (with ``setpriv``; CI runs as root); where
-privileges cannot be dropped it is skipped with the reason.
+The two-user test runs the victim as ``nobody`` (with ``setpriv``; CI runs as root), on a
+readable copy of the package (``tests/support/other_user.py``: it works from a private
+checkout); where privileges cannot be dropped it is skipped with the reason.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -21,6 +19,11 @@ from _core_support import new_key, raw_rows
 from agw_persist_cache import PersistentTokenCache
 from agw_persist_cache._crypto import encode_key
 from agw_persist_cache._files import make_private_dirs, others_may_write
+from tests.support.other_user import (
+    cannot_drop_privileges,
+    public_tmp_path_fixture,  # noqa: F401  (a fixture: pytest finds it by its name)
+    run_python_as_nobody,
+)
 
 VICTIM = textwrap.dedent(
     """
@@ -35,28 +38,14 @@ VICTIM = textwrap.dedent(
 )
 
 
-def _can_drop_privileges() -> str | None:
-    if os.geteuid() != 0:
-        return "dropping to another user needs root (CI runs as root)"
-    if shutil.which("setpriv") is None:
-        return "setpriv (util-linux) is not installed"
-    return None
-
-
 @pytest.fixture
-def shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def shared_dir(public_tmp_path: Path) -> Path:
     """A directory every user can enter, like /var/tmp."""
-    base = Path(tmp_path_factory.mktemp("shared"))
-    for p in (base, *base.parents):
-        if p == Path("/tmp") or p == Path("/"):
-            break
-        p.chmod(p.stat().st_mode | 0o011)  # others may traverse, not list or write
-    return base
+    return public_tmp_path
 
 
 def test_another_users_directory_database_and_key_file_are_refused(shared_dir: Path) -> None:
-    reason = _can_drop_privileges()
-    if reason:
+    if reason := cannot_drop_privileges():
         pytest.skip(reason)
     planted = shared_dir / "cache"
     planted.mkdir(mode=0o777)
@@ -69,28 +58,7 @@ def test_another_users_directory_database_and_key_file_are_refused(shared_dir: P
     (planted / "tokens.db.key").write_text(known_key + "\n")
     (planted / "tokens.db.key").chmod(0o644)
     before = sorted(p.name for p in planted.iterdir())
-    env = {
-        "PATH": os.environ["PATH"],
-        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
-        "HOME": "/nonexistent",
-    }
-    result = subprocess.run(
-        [
-            "setpriv",
-            "--reuid=nobody",
-            "--regid=nogroup",
-            "--clear-groups",
-            sys.executable,
-            "-c",
-            VICTIM,
-            str(db),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
+    result = run_python_as_nobody(["-c", VICTIM, str(db)])
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout)
     assert seen["stored"] is False

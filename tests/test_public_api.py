@@ -6,6 +6,12 @@ import inspect
 import types
 from pathlib import Path
 
+import pytest
+from _core_support import new_key
+from _otel_reader import points, value
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
 import agw_persist_cache
 from agw_persist_cache import (
     CacheConfig,
@@ -17,6 +23,8 @@ from agw_persist_cache import (
     FetchBackoffError,
     PersistentTokenCache,
     TokenFetchError,
+    _otel,
+    instrument,
 )
 
 # The names the issue promises users: importing them above is half the test.
@@ -24,6 +32,7 @@ CONTRACT = {
     cls.__name__
     for cls in (CacheConfig, CacheConfigError, CacheError, CachedToken, CacheStats, EntryInfo)
 } | {cls.__name__ for cls in (FetchBackoffError, PersistentTokenCache, TokenFetchError)}
+CONTRACT |= {instrument.__name__}  # what the README tells users to call for metrics
 
 
 def test_all_is_sorted_and_unique() -> None:
@@ -103,3 +112,25 @@ def test_sync_methods_have_async_twins() -> None:
 
 def test_the_package_is_typed() -> None:
     assert (Path(agw_persist_cache.__file__).parent / "py.typed").is_file()
+
+
+def test_instrument_reports_a_cache_built_while_metrics_were_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _otel.reset()
+    monkeypatch.setenv(_otel.ENV_SWITCH, "0")
+    cache = PersistentTokenCache(tmp_path / "tokens.db", config=CacheConfig(keys=[new_key()]))
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    try:
+        assert cache.set_system_token("scope", "token")
+        assert cache.get_system_token("scope") == "token"
+        assert _otel.enable(provider)
+        assert value(points(reader), "agw_cache.hits", backend="sqlite") == 0
+        instrument(cache)
+        instrument(cache)  # counted once
+        assert value(points(reader), "agw_cache.hits", backend="sqlite") == 1
+    finally:
+        _otel.reset()
+        provider.shutdown()
+        cache.close()

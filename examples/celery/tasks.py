@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
+from fs_broker import AtomicFilesystemTransport
 
 from agw_persist_cache import PersistentTokenCache
 from agw_persist_cache.agentgateway import AgentGatewayTokens, CustomerCredentials, IasTokenClient
@@ -22,8 +23,10 @@ DATA = Path(os.environ.get("AGW_EXAMPLE_BROKER_DIR", "/tmp/agw-celery-example"))
 for folder in ("queue", "control", "results"):
     (DATA / folder).mkdir(parents=True, exist_ok=True)
 
+
 app = Celery("tasks", broker="filesystem://", backend=f"file://{DATA / 'results'}")
 app.conf.update(
+    broker_transport=AtomicFilesystemTransport,
     broker_transport_options={
         "data_folder_in": str(DATA / "queue"),
         "data_folder_out": str(DATA / "queue"),
