@@ -19,7 +19,7 @@ from . import _otel
 from ._closing import Closing
 from ._config import ENV_KEY, CacheConfig, resolve_path, split_location
 from ._crypto import keys_from_config
-from ._errors import CacheConfigError
+from ._errors import CacheConfigError, CacheUsageError
 from ._expiry import CachedToken, TokenData
 from ._flight import AFetch, Driver, Fetch, Flight, Hit, Key, fill
 from ._locks import KeyLocks
@@ -71,13 +71,14 @@ class PersistentTokenCache(Closing):
             self.path, self.config, self._backend, warnings, read_only=read_only
         )
         self._counters = self._shelf.counters  # what OpenTelemetry's callbacks read
+        self._health = self._shelf.health
         self.backend_name: str = self._backend.name
         self._fork_reset()
         _otel.register(self)
 
     def _fork_reset(self) -> None:
         self._forks = _forkgate.forks
-        self._driver = Driver(self._backend, KeyLocks(self._backend))
+        self._driver = Driver(self._backend, KeyLocks(self._backend), self._shelf.health)
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
@@ -194,7 +195,7 @@ class PersistentTokenCache(Closing):
     ) -> CachedToken:
         """Get-or-fetch with single flight: one ``fetch`` per key for every process on the
         host; a token near its expiry is refreshed in a background thread."""
-
+        _check_fetch(fetch)
         hit = self._shelf.hit(kind, scope_key, user_jwt, self._backend.execute)
         if hit is not None and not hit.due:
             return hit.entry  # (a refresh due, a miss: the flight looks again and decides)
@@ -210,6 +211,7 @@ class PersistentTokenCache(Closing):
         self, kind: Kind, scope_key: str, afetch: AFetch, *, user_jwt: str | None = None
     ) -> CachedToken:
         """Async twin of ``fetch_entry`` (the refresh runs as a task of this loop)."""
+        _check_fetch(afetch)
         hit = self._inline_hit(kind, scope_key, user_jwt)
         if hit is not None and not hit.due:
             return hit.entry
@@ -389,3 +391,9 @@ class PersistentTokenCache(Closing):
 
 def _token(entry: CachedToken | None) -> str | None:
     return entry.token if entry else None
+
+
+def _check_fetch(fetch: object) -> None:
+    """A fetch that cannot be called is the caller's bug: said before any lock or back-off."""
+    if not callable(fetch):
+        raise CacheUsageError(f"fetch must be callable, not {type(fetch).__name__}")
