@@ -4,11 +4,11 @@ A flight yields *steps* and receives their results, with no I/O of its own (the
 httpx ``Auth.auth_flow`` pattern). The steps: a storage operation of the contract
 (:class:`~.backends.contract.Op`), :class:`Join` (the key's flight in this process: lead
 it, or wait for its leader's one result), :class:`TakeLock` (the key's cross-process
-lock), :class:`Land` (hand the token to every waiter of the key at once and give back
-the locks) and :data:`FETCH` (call the caller's token fetch). Two small drivers perform
-them: :meth:`Driver.run` with plain calls and :meth:`Driver.arun` with awaits. A step
-that fails is thrown into the flight, which decides; locks are given back and waiters
-released whatever happens.
+lock), :class:`Land` (hand the token to every waiter of the key in this process at once),
+:data:`UNLOCK` (give back the locks) and :data:`FETCH` (call the caller's token fetch).
+Two small drivers perform them: :meth:`Driver.run` with plain calls and
+:meth:`Driver.arun` with awaits. A step that fails is thrown into the flight, which
+decides; locks are given back and waiters released whatever happens.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class TakeLock:
 
 @dataclass(frozen=True, slots=True)
 class Land:
-    """Give back the locks and hand ``entry`` to every waiter of the key's flight at once."""
+    """Hand ``entry`` to every waiter of the key's flight in this process at once."""
 
     entry: CachedToken
 
@@ -114,6 +114,8 @@ class _Marker:
         return self.name
 
 
+UNLOCK = _Marker("UNLOCK")
+"""Give back every lock this flight holds (other processes' waiters then read the store)."""
 FETCH = _Marker("FETCH")
 """Call the caller's fetch; its result (or exception) comes back into the flight."""
 
@@ -255,6 +257,9 @@ def fill(shelf: Shelf, key: Key, *, refresh: bool) -> Flight[CachedToken | None]
                     shelf.storage_failed(exc)
         raise failure
     entry = normalize(data, now=started, expires_at=None, config=config)
+    if generation is None:
+        shelf.keep(key, entry)  # before the waiters go: a caller after them finds it
+    yield Land(entry)  # this process's waiters have it now, before the store is written
     if generation is not None:
         try:
             yield from shelf.store(key, entry, generation)
@@ -262,9 +267,7 @@ def fill(shelf: Shelf, key: Key, *, refresh: bool) -> Flight[CachedToken | None]
             shelf.storage_failed(exc)
             generation = None  # waited once already: no more writes in this call
             shelf.keep(key, entry)
-    else:
-        shelf.keep(key, entry)
-    yield Land(entry)
+    yield UNLOCK  # other processes' waiters read it from the store now
     if generation is not None:
         try:
             yield from shelf.prune_if_due()  # best effort: never waits for the write lock
@@ -345,18 +348,23 @@ class _Steps(Generic[T]):
         self.answer(taken[0])
 
     def land(self, entry: CachedToken | None) -> None:
-        """Give back every lock held (the last taken first), then release the waiters."""
+        """Release every waiter of the key's flight in this process with ``entry``."""
         self._answer = None
-        while self.held:
-            self.held.pop()()
         leading, self.leading = self.leading, None
         if leading is not None:
             self.locks.land(leading[0], leading[1], entry)
+
+    def unlock(self) -> None:
+        """Give back every lock held, the last taken first."""
+        self._answer = None
+        while self.held:
+            self.held.pop()()
 
     def __enter__(self) -> _Steps[T]:
         return self
 
     def __exit__(self, exc_type: object, *exc_info: object) -> None:
+        self.unlock()
         result = getattr(self, "result", None) if exc_type is None else None
         self.land(result if isinstance(result, CachedToken) else None)
         self.flight.close()
@@ -390,6 +398,8 @@ class Driver:
                         steps.locked(self.locks.acquire(step.digest, step.wait))
                     elif isinstance(step, Land):
                         steps.land(step.entry)
+                    elif step is UNLOCK:
+                        steps.unlock()
                     elif step is FETCH:
                         steps.answer(fetch())  # type: ignore[misc]  # given with FETCH
                     else:
@@ -415,6 +425,8 @@ class Driver:
                         steps.locked(await self.locks.aacquire(step.digest, step.wait))
                     elif isinstance(step, Land):
                         steps.land(step.entry)
+                    elif step is UNLOCK:
+                        steps.unlock()
                     elif step is FETCH:
                         steps.answer(await afetch())  # type: ignore[misc]  # given with FETCH
                     else:

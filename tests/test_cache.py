@@ -32,7 +32,13 @@ from _core_support import (
 from _core_support import open_api as open_api  # fixture, re-exported by name
 
 import agw_persist_cache.backends.sqlite as store_module
-from agw_persist_cache import CachedToken, CacheStats, CacheStorageError, EntryInfo, PersistentTokenCache
+from agw_persist_cache import (
+    CachedToken,
+    CacheStats,
+    CacheStorageError,
+    EntryInfo,
+    PersistentTokenCache,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
