@@ -384,7 +384,7 @@ class Driver:
         self.health.failed(str(exc), WRITE if op.writes else READ, quiet=quiet)
 
     def _done(self, op: Op[Any]) -> None:
-        if self.health.down is not None:
+        if self.health.state:
             self.health.succeeded(WRITE if op.writes else READ)
 
     def run(self, flight: Flight[T], fetch: Fetch | None = None) -> T:

@@ -40,22 +40,23 @@ class Health:
     def __init__(self, location: str, memory_size: int) -> None:
         self.location = location
         self.memory_size = memory_size
-        self._state: dict[str, Down] = {}
+        self.state: dict[str, Down] = {}
+        """``{"down": Down}`` while degraded, else empty (a cheap test on every hit)."""
 
     @property
     def down(self) -> Down | None:
         """The current outage, or None while healthy."""
-        return self._state.get("down")
+        return self.state.get("down")
 
     @property
     def mode(self) -> str:
-        return DEGRADED if "down" in self._state else HEALTHY
+        return DEGRADED if "down" in self.state else HEALTHY
 
     def failed(self, reason: str, what: str, *, quiet: bool = False) -> None:
         """A store operation (``what``: read, write) or the key failed (``quiet``: the store
         has warned about it itself)."""
         down = Down(time.time(), reason, what)
-        current = self._state.setdefault("down", down)
+        current = self.state.setdefault("down", down)
         if current is down:
             if not quiet:
                 log.warning(
@@ -67,15 +68,15 @@ class Health:
                     self.memory_size,
                 )
         elif set(_UNDONE_BY[what]) < set(_UNDONE_BY[current.what]):
-            self._state["down"] = current._replace(what=what)  # a harder failure than before
+            self.state["down"] = current._replace(what=what)  # a harder failure than before
 
     def succeeded(self, what: str) -> None:
         """A store operation (read, write) succeeded, or the key loaded: back to healthy if
         that shows the failure gone."""
-        current = self._state.get("down")
+        current = self.state.get("down")
         if current is None or what not in _UNDONE_BY[current.what]:
             return
-        if self._state.pop("down", None) is not None:
+        if self.state.pop("down", None) is not None:
             log.warning(
                 "token cache at %s is usable again after %.0f s; using it",
                 self.location,

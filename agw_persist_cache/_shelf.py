@@ -141,7 +141,7 @@ class TokenShelf:
                         self.backend.prepare_dirs()
                     master = load_or_create_key_file(self.key_file)
                 self._keyring = Keyring([master])
-                if self.health.down is not None:
+                if self.health.state:
                     self.health.succeeded(KEY)
             except OSError as exc:  # the directory is unusable: the store's own warning
                 if self.read_only and isinstance(exc, FileNotFoundError):
@@ -308,7 +308,7 @@ class TokenShelf:
             return _new(Hit, (kept, False))
         if snap is None:
             return None
-        if self.health.down is not None:
+        if self.health.state:
             self.health.succeeded(READ)
         entry, followup, due = self.judge(key, snap, time.time())
         if entry is None or followup is not None:
