@@ -195,12 +195,12 @@ def fill(shelf: Shelf, key: Key, *, refresh: bool) -> Flight[CachedToken | None]
             return None if refresh else joined
         if joined is Joined.BUSY:
             return None  # this process is fetching it already
-        if joined is not Joined.AGAIN:  # LEAD, or TIMEOUT: fetch anyway
+        if joined is not Joined.AGAIN:  # LEAD, or TIMEOUT / ALONE: fetch anyway
             break
     locked = LockResult.HELD
     if joined is Joined.TIMEOUT:
         shelf.lock_trouble(LockResult.TIMEOUT, key)
-    elif shelf.uses_store(key):  # every process's flight of the key
+    elif joined is Joined.LEAD and shelf.uses_store(key):  # every process's flight of the key
         while True:
             locked = yield TakeLock(key.digest, _left(wait, deadline))
             if locked is not LockResult.LANDED:

@@ -30,6 +30,8 @@ class Joined(enum.Enum):
     LEAD = "lead"  # no flight was under way: this caller leads it
     AGAIN = "again"  # the leader landed without a token (failed, cancelled): look again
     TIMEOUT = "timeout"  # the leader took longer than the wait: fetch anyway
+    ALONE = "alone"  # the leader is a coroutine of this very thread's loop: waiting would
+    # block it forever, so fetch without it (a plain call from inside async code)
     BUSY = "busy"  # a try found a flight under way (refresh-ahead: it is being done)
 
 
@@ -39,9 +41,10 @@ Outcome = CachedToken | Joined
 class InFlight:
     """One key's flight in this process: its result, once the leader lands."""
 
-    __slots__ = ("done", "outcome", "waiters")
+    __slots__ = ("done", "outcome", "thread", "waiters")
 
     def __init__(self) -> None:
+        self.thread = threading.get_ident()  # the leader's
         self.done = threading.Event()
         self.outcome: Outcome = Joined.AGAIN
         self.waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[Outcome]]] = []
@@ -73,6 +76,8 @@ class KeyLocks:
             return Joined.LEAD, led
         if wait is None:
             return Joined.BUSY, None
+        if record.thread == threading.get_ident():
+            return Joined.ALONE, None
         if not record.done.wait(wait):
             return Joined.TIMEOUT, None
         return record.outcome, None

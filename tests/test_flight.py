@@ -253,3 +253,25 @@ def test_100000_distinct_keys_leave_at_most_the_configured_tokens_in_memory(
     print(f"RSS growth over 100,000 distinct keys (memory_tokens={size}): {grown_kib} KiB")
     assert grown_kib < 64 * 1024  # bounded: not 100,000 tokens of 1.2 kB plus their keys
     cache.close()
+
+
+async def test_a_plain_call_inside_async_code_does_not_wait_for_its_own_loop(
+    cache: Any,
+) -> None:
+    """A sync get-or-fetch on the thread of a loop whose coroutine leads the key's flight
+    cannot wait for it (the loop is blocked by the very wait): it fetches by itself."""
+    go = asyncio.Event()
+
+    async def slow() -> str:
+        await go.wait()
+        return "from-the-coroutine"
+
+    leader = asyncio.create_task(cache.asystem_token("scope", slow))
+    while not cache._driver.locks._flights:
+        await asyncio.sleep(0.01)
+    t0 = time.monotonic()
+    assert cache.system_token("scope", lambda: "from-the-plain-call") == "from-the-plain-call"
+    assert time.monotonic() - t0 < 5  # not the 30 s lock timeout
+    go.set()
+    assert await leader == "from-the-coroutine"
+    assert cache.stats().lock_timeouts == 0
