@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _core_support import new_key, warnings_of
@@ -16,6 +17,8 @@ from support.procs import run_together
 from support.redis_server import (  # noqa: F401  # fixtures
     RedisServer,
     own_redis_fixture,
+    redis_server_fixture,
+    redis_url_fixture,
 )
 from support.store_down import (
     Requests,
@@ -29,6 +32,36 @@ from support.store_down import (
 from agw_persist_cache import CacheConfig, CacheStorageError, PersistentTokenCache
 
 pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def two_caches(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """Two cache objects on one healthy store (as two processes would have)."""
+    config = CacheConfig(keys=[new_key()])
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_url")
+        caches = [PersistentTokenCache(url=url, config=config) for _ in range(2)]
+    else:
+        caches = [PersistentTokenCache(tmp_path / "tokens.db", config=config) for _ in range(2)]
+    yield caches
+    for cache in caches:
+        cache.close()
+
+
+def test_a_healthy_store_stays_coherent_through_the_memory_tier(two_caches: Any) -> None:
+    mine, other = two_caches
+    assert mine.system_token("scope", lambda: "first") == "first"
+    assert mine.get_system_token("scope") == "first"  # in this process's memory tier now
+    other.set_system_token("scope", "replaced")
+    assert mine.get_system_token("scope") == "replaced"
+    other.invalidate_system_token("scope")
+    assert mine.get_system_token("scope") is None
+    assert mine.system_token("scope", lambda: "again") == "again"
+    other.clear()
+    assert mine.get_system_token("scope") is None
+    assert mine.system_token("scope", lambda: "after-clear") == "after-clear"
+    assert mine.stats().served_from_memory == 0
+    assert mine.stats().mode == other.stats().mode == "healthy"
 
 
 def test_an_unusable_sqlite_path_costs_one_request_per_burst(tmp_path: Path) -> None:
