@@ -245,7 +245,7 @@ def test_100000_distinct_keys_leave_at_most_the_configured_tokens_in_memory(
     gc.collect()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for n in range(100_000):
-        cache.user_token(f"{jwt}{n}", "scope", lambda: token)
+        cache.user_token(f"{jwt}{n}", "scope", lambda n=n: f"{token}{n}")  # distinct tokens
     gc.collect()
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     stats = cache.stats()
