@@ -86,13 +86,28 @@ def test_four_processes_with_redis_down_make_at_most_four_requests(tmp_path: Pat
     assert fetches(counter) == 4
 
 
+def _on(
+    server: RedisServer, *, breaker: float
+) -> tuple[CacheConfig, PersistentTokenCache, Requests]:
+    """A config, a cache on ``server`` and a counting fetch."""
+    config = CacheConfig(keys=[new_key()], circuit_breaker_seconds=breaker)
+    return config, PersistentTokenCache(url=server.url, config=config), Requests(delay=0.0)
+
+
+def _until_healthy(cache: PersistentTokenCache) -> None:
+    """Poke ``cache`` (a get) until it uses its store again; fails after 30 s."""
+    deadline = time.monotonic() + 30
+    while cache.stats().mode != "healthy":
+        assert time.monotonic() < deadline, "the cache never used its store again"
+        cache.get_system_token("poke")
+        time.sleep(0.05)
+
+
 def test_killed_redis_costs_no_request_for_a_cached_token_and_comes_back(
     own_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
-    config = CacheConfig(keys=[new_key()], circuit_breaker_seconds=0.3)
-    cache = PersistentTokenCache(url=own_redis.url, config=config)
-    requests = Requests(delay=0.0)
+    config, cache, requests = _on(own_redis, breaker=0.3)
     cache.system_token("scope", requests)
     own_redis.kill()
     assert sequential(cache, requests, 200) == 0
@@ -102,11 +117,7 @@ def test_killed_redis_costs_no_request_for_a_cached_token_and_comes_back(
     assert cache.system_token("outage-scope", requests) == "token-2"  # fetched once...
     assert cache.system_token("outage-scope", requests) == "token-2"  # ...then from memory
     own_redis.start()  # the same port, empty
-    deadline = time.monotonic() + 30
-    while cache.stats().mode != "healthy":
-        assert time.monotonic() < deadline, "the cache never used Redis again"
-        cache.system_token("scope", requests)
-        time.sleep(0.05)
+    _until_healthy(cache)
     # Back on Redis: a token fetched there is shared; the outage token was not written back.
     other = PersistentTokenCache(url=own_redis.url, config=config)
     assert other.get_system_token("outage-scope") is None
@@ -123,9 +134,7 @@ def test_killed_redis_costs_no_request_for_a_cached_token_and_comes_back(
 def test_a_clear_made_during_the_outage_is_honoured_when_redis_returns(
     own_redis: RedisServer,
 ) -> None:
-    config = CacheConfig(keys=[new_key()], circuit_breaker_seconds=0.3)
-    cache = PersistentTokenCache(url=own_redis.url, config=config)
-    requests = Requests(delay=0.0)
+    config, cache, requests = _on(own_redis, breaker=0.3)
     cache.set_system_token("warm", "connections-open")
     own_redis.freeze()  # gone for this process only: the others can still reach it
     try:
@@ -134,11 +143,7 @@ def test_a_clear_made_during_the_outage_is_honoured_when_redis_returns(
     finally:
         own_redis.thaw()
     other.clear()  # elsewhere, while this process could not be told
-    deadline = time.monotonic() + 30
-    while cache.stats().mode != "healthy":
-        assert time.monotonic() < deadline
-        cache.get_system_token("warm")
-        time.sleep(0.05)
+    _until_healthy(cache)
     assert cache.system_token("scope", requests) == "token-2"  # the clear won
     other.close()
     cache.close()
@@ -147,9 +152,7 @@ def test_a_clear_made_during_the_outage_is_honoured_when_redis_returns(
 def test_clear_and_invalidate_during_an_outage_raise_and_empty_this_process(
     own_redis: RedisServer,
 ) -> None:
-    config = CacheConfig(keys=[new_key()], circuit_breaker_seconds=30)
-    cache = PersistentTokenCache(url=own_redis.url, config=config)
-    requests = Requests(delay=0.0)
+    _, cache, requests = _on(own_redis, breaker=30)
     cache.system_token("a", requests)
     cache.system_token("b", requests)
     own_redis.kill()
