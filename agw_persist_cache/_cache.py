@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any, Literal, TypeAlias, TypeVar
 
-from . import _otel
+from . import _otel, _survey
 from ._closing import Closing
 from ._config import ENV_KEY, CacheConfig, resolve_path, split_location
 from ._crypto import keys_from_config
@@ -349,28 +349,28 @@ class PersistentTokenCache(Closing):
 
     def stats(self) -> CacheStats:
         """Counters of this process and facts about the store shared by all."""
-        return self._run(self._shelf.facts())
+        return self._run(_survey.facts(self._shelf))
 
     async def astats(self) -> CacheStats:
         """Async twin of ``stats``."""
-        return await self._arun(self._shelf.facts())
+        return await self._arun(_survey.facts(self._shelf))
 
     def list_entries(self) -> list[EntryInfo]:
         """One record per row: metadata only, never a token, scope or user."""
-        return self._run(self._shelf.entries())
+        return self._run(_survey.entries(self._shelf))
 
     async def alist_entries(self) -> list[EntryInfo]:
         """Async twin of ``list_entries``."""
-        return await self._arun(self._shelf.entries())
+        return await self._arun(_survey.entries(self._shelf))
 
     def reseal(self, *, batch: int = 256) -> int:
         """Re-seal every row not under the primary key, in small transactions (workers keep
         reading and writing meanwhile); rows no configured key opens are left to expire."""
-        return self._run(self._shelf.reseal(batch))
+        return self._run(_survey.reseal(self._shelf, batch))
 
     async def areseal(self, *, batch: int = 256) -> int:
         """Async twin of ``reseal``."""
-        return await self._arun(self._shelf.reseal(batch))
+        return await self._arun(_survey.reseal(self._shelf, batch))
 
     def close(self) -> None:
         """Close this process's connections (the store and other processes are unaffected)."""

@@ -1,16 +1,15 @@
 """The cache's decisions, as flights: what a row means, what to store, what to forget.
 
-:class:`TokenShelf` holds one cache's keys, memo and counters and writes every decision
-of the cache once, as a generator of steps (see ``_flight``): a get, a get-or-fetch
-(whose miss path is ``_flight.fill``), a set, an invalidation, a clear, a prune, the
-facts for ``stats()``, a re-seal. It performs no I/O of its own except reading or
-creating the key file; ``PersistentTokenCache`` runs its flights with a sync or an async
-driver.
+:class:`TokenShelf` holds one cache's keys, memory tier, health and counters and writes
+every decision of the cache once, as a generator of steps (see ``_flight``): a get, a
+get-or-fetch (whose miss path is ``_flight.fill``), a set, an invalidation, a clear, a
+prune (whole-store reports live in ``_survey``). It performs no I/O of its own except
+reading or creating the key file; ``PersistentTokenCache`` runs its flights with a sync
+or an async driver.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hmac
 import os
 import random
@@ -18,7 +17,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
 
 from . import _otel
 from ._config import CacheConfig
@@ -31,14 +29,15 @@ from ._crypto import (
     load_or_create_key_file,
     user_hash,
 )
-from ._errors import CacheStorageError, CacheUsageError
+from ._errors import CacheStorageError
 from ._expiry import CachedToken, TokenData, normalize
 from ._files import read_private
 from ._flight import Flight, Hit, Key, Lookup, fill
 from ._health import KEY, READ, Health
+from ._identity import check_identity
 from ._log import Warnings, warn_unopenable
 from ._memory import Kept, MemoryTier
-from ._stats import CacheStats, Counters, EntryInfo
+from ._stats import Counters
 from .backends.contract import (
     Backend,
     Clear,
@@ -47,12 +46,9 @@ from .backends.contract import (
     GetFacts,
     GetKeyChecks,
     KeyChecks,
-    ListRows,
     LockResult,
     Prune,
     Read,
-    Replace,
-    RowsNotUnder,
     SealedRow,
     Snapshot,
     StorageError,
@@ -67,20 +63,7 @@ _MISS = Lookup(None, None, False)
 _NO_READ = Read(())
 _new = tuple.__new__
 _NO_EXTRA: MappingProxyType[str, str] = MappingProxyType({})
-_NO_FACTS: dict[str, Any] = {
-    "entries_system": 0,
-    "entries_user": 0,
-    "entries_expired": 0,
-    "oldest_expiry": None,
-    "newest_expiry": None,
-    "schema_version": None,
-    "key_ids_in_use": (),
-    "file_bytes": 0,
-    "wal_bytes": 0,
-}
 _REFRESH_RETRY_SECONDS = 2.0
-MAX_SCOPE_KEY_CHARS = 8 * 1024
-MAX_USER_JWT_CHARS = 64 * 1024
 
 
 class TokenShelf:
@@ -169,7 +152,7 @@ class TokenShelf:
         cached = self._keys.get((kind, scope_key, user_jwt))
         if cached is not None:
             return cached
-        _check_identity(kind, scope_key, user_jwt)
+        check_identity(kind, scope_key, user_jwt)
         ring = self.ring()
         uhash = user_hash(user_jwt if kind == "user" else None)
         if ring is None:
@@ -588,83 +571,6 @@ class TokenShelf:
             )
         elif outcome is not None:
             self.counters.refreshes += 1
-
-    # -- whole-store facts and re-sealing -------------------------------------------------------
-
-    def facts(self) -> Flight[CacheStats]:
-        try:
-            facts = yield GetFacts(time.time())
-        except StorageError as exc:
-            self.storage_failed(exc)
-            facts = None
-        found = _NO_FACTS if facts is None else facts._asdict()
-        down = self.health.down
-        return CacheStats(
-            **dataclasses.asdict(self.counters),
-            **found,
-            disabled_reason=self.backend.unavailable,
-            backend=self.backend.name,
-            mode=self.health.mode,
-            degraded_since=None if down is None else down.since,
-            degraded_reason=None if down is None else down.reason,
-            memory_tokens=len(self.memory),
-        )
-
-    def entries(self) -> Flight[list[EntryInfo]]:
-        try:
-            rows = yield ListRows()
-        except StorageError as exc:
-            self.storage_failed(exc)
-            return []
-        return [
-            EntryInfo(r.kind, r.digest.hex()[:12], r.expires_at, r.last_used, r.created_at, r.kid)
-            for r in rows
-        ]
-
-    def reseal(self, batch: int) -> Flight[int]:
-        """Re-seal every row not under the primary key; rows no key opens are left to expire."""
-        ring = self.ring()
-        if ring is None:
-            return 0
-        done = 0
-        skip: tuple[bytes, ...] = ()
-        while True:
-            rows: list[SealedRow] = yield RowsNotUnder(ring.primary.kid, batch, skip)
-            if not rows:
-                return done
-            for row in rows:
-                try:
-                    envelope = ring.open(row)
-                except UnsealError:
-                    skip += (row.digest,)
-                    continue
-                (digest, *_) = ring.digests(row.kind, envelope.scope_key, envelope.uhash)
-                kid, nonce, ct = ring.seal(row.kind, digest, row.generation, envelope)
-                new = row._replace(digest=digest, kid=kid, nonce=nonce, ct=ct)
-                yield Replace(row.digest, new)
-                done += 1
-
-
-def _check_identity(kind: str, scope_key: str, user_jwt: str | None) -> None:
-    """Arguments are checked once, here; messages name them and never echo their values."""
-    if kind not in ("system", "user"):
-        raise CacheUsageError("kind must be 'system' or 'user'")
-    if not isinstance(scope_key, str):
-        raise CacheUsageError(f"scope_key must be a str, not {type(scope_key).__name__}")
-    if len(scope_key) > MAX_SCOPE_KEY_CHARS:
-        raise CacheUsageError(f"scope_key is longer than {MAX_SCOPE_KEY_CHARS} characters")
-    if kind == "system":
-        if user_jwt is not None:
-            raise CacheUsageError("user_jwt must be None for system tokens")
-        return
-    if not isinstance(user_jwt, str):
-        raise CacheUsageError(
-            f"user_jwt must be a str for user tokens, not {type(user_jwt).__name__}"
-        )
-    if not user_jwt.strip():
-        raise CacheUsageError("user_jwt must not be empty or whitespace for user tokens")
-    if len(user_jwt) > MAX_USER_JWT_CHARS:
-        raise CacheUsageError(f"user_jwt is longer than {MAX_USER_JWT_CHARS} characters")
 
 
 def raise_if(error: CacheStorageError | None) -> None:
