@@ -40,30 +40,31 @@ class MemoryTier:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._kept: OrderedDict[Ident, Kept] = OrderedDict()
+        self.kept: OrderedDict[Ident, Kept] = OrderedDict()
+        """Least recently used first (read directly by the hit path of ``_shelf``)."""
         self._backoffs: OrderedDict[Ident, Backoff] = OrderedDict()
 
     def __len__(self) -> int:
-        return len(self._kept)
+        return len(self.kept)
 
     def get(self, ident: Ident) -> Kept | None:
         """The remembered token of ``ident`` (made the most recently used), or None."""
-        kept = self._kept.get(ident)
+        kept = self.kept.get(ident)
         if kept is not None:
             try:  # noqa: SIM105  (every hit passes here: no context manager per call)
-                self._kept.move_to_end(ident)
+                self.kept.move_to_end(ident)
             except KeyError:  # dropped by another thread meanwhile: still ours to use once
                 pass
         return kept
 
     def put(self, ident: Ident, kept: Kept) -> None:
         """Remember ``kept``; the least recently used tokens go beyond ``size``."""
-        self._kept.pop(ident, None)  # (re)inserted last: the most recently used
-        self._kept[ident] = kept
-        _trim(self._kept, self.size)
+        self.kept.pop(ident, None)  # (re)inserted last: the most recently used
+        self.kept[ident] = kept
+        _trim(self.kept, self.size)
 
     def drop(self, ident: Ident) -> None:
-        self._kept.pop(ident, None)
+        self.kept.pop(ident, None)
 
     def usable(self, ident: Ident, now: float, buffer: float) -> CachedToken | None:
         """The remembered token while ``now < expiry - buffer``; an expired one is dropped."""
@@ -71,7 +72,7 @@ class MemoryTier:
         if kept is None:
             return None
         if kept.entry.expires_at - buffer <= now:
-            self._kept.pop(ident, None)
+            self.kept.pop(ident, None)
             return None
         return kept.entry
 
@@ -89,7 +90,7 @@ class MemoryTier:
 
     def clear(self) -> None:
         """Forget every token and back-off of this process."""
-        self._kept.clear()
+        self.kept.clear()
         self._backoffs.clear()
 
 

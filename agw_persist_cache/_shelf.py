@@ -93,6 +93,8 @@ class TokenShelf:
         self._keyring: Keyring | None = Keyring(explicit.keys) if explicit else None
         self.memory = MemoryTier(config.memory_tokens)
         self.health = Health(backend.location, config.memory_tokens)
+        self._kept = self.memory.kept  # the hot path reads these two without a call
+        self._down = self.health.state
         self._keys: dict[tuple[str, str, str | None], Key] = {}
         jitter = random.uniform(0.0, 0.3)
         self._max_ttl = config.max_token_ttl_seconds
@@ -180,9 +182,13 @@ class TokenShelf:
         self._generation = snap.generation
         if row.generation != snap.generation:  # written before a clear(), or replayed
             return Lookup(None, Delete((row.digest,), row.nonce), False)
-        memo = self.memory.get(key.ident)
-        if memo is not None and memo.nonce == row.nonce:
-            entry = memo.entry
+        memo = self._kept.get(key.ident)  # MemoryTier.get, inline: every hit passes here
+        if memo is not None and memo[1] == row.nonce:
+            entry = memo[0]
+            try:  # noqa: SIM105  (no context manager per hit)
+                self._kept.move_to_end(key.ident)
+            except KeyError:  # dropped by another thread meanwhile
+                pass
         else:
             opened = self._open(key, row)
             if opened is None:
@@ -291,7 +297,7 @@ class TokenShelf:
             return _new(Hit, (kept, False))
         if snap is None:
             return None
-        if self.health.state:
+        if self._down:
             self.health.succeeded(READ)
         entry, followup, due = self.judge(key, snap, time.time())
         if entry is None or followup is not None:
