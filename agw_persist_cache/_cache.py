@@ -15,11 +15,11 @@ import threading
 from pathlib import Path
 from typing import Any, Literal, TypeAlias, TypeVar
 
-from . import _otel
+from . import _otel, _survey
 from ._closing import Closing
 from ._config import ENV_KEY, CacheConfig, resolve_path, split_location
 from ._crypto import keys_from_config
-from ._errors import CacheConfigError
+from ._errors import CacheConfigError, CacheUsageError
 from ._expiry import CachedToken, TokenData
 from ._flight import AFetch, Driver, Fetch, Flight, Hit, Key, fill
 from ._locks import KeyLocks
@@ -71,13 +71,14 @@ class PersistentTokenCache(Closing):
             self.path, self.config, self._backend, warnings, read_only=read_only
         )
         self._counters = self._shelf.counters  # what OpenTelemetry's callbacks read
+        self._health = self._shelf.health
         self.backend_name: str = self._backend.name
         self._fork_reset()
         _otel.register(self)
 
     def _fork_reset(self) -> None:
         self._forks = _forkgate.forks
-        self._driver = Driver(self._backend, KeyLocks(self._backend))
+        self._driver = Driver(self._backend, KeyLocks(self._backend), self._shelf.health)
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
@@ -194,7 +195,7 @@ class PersistentTokenCache(Closing):
     ) -> CachedToken:
         """Get-or-fetch with single flight: one ``fetch`` per key for every process on the
         host; a token near its expiry is refreshed in a background thread."""
-
+        _check_fetch(fetch)
         hit = self._shelf.hit(kind, scope_key, user_jwt, self._backend.execute)
         if hit is not None and not hit.due:
             return hit.entry  # (a refresh due, a miss: the flight looks again and decides)
@@ -210,6 +211,7 @@ class PersistentTokenCache(Closing):
         self, kind: Kind, scope_key: str, afetch: AFetch, *, user_jwt: str | None = None
     ) -> CachedToken:
         """Async twin of ``fetch_entry`` (the refresh runs as a task of this loop)."""
+        _check_fetch(afetch)
         hit = self._inline_hit(kind, scope_key, user_jwt)
         if hit is not None and not hit.due:
             return hit.entry
@@ -347,28 +349,28 @@ class PersistentTokenCache(Closing):
 
     def stats(self) -> CacheStats:
         """Counters of this process and facts about the store shared by all."""
-        return self._run(self._shelf.facts())
+        return self._run(_survey.facts(self._shelf))
 
     async def astats(self) -> CacheStats:
         """Async twin of ``stats``."""
-        return await self._arun(self._shelf.facts())
+        return await self._arun(_survey.facts(self._shelf))
 
     def list_entries(self) -> list[EntryInfo]:
         """One record per row: metadata only, never a token, scope or user."""
-        return self._run(self._shelf.entries())
+        return self._run(_survey.entries(self._shelf))
 
     async def alist_entries(self) -> list[EntryInfo]:
         """Async twin of ``list_entries``."""
-        return await self._arun(self._shelf.entries())
+        return await self._arun(_survey.entries(self._shelf))
 
     def reseal(self, *, batch: int = 256) -> int:
         """Re-seal every row not under the primary key, in small transactions (workers keep
         reading and writing meanwhile); rows no configured key opens are left to expire."""
-        return self._run(self._shelf.reseal(batch))
+        return self._run(_survey.reseal(self._shelf, batch))
 
     async def areseal(self, *, batch: int = 256) -> int:
         """Async twin of ``reseal``."""
-        return await self._arun(self._shelf.reseal(batch))
+        return await self._arun(_survey.reseal(self._shelf, batch))
 
     def close(self) -> None:
         """Close this process's connections (the store and other processes are unaffected)."""
@@ -389,3 +391,9 @@ class PersistentTokenCache(Closing):
 
 def _token(entry: CachedToken | None) -> str | None:
     return entry.token if entry else None
+
+
+def _check_fetch(fetch: object) -> None:
+    """A fetch that cannot be called is the caller's bug: said before any lock or back-off."""
+    if not callable(fetch):
+        raise CacheUsageError(f"fetch must be callable, not {type(fetch).__name__}")

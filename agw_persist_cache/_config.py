@@ -120,6 +120,9 @@ class CacheConfig:
     lock_lease_seconds: float = 3.0
     """Redis: lease of a key lock, renewed while its holder fetches; a holder that died
     frees the key within this long."""
+    memory_tokens: int = 4096
+    """Tokens each process keeps in memory (LRU) in front of the store: the memo of opened
+    rows while the store is healthy, the whole cache while it cannot be used."""
 
     def __post_init__(self) -> None:
         positive = {
@@ -152,6 +155,7 @@ class CacheConfig:
             "max_system_token_cache_size": self.max_system_token_cache_size,
             "max_user_token_cache_size": self.max_user_token_cache_size,
             "lock_stripes": self.lock_stripes,
+            "memory_tokens": self.memory_tokens,
         }
         for name, size in sizes.items():
             if isinstance(size, bool) or not isinstance(size, int) or size < 1:

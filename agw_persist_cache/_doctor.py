@@ -19,6 +19,7 @@ from typing import TextIO
 from . import _files as files
 from ._cli_common import EXIT_OK, EXIT_PROBLEMS, open_cache
 from ._config import ENV_PATH, resolve_path, split_location
+from ._stats import CacheStats
 from .backends.sqlite import recognize
 
 NETWORK_FILESYSTEMS = frozenset(
@@ -205,6 +206,8 @@ def _opened(path_arg: str | None, path: Path) -> Iterator[Check]:
         key_ids, key_source, key_file = cache.key_ids, cache.key_source, cache.key_file
         # The cache's own judgement of its key (what a process warns about at its first miss).
         verdict = None if stats.disabled_reason else cache._run(cache._shelf.key_verdict())
+        stats = cache.stats()  # the mode after every read above
+    yield _mode(stats)
     if stats.disabled_reason:
         yield Check("FAIL", "schema", f"cache disabled: {stats.disabled_reason}")
         return
@@ -236,6 +239,19 @@ def _opened(path_arg: str | None, path: Path) -> Iterator[Check]:
         yield Check("FAIL", "locks", f"lock dir {lock_dir} is not writable by {_user()}")
     else:
         yield Check("ok", "locks", f"{lock_dir}")
+
+
+def _mode(stats: CacheStats) -> Check:
+    """Healthy, or degraded: what a worker does when it cannot use the store either."""
+    if stats.mode == "healthy":
+        return Check("ok", "mode", "healthy: the store answered; processes share their tokens")
+    return Check(
+        "warn",
+        "mode",
+        f"degraded ({stats.degraded_reason}): a worker that meets this serves the tokens it "
+        "holds from memory and fetches each missing one once per process until the store is "
+        "back",
+    )
 
 
 def run_doctor(path_arg: str | None, out: TextIO, *, mounts_file: Path) -> int:

@@ -1,12 +1,14 @@
 """Single flight, written once: every multi-step decision of the cache is a generator.
 
 A flight yields *steps* and receives their results, with no I/O of its own (the
-httpx ``Auth.auth_flow`` pattern). There are four kinds of step: a storage operation
-of the contract (:class:`~.backends.contract.Op`), :class:`TakeLock` (the key's
-in-process lock, then its cross-process lock), :data:`UNLOCK` (give back every lock
-taken so far) and :data:`FETCH` (call the caller's token fetch). Two small drivers
-perform them: :func:`run` with plain calls and :func:`arun` with awaits. A step that
-fails is thrown into the flight, which decides; locks are given back whatever happens.
+httpx ``Auth.auth_flow`` pattern). The steps: a storage operation of the contract
+(:class:`~.backends.contract.Op`), :class:`Join` (the key's flight in this process: lead
+it, or wait for its leader's one result), :class:`TakeLock` (the key's cross-process
+lock), :class:`Land` (hand the token to every waiter of the key in this process at once),
+:data:`UNLOCK` (give back the locks) and :data:`FETCH` (call the caller's token fetch).
+Two small drivers perform them: :meth:`Driver.run` with plain calls and
+:meth:`Driver.arun` with awaits. A step that fails is thrown into the flight, which
+decides; locks are given back and waiters released whatever happens.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from typing import Any, Generic, NamedTuple, Protocol, TypeAlias, TypeVar
 from ._config import CacheConfig
 from ._errors import FetchBackoffError, TokenFetchError
 from ._expiry import CachedToken, TokenData, normalize
-from ._locks import KeyLocks, Release
+from ._health import READ, WRITE, Health
+from ._locks import InFlight, Joined, KeyLocks, Release
+from ._memory import Ident, MemoryTier
 from ._stats import Counters
 from .backends.contract import (
     Backend,
@@ -31,39 +35,73 @@ from .backends.contract import (
     SetBackoff,
     Snapshot,
     StorageError,
+    StorageUnavailable,
 )
 
 T = TypeVar("T")
 
+CALLERS_BUGS: tuple[type[BaseException], ...] = (
+    TypeError,  # also CacheUsageError: a fetch returning something that is not a token
+    AttributeError,
+    NameError,
+    AssertionError,
+    ImportError,
+    NotImplementedError,
+    RecursionError,
+    SyntaxError,
+)
+"""Exceptions of a fetch that are the caller's bug: they propagate with no back-off. Any
+other exception of a fetch is the identity service's trouble (bad credentials, a 5xx, a
+timeout, a response that does not parse): every process backs off the key for a while."""
+
 
 @dataclass(frozen=True, slots=True)
 class Key:
-    """What identifies a cached token: kind, scope and user (as a hash), and its digests."""
+    """What identifies a cached token: kind, scope and user (as a hash), and its digests.
+
+    A ``local`` key has no digests: the process has no usable key for the store, so the
+    token lives in its memory tier only."""
 
     kind: str
     scope_key: str
     uhash: str
     digests: tuple[bytes, ...]  # one per configured key; new rows go under the first
     read: Read  # the lookup of this key, built once
+    ident: Ident  # (kind, scope_key, uhash): the memory tier's and the flights' key
+    local: bool = False
 
     @property
     def digest(self) -> bytes:
         return self.digests[0]
 
     def __repr__(self) -> str:
-        return f"Key(kind={self.kind!r}, digest={self.digest.hex()[:12]}...)"
+        shown = self.digest.hex()[:12] + "..." if self.digests else "local"
+        return f"Key(kind={self.kind!r}, digest={shown})"
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    """Join the key's flight in this process within ``wait`` seconds (``None``: only lead,
+    never wait); yields the leader's token or a :class:`~._locks.Joined`."""
+
+    ident: Ident
+    wait: float | None
 
 
 @dataclass(frozen=True, slots=True)
 class TakeLock:
-    """Take the key's locks within ``wait`` seconds (``None``: one try); yields a LockResult.
-
-    ``local`` / ``cross``: the in-process lock, the cross-process lock, or both."""
+    """Take the key's cross-process lock within ``wait`` seconds (``None``: one try);
+    yields a LockResult."""
 
     digest: bytes
     wait: float | None
-    local: bool = True  # this process's lock of the key
-    cross: bool = True  # every process's lock of the key
+
+
+@dataclass(frozen=True, slots=True)
+class Land:
+    """Hand ``entry`` to every waiter of the key's flight in this process at once."""
+
+    entry: CachedToken
 
 
 class _Marker:
@@ -77,11 +115,11 @@ class _Marker:
 
 
 UNLOCK = _Marker("UNLOCK")
-"""Give back every lock this flight holds (e.g. before pruning)."""
+"""Give back every lock this flight holds (other processes' waiters then read the store)."""
 FETCH = _Marker("FETCH")
 """Call the caller's fetch; its result (or exception) comes back into the flight."""
 
-Step: TypeAlias = "Op[Any] | TakeLock | _Marker"
+Step: TypeAlias = "Op[Any] | Join | TakeLock | Land | _Marker"
 Flight: TypeAlias = Generator[Step, Any, T]
 Fetch: TypeAlias = Callable[[], TokenData]
 AFetch: TypeAlias = Callable[[], Awaitable[TokenData]]
@@ -107,9 +145,19 @@ class Shelf(Protocol):
 
     config: CacheConfig
     counters: Counters
+    memory: MemoryTier
+
+    def uses_store(self, key: Key) -> bool:
+        """Whether ``key``'s flight goes through the store now (else: memory only)."""
 
     def judge(self, key: Key, snap: Snapshot, now: float) -> Lookup:
         """Open and check the row of a read."""
+
+    def remembered(self, key: Key, now: float) -> CachedToken | None:
+        """The token the memory tier holds for ``key`` (the store could not answer)."""
+
+    def keep(self, key: Key, entry: CachedToken) -> None:
+        """Remember a token the store did not take (this process serves it from memory)."""
 
     def store(self, key: Key, entry: CachedToken, generation: int | None) -> Flight[bool]:
         """Seal and write ``entry`` unless a clear moved ``generation``."""
@@ -118,7 +166,7 @@ class Shelf(Protocol):
         """Prune if this process has not for a while."""
 
     def storage_failed(self, exc: StorageError) -> None:
-        """Count and warn once: a storage problem never fails a get-or-fetch."""
+        """Count a storage problem: it never fails a get-or-fetch."""
 
     def lock_trouble(self, result: LockResult, key: Key) -> None:
         """Count and warn about a lock that was not had (timeout or I/O error)."""
@@ -128,57 +176,65 @@ class Shelf(Protocol):
 
 
 def fill(shelf: Shelf, key: Key, *, refresh: bool) -> Flight[CachedToken | None]:
-    """Under the key's locks: re-read, honour back-off, fetch, store unless cleared meanwhile.
+    """The single flight of a miss: join the key's flight in this process; its leader takes
+    the cross-process lock, re-reads, honours back-off, fetches and stores (unless a clear
+    came meanwhile), then hands the token to every waiter at once.
 
-    With ``refresh`` (refresh-ahead in the background): only a try of the locks, and a
+    With ``refresh`` (refresh-ahead in the background): only tries, never waits, and a
     token no longer due for refresh means another process already refreshed it (None).
     """
     config = shelf.config
     wait = None if refresh else config.lock_timeout_seconds
     deadline = time.monotonic() + (wait or 0.0)
     asked = time.monotonic()
+    while True:  # this process's flight of the key
+        _raise_if_backing_off(shelf, shelf.memory.backoff(key.ident, time.time()))
+        joined = yield Join(key.ident, _left(wait, deadline))
+        if isinstance(joined, CachedToken):  # the leader's token, handed to all at once
+            shelf.timed("lock", key, time.monotonic() - asked)
+            return None if refresh else joined
+        if joined is Joined.BUSY:
+            return None  # this process is fetching it already
+        if joined is not Joined.AGAIN:  # LEAD, or TIMEOUT / ALONE: fetch anyway
+            break
     locked = LockResult.HELD
-    for cross in (False, True):  # this process's flight of the key, then every process's
+    if joined is Joined.TIMEOUT:
+        shelf.lock_trouble(LockResult.TIMEOUT, key)
+    elif joined is Joined.LEAD and shelf.uses_store(key):  # every process's flight of the key
         while True:
-            left = None if wait is None else max(0.0, deadline - time.monotonic())
-            locked = yield TakeLock(key.digest, left, local=not cross, cross=cross)
+            locked = yield TakeLock(key.digest, _left(wait, deadline))
             if locked is not LockResult.LANDED:
                 break
-            # The flight ahead of ours has just ended: read before queueing again, so that
-            # every waiter reads the token at once instead of taking the lock in turn.
+            # The flight ahead of ours has just ended: read before queueing again.
             early = yield from _peek(shelf, key)
             if early is not None:
                 shelf.timed("lock", key, time.monotonic() - asked)
                 return None if refresh else early
+        if locked is LockResult.BUSY or (refresh and locked is not LockResult.HELD):
+            return None  # someone else is refreshing this very key
         if locked is not LockResult.HELD:
-            break
+            shelf.lock_trouble(locked, key)
     shelf.timed("lock", key, time.monotonic() - asked)
-    if locked is LockResult.BUSY or (refresh and locked is not LockResult.HELD):
-        return None  # someone else is refreshing this very key
-    if locked is not LockResult.HELD:
-        shelf.lock_trouble(locked, key)
     now = time.time()
     generation: int | None = None
     backoff: Backoff | None = None
-    try:
-        snap: Snapshot = yield key.read  # another process may have just written it
-        generation = snap.generation
-        lookup = shelf.judge(key, snap, now)
-        if lookup.followup is not None:
-            yield lookup.followup
-        if lookup.entry is not None and not (refresh and lookup.due):
-            return None if refresh else lookup.entry
-        backoff = yield GetBackoff(key.digest)
-    except StorageError as exc:
-        shelf.storage_failed(exc)
-    if backoff is not None and config.fetch_backoff_seconds > 0:
-        # Capped on read: a stepped clock or a planted row never blocks a key for longer.
-        left = min(backoff.until - now, config.fetch_backoff_seconds)
-        if left > 0:
-            shelf.counters.backoff_rejections += 1
-            raise FetchBackoffError(
-                retry_after=left, cause_type=backoff.cause, status=backoff.status
-            )
+    if shelf.uses_store(key):
+        try:
+            snap: Snapshot = yield key.read  # another process may have just written it
+            generation = snap.generation
+            lookup = shelf.judge(key, snap, now)
+            if lookup.followup is not None:
+                yield lookup.followup
+            if lookup.entry is not None and not (refresh and lookup.due):
+                return None if refresh else lookup.entry
+            backoff = yield GetBackoff(key.digest)
+        except StorageError as exc:
+            shelf.storage_failed(exc)
+    if generation is None:  # the store could not answer: the memory tier is the cache
+        kept = shelf.remembered(key, now)
+        if kept is not None:
+            return None if refresh else kept
+    _raise_if_backing_off(shelf, backoff)
     shelf.counters.fetches += 1
     started = time.time()
     try:
@@ -189,28 +245,45 @@ def fill(shelf: Shelf, key: Key, *, refresh: bool) -> Flight[CachedToken | None]
         failure = None
     shelf.timed("fetch", key, time.time() - started, ok=failure is None)
     if failure is not None:  # not raised inside the except: a storage error stays unchained
-        if config.fetch_backoff_seconds > 0 and generation is not None:
+        if config.fetch_backoff_seconds > 0 and not isinstance(failure, CALLERS_BUGS):
             status = failure.status if isinstance(failure, TokenFetchError) else None
             until = time.time() + config.fetch_backoff_seconds
-            try:
-                yield SetBackoff(key.digest, Backoff(until, type(failure).__name__, status))
-            except StorageError as exc:
-                shelf.storage_failed(exc)
+            mark = Backoff(until, type(failure).__name__, status)
+            shelf.memory.mark(key.ident, mark)
+            if generation is not None:
+                try:
+                    yield SetBackoff(key.digest, mark)
+                except StorageError as exc:
+                    shelf.storage_failed(exc)
         raise failure
     entry = normalize(data, now=started, expires_at=None, config=config)
+    if generation is None:
+        shelf.keep(key, entry)  # before the waiters go: a caller after them finds it
+    yield Land(entry)  # this process's waiters have it now, before the store is written
     if generation is not None:
         try:
             yield from shelf.store(key, entry, generation)
         except StorageError as exc:
             shelf.storage_failed(exc)
             generation = None  # waited once already: no more writes in this call
-    yield UNLOCK
+            shelf.keep(key, entry)
+    yield UNLOCK  # other processes' waiters read it from the store now
     if generation is not None:
         try:
             yield from shelf.prune_if_due()  # best effort: never waits for the write lock
         except StorageError as exc:
             shelf.storage_failed(exc)
     return entry
+
+
+def _raise_if_backing_off(shelf: Shelf, backoff: Backoff | None) -> None:
+    if backoff is None or shelf.config.fetch_backoff_seconds <= 0:
+        return
+    # Capped on read: a stepped clock or a planted row never blocks a key for longer.
+    left = min(backoff.until - time.time(), shelf.config.fetch_backoff_seconds)
+    if left > 0:
+        shelf.counters.backoff_rejections += 1
+        raise FetchBackoffError(retry_after=left, cause_type=backoff.cause, status=backoff.status)
 
 
 def _peek(shelf: Shelf, key: Key) -> Flight[CachedToken | None]:
@@ -223,18 +296,25 @@ def _peek(shelf: Shelf, key: Key) -> Flight[CachedToken | None]:
     return shelf.judge(key, snap, time.time()).entry
 
 
+def _left(wait: float | None, deadline: float) -> float | None:
+    return None if wait is None else max(0.0, deadline - time.monotonic())
+
+
 # -- drivers ------------------------------------------------------------------------------------
 
 
 class _Steps(Generic[T]):
     """Steps through one flight: iterate for the next step, answer or fail it.
 
-    Used as a context manager, it gives back every lock still held when it ends.
+    Used as a context manager, it gives back every lock still held when it ends, and lands
+    the key's flight in this process if this flight leads it.
     """
 
-    def __init__(self, flight: Flight[T]) -> None:
+    def __init__(self, flight: Flight[T], locks: KeyLocks) -> None:
         self.flight = flight
+        self.locks = locks
         self.held: list[Release] = []
+        self.leading: tuple[Ident, InFlight] | None = None
         self.result: T
         self._answer: Any = None
         self._error: BaseException | None = None
@@ -258,6 +338,22 @@ class _Steps(Generic[T]):
     def fail(self, error: BaseException) -> None:
         self._answer, self._error = None, error
 
+    def joined(self, ident: Ident, outcome: tuple[Any, InFlight | None]) -> None:
+        if outcome[1] is not None:
+            self.leading = (ident, outcome[1])
+        self.answer(outcome[0])
+
+    def locked(self, taken: tuple[LockResult, Release]) -> None:
+        self.held.append(taken[1])
+        self.answer(taken[0])
+
+    def land(self, entry: CachedToken | None) -> None:
+        """Release every waiter of the key's flight in this process with ``entry``."""
+        self._answer = None
+        leading, self.leading = self.leading, None
+        if leading is not None:
+            self.locks.land(leading[0], leading[1], entry)
+
     def unlock(self) -> None:
         """Give back every lock held, the last taken first."""
         self._answer = None
@@ -267,56 +363,80 @@ class _Steps(Generic[T]):
     def __enter__(self) -> _Steps[T]:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: object, *exc_info: object) -> None:
         self.unlock()
+        result = getattr(self, "result", None) if exc_type is None else None
+        self.land(result if isinstance(result, CachedToken) else None)
         self.flight.close()
 
 
 class Driver:
-    """Performs steps for one cache: on its backend, its locks and a caller's fetch."""
+    """Performs steps for one cache: on its backend, its locks and a caller's fetch; tells
+    ``health`` how each storage operation went."""
 
-    def __init__(self, backend: Backend, locks: KeyLocks) -> None:
+    def __init__(self, backend: Backend, locks: KeyLocks, health: Health) -> None:
         self.backend = backend
         self.locks = locks
+        self.health = health
 
-    def _locked(self, steps: _Steps[Any], taken: tuple[LockResult, Release]) -> LockResult:
-        steps.held.append(taken[1])
-        return taken[0]
+    def _failed(self, op: Op[Any], exc: StorageError) -> None:
+        quiet = isinstance(exc, StorageUnavailable)  # the store said why when it gave up
+        self.health.failed(str(exc), WRITE if op.writes else READ, quiet=quiet)
+
+    def _done(self, op: Op[Any]) -> None:
+        if self.health.state:
+            self.health.succeeded(WRITE if op.writes else READ)
 
     def run(self, flight: Flight[T], fetch: Fetch | None = None) -> T:
         """Perform ``flight`` with plain calls."""
-        with _Steps(flight) as steps:
+        with _Steps(flight, self.locks) as steps:
             for step in steps:
                 try:
-                    if isinstance(step, TakeLock):
-                        taken = self.locks.acquire(
-                            step.digest, step.wait, local=step.local, cross=step.cross
-                        )
-                        steps.answer(self._locked(steps, taken))
+                    if isinstance(step, Join):
+                        steps.joined(step.ident, self.locks.join(step.ident, step.wait))
+                    elif isinstance(step, TakeLock):
+                        steps.locked(self.locks.acquire(step.digest, step.wait))
+                    elif isinstance(step, Land):
+                        steps.land(step.entry)
                     elif step is UNLOCK:
                         steps.unlock()
+                    elif step is FETCH:
+                        steps.answer(fetch())  # type: ignore[misc]  # given with FETCH
                     else:
-                        steps.answer(fetch() if step is FETCH else self.backend.execute(step))  # type: ignore[misc,arg-type]  # step is an Op here
+                        op: Op[Any] = step  # type: ignore[assignment]  # the only step left
+                        try:
+                            steps.answer(self.backend.execute(op))
+                        except StorageError as exc:
+                            self._failed(op, exc)
+                            raise
+                        self._done(op)
                 except Exception as exc:
                     steps.fail(exc)
         return steps.result
 
     async def arun(self, flight: Flight[T], afetch: AFetch | None = None) -> T:
         """Perform ``flight`` with awaits."""
-        with _Steps(flight) as steps:
+        with _Steps(flight, self.locks) as steps:
             for step in steps:
                 try:
-                    if isinstance(step, TakeLock):
-                        ataken = await self.locks.aacquire(
-                            step.digest, step.wait, local=step.local, cross=step.cross
-                        )
-                        steps.answer(self._locked(steps, ataken))
+                    if isinstance(step, Join):
+                        steps.joined(step.ident, await self.locks.ajoin(step.ident, step.wait))
+                    elif isinstance(step, TakeLock):
+                        steps.locked(await self.locks.aacquire(step.digest, step.wait))
+                    elif isinstance(step, Land):
+                        steps.land(step.entry)
                     elif step is UNLOCK:
                         steps.unlock()
                     elif step is FETCH:
                         steps.answer(await afetch())  # type: ignore[misc]  # given with FETCH
                     else:
-                        steps.answer(await self.backend.aexecute(step))  # type: ignore[arg-type]  # an Op
+                        op: Op[Any] = step  # type: ignore[assignment]  # the only step left
+                        try:
+                            steps.answer(await self.backend.aexecute(op))
+                        except StorageError as exc:
+                            self._failed(op, exc)
+                            raise
+                        self._done(op)
                 except Exception as exc:
                     steps.fail(exc)
         return steps.result

@@ -1,153 +1,158 @@
-"""Per-key single flight: an in-process lock in front of the backend's cross-process lock.
+"""Per-key single flight: one in-flight record per key in this process, in front of the
+backend's cross-process lock.
 
-The in-process lock (a ``threading.Lock`` for threads, an ``asyncio.Lock`` per event
-loop for tasks) lets one caller per process go on to the cross-process lock, so 50
-coroutines waiting for one key cost one lock wait, not fifty. Locks exist per key
-while someone uses them: unrelated keys never wait for each other.
+The first caller of a key *leads* its flight; every other caller of that key in the process
+(threads and coroutines of any event loop alike) waits for the leader's one result, held in
+the key's in-flight record: a ``threading.Event`` for threads and a future per waiting
+coroutine, all resolved at once when the leader lands, never handed a lock one by one. This
+holds whether or not the store works. Only the leader goes on to the cross-process lock.
+Records exist per key while a flight is under way: unrelated keys never wait for each other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import enum
 import threading
-import time
 from collections.abc import Callable, Hashable
-from typing import Generic, TypeVar
+from typing import Any
 
-from .backends.contract import Backend, KeyLock, LockResult
+from ._expiry import CachedToken
+from .backends.contract import Backend, LockResult, StorageError
 
-L = TypeVar("L", threading.Lock, asyncio.Lock)
 Release = Callable[[], None]
 
 
-class _KeyedLocks(Generic[L]):
-    """One lock per key while anyone holds or waits for it; dropped by the last one out."""
+class Joined(enum.Enum):
+    """How joining a key's flight ended, when it did not hand over the leader's token."""
 
-    def __init__(self, factory: Callable[[], L]) -> None:
-        self._factory: Callable[[], L] = factory
-        self._mutex = threading.Lock()
-        self._locks: dict[Hashable, tuple[L, int]] = {}
+    LEAD = "lead"  # no flight was under way: this caller leads it
+    AGAIN = "again"  # the leader landed without a token (failed, cancelled): look again
+    TIMEOUT = "timeout"  # the leader took longer than the wait: fetch anyway
+    ALONE = "alone"  # the leader is a coroutine of this very thread's loop: waiting would
+    # block it forever, so fetch without it (a plain call from inside async code)
+    BUSY = "busy"  # a try found a flight under way (refresh-ahead: it is being done)
 
-    def get(self, key: Hashable) -> L:
-        with self._mutex:
-            lock, users = self._locks.get(key) or (self._factory(), 0)
-            self._locks[key] = (lock, users + 1)
-        return lock
 
-    def put(self, key: Hashable) -> None:
-        with self._mutex:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
+Outcome = CachedToken | Joined
+
+
+class InFlight:
+    """One key's flight in this process: its result, once the leader lands."""
+
+    __slots__ = ("done", "outcome", "thread", "waiters")
+
+    def __init__(self) -> None:
+        self.thread = threading.get_ident()  # the leader's
+        self.done = threading.Event()
+        self.outcome: Outcome = Joined.AGAIN
+        self.waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[Outcome]]] = []
 
 
 class KeyLocks:
-    """The locks of one cache; rebuilt in a forked child (inherited ones may be held)."""
+    """The single flights of one cache; rebuilt in a forked child (the parent's are not its)."""
 
     def __init__(self, backend: Backend) -> None:
         self._backend = backend
-        self._threads: _KeyedLocks[threading.Lock] = _KeyedLocks(threading.Lock)
-        self._tasks: _KeyedLocks[asyncio.Lock] = _KeyedLocks(asyncio.Lock)
+        self._mutex = threading.Lock()
+        self._flights: dict[Hashable, InFlight] = {}
 
-    @staticmethod
-    def _held(
-        keyed: _KeyedLocks[L] | None, key: Hashable, local: L | None, cross: KeyLock | None
-    ) -> Release:
-        """Undo, in reverse order, whatever of the two locks was taken (``keyed``: the
-        per-key entry this acquisition counted itself in, if any)."""
+    def _lead(self, ident: Hashable) -> InFlight | None:
+        """A new record led by the caller, or None (with the mutex held) if one exists."""
+        record = self._flights.get(ident)
+        if record is None:
+            record = self._flights[ident] = InFlight()
+            return record
+        return None
 
-        def release() -> None:
-            if cross is not None:
-                cross.release()
-            if local is not None:
-                local.release()
-            if keyed is not None:
-                keyed.put(key)
+    def join(self, ident: Hashable, wait: float | None) -> tuple[Outcome, InFlight | None]:
+        """Lead the key's flight (``LEAD`` and its record) or wait up to ``wait`` seconds
+        (``None``: do not wait, ``BUSY``) for the leader's outcome."""
+        with self._mutex:
+            led = self._lead(ident)
+            record = led or self._flights[ident]
+        if led is not None:
+            return Joined.LEAD, led
+        if wait is None:
+            return Joined.BUSY, None
+        if record.thread == threading.get_ident():
+            return Joined.ALONE, None
+        if not record.done.wait(wait):
+            return Joined.TIMEOUT, None
+        return record.outcome, None
 
-        return release
-
-    def acquire(
-        self, digest: bytes, wait: float | None, *, local: bool = True, cross: bool = True
-    ) -> tuple[LockResult, Release]:
-        """The locks of ``digest`` within ``wait`` seconds (``None``: one try, no wait):
-        the in-process one, the cross-process one, or both (in that order).
-
-        A local lock not had in time means TIMEOUT (fetch anyway) or BUSY (a try). The
-        local lock alone, found held by another caller, is waited for and NOT kept:
-        LANDED says that caller's flight has ended, so this one re-reads first.
-        """
-        deadline = time.monotonic() + (wait or 0.0)
-        keyed = self._threads if local else None
-        taken: threading.Lock | None = None
-        if local:
-            lock = self._threads.get(digest)
-            if not lock.acquire(blocking=False):
-                if wait is None or not lock.acquire(timeout=wait):
-                    return _refused(wait), self._held(keyed, digest, None, None)
-                if not cross:
-                    lock.release()
-                    self._threads.put(digest)
-                    return LockResult.LANDED, _nothing
-            taken = lock
-        if not cross:
-            return LockResult.HELD, self._held(keyed, digest, taken, None)
-        lock_x = self._backend.key_lock(digest)
-        result = lock_x.acquire(_left(wait, deadline))
-        held = lock_x if result is LockResult.HELD else None
-        return result, self._held(keyed, digest, taken, held)
-
-    async def aacquire(
-        self, digest: bytes, wait: float | None, *, local: bool = True, cross: bool = True
-    ) -> tuple[LockResult, Release]:
-        """The same from a task: waits without blocking the event loop."""
-        deadline = time.monotonic() + (wait or 0.0)
-        key = (asyncio.get_running_loop(), digest)
-        keyed = self._tasks if local else None
-        taken: asyncio.Lock | None = None
-        release = self._held(keyed, key, None, None)
+    async def ajoin(self, ident: Hashable, wait: float | None) -> tuple[Outcome, InFlight | None]:
+        """The same from a coroutine: it waits on a future of its own loop, resolved with
+        every other waiter's in one step when the leader lands."""
+        loop = asyncio.get_running_loop()
+        with self._mutex:
+            led = self._lead(ident)
+            if led is not None:
+                return Joined.LEAD, led
+            if wait is None:
+                return Joined.BUSY, None
+            record = self._flights[ident]
+            waiter: asyncio.Future[Outcome] = loop.create_future()
+            record.waiters.append((loop, waiter))
+        timer = loop.call_later(wait, _resolve, [waiter], Joined.TIMEOUT)
         try:
-            if local:
-                lock = self._tasks.get(key)
-                was_free = not lock.locked()
-                if not await _atake(lock, wait):
-                    return _refused(wait), release
-                if not was_free and not cross:
-                    lock.release()
-                    release()
-                    return LockResult.LANDED, _nothing
-                taken = lock
-                release = self._held(keyed, key, taken, None)
-            if not cross:
-                return LockResult.HELD, release
-            lock_x = self._backend.key_lock(digest)
-            result = await lock_x.aacquire(_left(wait, deadline))
-        except BaseException:  # cancelled while waiting: give back what was taken
-            release()
-            raise
-        held = lock_x if result is LockResult.HELD else None
-        return result, self._held(keyed, key, taken, held)
+            return await waiter, None
+        finally:
+            timer.cancel()
+
+    def land(self, ident: Hashable, record: InFlight, entry: CachedToken | None) -> None:
+        """End the key's flight: every waiter gets ``entry`` (None: ``AGAIN``) at once."""
+        with self._mutex:
+            if self._flights.get(ident) is record:
+                del self._flights[ident]
+            record.outcome = Joined.AGAIN if entry is None else entry
+            waiters, record.waiters = record.waiters, []
+        record.done.set()
+        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[Outcome]]] = {}
+        for loop, waiter in waiters:
+            by_loop.setdefault(loop, []).append(waiter)
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        for loop, futures in by_loop.items():
+            if loop is running:
+                _resolve(futures, record.outcome)
+            else:
+                with contextlib.suppress(RuntimeError):  # that loop has closed meanwhile
+                    loop.call_soon_threadsafe(_resolve, futures, record.outcome)
+
+    # -- the cross-process lock ------------------------------------------------------------------
+
+    def acquire(self, digest: bytes, wait: float | None) -> tuple[LockResult, Release]:
+        """The cross-process lock of ``digest`` within ``wait`` seconds (``None``: one try).
+
+        After a wait it is not held (LANDED): its holder's flight has ended, so the caller
+        reads again first. A store that cannot lock (down) is ERROR: fetch anyway.
+        """
+        lock = self._backend.key_lock(digest)
+        try:
+            result = lock.acquire(wait)
+        except StorageError:
+            return LockResult.ERROR, _nothing
+        return result, lock.release if result is LockResult.HELD else _nothing
+
+    async def aacquire(self, digest: bytes, wait: float | None) -> tuple[LockResult, Release]:
+        """The same from a task: waits without blocking the event loop."""
+        lock = self._backend.key_lock(digest)
+        try:
+            result = await lock.aacquire(wait)
+        except StorageError:
+            return LockResult.ERROR, _nothing
+        return result, lock.release if result is LockResult.HELD else _nothing
+
+
+def _resolve(futures: list[asyncio.Future[Any]], outcome: Outcome) -> None:
+    for future in futures:
+        if not future.done():  # cancelled, or timed out, meanwhile
+            future.set_result(outcome)
 
 
 def _nothing() -> None:
     """Nothing to give back."""
-
-
-async def _atake(lock: asyncio.Lock, wait: float | None) -> bool:
-    if not lock.locked():
-        return await lock.acquire()  # free: taken at once, without a task or a timer
-    if wait is None or wait <= 0:
-        return False
-    try:
-        return await asyncio.wait_for(lock.acquire(), wait)
-    except TimeoutError:
-        return False
-
-
-def _refused(wait: float | None) -> LockResult:
-    return LockResult.BUSY if wait is None else LockResult.TIMEOUT
-
-
-def _left(wait: float | None, deadline: float) -> float | None:
-    return None if wait is None else max(0.0, deadline - time.monotonic())

@@ -29,7 +29,7 @@ def warn_unopenable(warnings: Warnings, location: object, exc: BaseException) ->
     """The one warning for a store that cannot be opened at all."""
     warnings.once(
         "open",
-        "cannot open token cache at %s (%s: %s); tokens are fetched directly. "
+        "cannot open token cache at %s (%s: %s); this process keeps its tokens in memory. "
         "Set AGW_CACHE_PATH to a writable local path or run `agw-cache doctor`",
         location,
         type(exc).__name__,

@@ -58,7 +58,12 @@ EVENT_COUNTERS: dict[str, tuple[str, str]] = {
         "Calls failed fast by the back-off after a failed fetch",
     ),
     "agw_cache.refreshes": ("refreshes", "Tokens replaced ahead of expiry in the background"),
+    "agw_cache.served_from_memory": (
+        "served_from_memory",
+        "Tokens served from the process's memory tier while the store could not answer",
+    ),
 }
+DEGRADED = "agw_cache.degraded"
 OUTCOMES = ("ok", "error")
 
 
@@ -133,6 +138,12 @@ def _set_up(provider: MeterProvider) -> None:
         )
     meter.create_observable_gauge(
         ROWS, callbacks=[_observe_rows], unit="{row}", description="Cached tokens by kind"
+    )
+    meter.create_observable_gauge(
+        DEGRADED,
+        callbacks=[_observe_degraded],
+        unit="{cache}",
+        description="Caches of this process whose store cannot be used (memory tier only)",
     )
     with _lock:
         _switched_off = False
@@ -235,6 +246,20 @@ def _observe_counter(field: str, options: CallbackOptions) -> Iterable[Observati
     for entry in registered:
         totals[entry.backend] = totals.get(entry.backend, 0) + int(getattr(entry.counters, field))
     return [Observation(total, {"backend": backend}) for backend, total in totals.items()]
+
+
+def _observe_degraded(options: CallbackOptions) -> Iterable[Observation]:
+    from opentelemetry.metrics import Observation
+
+    with _lock:
+        live = [(entry.ref(), entry.backend) for entry in _registry]
+    degraded: dict[str, int] = {}
+    for cache, backend in live:
+        health = getattr(cache, "_health", None)
+        if health is None:
+            continue
+        degraded[backend] = degraded.get(backend, 0) + (health.mode == "degraded")
+    return [Observation(n, {"backend": backend}) for backend, n in degraded.items()]
 
 
 def _observe_rows(options: CallbackOptions) -> Iterable[Observation]:

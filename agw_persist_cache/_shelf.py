@@ -1,16 +1,15 @@
 """The cache's decisions, as flights: what a row means, what to store, what to forget.
 
-:class:`TokenShelf` holds one cache's keys, memo and counters and writes every decision
-of the cache once, as a generator of steps (see ``_flight``): a get, a get-or-fetch
-(whose miss path is ``_flight.fill``), a set, an invalidation, a clear, a prune, the
-facts for ``stats()``, a re-seal. It performs no I/O of its own except reading or
-creating the key file; ``PersistentTokenCache`` runs its flights with a sync or an async
-driver.
+:class:`TokenShelf` holds one cache's keys, memory tier, health and counters and writes
+every decision of the cache once, as a generator of steps (see ``_flight``): a get, a
+get-or-fetch (whose miss path is ``_flight.fill``), a set, an invalidation, a clear, a
+prune (whole-store reports live in ``_survey``). It performs no I/O of its own except
+reading or creating the key file; ``PersistentTokenCache`` runs its flights with a sync
+or an async driver.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hmac
 import os
 import random
@@ -18,7 +17,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
 
 from . import _otel
 from ._config import CacheConfig
@@ -31,12 +29,15 @@ from ._crypto import (
     load_or_create_key_file,
     user_hash,
 )
-from ._errors import CacheStorageError, CacheUsageError
+from ._errors import CacheStorageError
 from ._expiry import CachedToken, TokenData, normalize
 from ._files import read_private
-from ._flight import FETCH, Flight, Hit, Key, Lookup, fill
+from ._flight import Flight, Hit, Key, Lookup, fill
+from ._health import KEY, READ, Health
+from ._identity import check_identity
 from ._log import Warnings, warn_unopenable
-from ._stats import CacheStats, Counters, EntryInfo
+from ._memory import Kept, MemoryTier
+from ._stats import Counters
 from .backends.contract import (
     Backend,
     Clear,
@@ -45,12 +46,9 @@ from .backends.contract import (
     GetFacts,
     GetKeyChecks,
     KeyChecks,
-    ListRows,
     LockResult,
     Prune,
     Read,
-    Replace,
-    RowsNotUnder,
     SealedRow,
     Snapshot,
     StorageError,
@@ -62,22 +60,10 @@ from .backends.sqlite import SqliteBackend
 
 _MEMO_MAX = 4096
 _MISS = Lookup(None, None, False)
+_NO_READ = Read(())
 _new = tuple.__new__
 _NO_EXTRA: MappingProxyType[str, str] = MappingProxyType({})
-_NO_FACTS: dict[str, Any] = {
-    "entries_system": 0,
-    "entries_user": 0,
-    "entries_expired": 0,
-    "oldest_expiry": None,
-    "newest_expiry": None,
-    "schema_version": None,
-    "key_ids_in_use": (),
-    "file_bytes": 0,
-    "wal_bytes": 0,
-}
 _REFRESH_RETRY_SECONDS = 2.0
-MAX_SCOPE_KEY_CHARS = 8 * 1024
-MAX_USER_JWT_CHARS = 64 * 1024
 
 
 class TokenShelf:
@@ -105,7 +91,10 @@ class TokenShelf:
             kf = config.key_file
             self.key_file = Path(os.fspath(kf)) if kf else path.with_name(path.name + ".key")
         self._keyring: Keyring | None = Keyring(explicit.keys) if explicit else None
-        self._memo: dict[bytes, tuple[bytes, CachedToken]] = {}
+        self.memory = MemoryTier(config.memory_tokens)
+        self.health = Health(backend.location, config.memory_tokens)
+        self._kept = self.memory.kept  # the hot path reads these two without a call
+        self._down = self.health.state
         self._keys: dict[tuple[str, str, str | None], Key] = {}
         jitter = random.uniform(0.0, 0.3)
         self._max_ttl = config.max_token_ttl_seconds
@@ -137,36 +126,41 @@ class TokenShelf:
                         self.backend.prepare_dirs()
                     master = load_or_create_key_file(self.key_file)
                 self._keyring = Keyring([master])
+                if self.health.state:
+                    self.health.succeeded(KEY)
             except OSError as exc:  # the directory is unusable: the store's own warning
                 if self.read_only and isinstance(exc, FileNotFoundError):
                     return None  # no key file: rows are counted, not opened
                 self.counters.storage_errors += 1
                 warn_unopenable(self.warnings, self.path, exc)
+                self.health.failed(f"key file: {type(exc).__name__}", KEY, quiet=True)
                 return None
             except ValueError as exc:
                 self._trouble(
                     "storage_errors",
                     "keyfile",
-                    "cannot use key file %s (%s); tokens are fetched directly. Delete the file "
-                    "to regenerate it, or set AGW_CACHE_KEY",
+                    "cannot use key file %s (%s); this process keeps its tokens in memory only. "
+                    "Delete the file to regenerate it, or set AGW_CACHE_KEY",
                     self.key_file,
                     type(exc).__name__,
                 )
+                self.health.failed(f"key file: {type(exc).__name__}", KEY, quiet=True)
                 return None
         return self._keyring
 
-    def key(self, kind: str, scope_key: str, user_jwt: str | None) -> Key | None:
-        """The key of a (kind, scope, user); checks the arguments (the API boundary)."""
+    def key(self, kind: str, scope_key: str, user_jwt: str | None) -> Key:
+        """The key of a (kind, scope, user); checks the arguments (the API boundary). A
+        ``local`` one (memory tier only) while this process has no usable key."""
         cached = self._keys.get((kind, scope_key, user_jwt))
         if cached is not None:
             return cached
-        _check_identity(kind, scope_key, user_jwt)
+        check_identity(kind, scope_key, user_jwt)
         ring = self.ring()
-        if ring is None:
-            return None
         uhash = user_hash(user_jwt if kind == "user" else None)
+        if ring is None:
+            return Key(kind, scope_key, uhash, (), _NO_READ, (kind, scope_key, uhash), True)
         digests = ring.digests(kind, scope_key, uhash)
-        key = Key(kind, scope_key, uhash, digests, Read(digests))
+        key = Key(kind, scope_key, uhash, digests, Read(digests), (kind, scope_key, uhash))
         if len(self._keys) >= _MEMO_MAX:
             self._keys.clear()
         self._keys[(kind, scope_key, user_jwt)] = key
@@ -177,19 +171,24 @@ class TokenShelf:
     def judge(self, key: Key, snap: Snapshot, now: float) -> Lookup:
         """The usable entry in ``snap`` (or None), a write to do afterwards, refresh due.
 
-        The memo holds what this process last opened per row, keyed by the row's random
-        nonce: an unchanged row is not decrypted again, a rewritten one always is. (The hot
-        path of every hit: settings are read from attributes set up once.)
+        The memory tier holds what this process last opened per key with the row's random
+        nonce: an unchanged row is not decrypted again, a rewritten one always is. A token
+        the store never took is served on a miss until a clear() moves the generation.
+        (The hot path of every hit: settings are read from attributes set up once.)
         """
         row = snap.row
         if row is None:
-            return _MISS
+            return self._unshared(key, snap.generation, now)
         self._generation = snap.generation
         if row.generation != snap.generation:  # written before a clear(), or replayed
             return Lookup(None, Delete((row.digest,), row.nonce), False)
-        memo = self._memo.get(row.digest)
-        if memo is not None and memo[0] == row.nonce:
-            entry = memo[1]
+        memo = self._kept.get(key.ident)  # MemoryTier.get, inline: every hit passes here
+        if memo is not None and memo[1] == row.nonce:
+            entry = memo[0]
+            try:  # noqa: SIM105  (no context manager per hit)
+                self._kept.move_to_end(key.ident)
+            except KeyError:  # dropped by another thread meanwhile
+                pass
         else:
             opened = self._open(key, row)
             if opened is None:
@@ -232,10 +231,38 @@ class TokenShelf:
             return None
         extra = MappingProxyType(dict(envelope.extra)) if envelope.extra else _NO_EXTRA
         entry = CachedToken(envelope.token, envelope.expires_at, extra)
-        if len(self._memo) >= _MEMO_MAX:
-            self._memo.pop(next(iter(self._memo), b""), None)
-        self._memo[row.digest] = (row.nonce, entry)
+        self.memory.put(key.ident, Kept(entry, row.nonce, row.generation))
         return entry
+
+    def _unshared(self, key: Key, generation: int, now: float) -> Lookup:
+        """A store miss: a token this process holds that the store never took (its write
+        failed) is still served while no clear() came since; anything else it remembers
+        was invalidated, cleared or replaced elsewhere, and goes."""
+        kept = self.memory.get(key.ident)
+        if kept is None:
+            return _MISS
+        if kept.nonce is None and kept.generation == generation:
+            entry = self.memory.usable(key.ident, now, self._buffer)
+            if entry is not None:
+                self.counters.served_from_memory += 1
+                return Lookup(entry, None, False)
+        self.memory.drop(key.ident)
+        return _MISS
+
+    def remembered(self, key: Key, now: float) -> CachedToken | None:
+        """The token the memory tier holds for ``key``: the store could not answer."""
+        entry = self.memory.usable(key.ident, now, self._buffer)
+        if entry is not None:
+            self.counters.served_from_memory += 1
+        return entry
+
+    def keep(self, key: Key, entry: CachedToken) -> None:
+        """Remember a token the store did not take: this process serves it from memory."""
+        self.memory.put(key.ident, Kept(entry, None, self._generation))
+
+    def uses_store(self, key: Key) -> bool:
+        """Whether a flight of ``key`` goes through the store now (else: memory only)."""
+        return not key.local and self.backend.unavailable is None
 
     def _counted(self, key: Key, snap: Snapshot) -> Lookup:
         lookup = self.judge(key, snap, time.time())
@@ -256,33 +283,45 @@ class TokenShelf:
         with ``read``; None for anything else (a miss, a write due, trouble, ``read`` could
         not answer at once): then the caller runs the flight, which looks again."""
         key = self.key(kind, scope_key, user_jwt)
-        if key is None:
+        if key.local:
             return None
         try:
             snap = read(key.read)
-        except StorageError:
-            return None  # the flight meets it again, and counts it once
+        except StorageError as exc:  # the memory tier answers, or the flight meets it again
+            self.health.failed(str(exc), READ, quiet=isinstance(exc, StorageUnavailable))
+            kept = self.remembered(key, time.time())
+            if kept is None:
+                return None
+            self.counters.storage_errors += 1
+            self.counters.hits += 1
+            return _new(Hit, (kept, False))
         if snap is None:
             return None
+        if self._down:
+            self.health.succeeded(READ)
         entry, followup, due = self.judge(key, snap, time.time())
         if entry is None or followup is not None:
             return None
         self.counters.hits += 1
         return _new(Hit, (entry, due))
 
-    def lookup(self, key: Key | None) -> Flight[Lookup]:
-        """A hit or a miss; storage trouble is a miss (counted, warned once)."""
-        if key is None:
-            self.counters.misses += 1
-            return _MISS
+    def lookup(self, key: Key) -> Flight[Lookup]:
+        """A hit or a miss; when the store cannot answer, the memory tier does (counted)."""
         try:
+            if key.local:
+                raise StorageUnavailable("no usable key")
             lookup = self._counted(key, (yield key.read))
             if lookup.entry is None and not self._keys_compared:
                 yield from self._compare_keys()
         except StorageError as exc:
-            self.storage_failed(exc)
-            self.counters.misses += 1
-            return _MISS
+            if not key.local:
+                self.storage_failed(exc)
+            entry = self.remembered(key, time.time())
+            if entry is None:
+                self.counters.misses += 1
+                return _MISS
+            self.counters.hits += 1
+            return Lookup(entry, None, False)
         if lookup.followup is not None:
             try:
                 yield lookup.followup
@@ -317,9 +356,7 @@ class TokenShelf:
             check = None if kid in self._checked else ring.primary.check
             if (yield Write(row, key.digests[1:], check)):
                 self._checked.add(kid)
-                self._memo[key.digest] = (nonce, entry)
-                for old in key.digests[1:]:
-                    self._memo.pop(old, None)
+                self.memory.put(key.ident, Kept(entry, nonce, gen))
                 return True
             if generation is not None:  # the fetch began before a clear(): do not write back
                 self.counters.stale_writes_skipped += 1
@@ -340,12 +377,16 @@ class TokenShelf:
         key = self.key(kind, scope_key, user_jwt)
         entry = normalize(token_data, now=time.time(), expires_at=expires_at, config=self.config)
         ok = False
-        if key is not None:
+        if key.local:
+            self.keep(key, entry)
+        else:
             try:
                 ok = yield from self.store(key, entry, None)
                 yield from self.prune_if_due()
             except StorageError as exc:
                 self.storage_failed(exc)
+                if not ok:
+                    self.keep(key, entry)
         if not ok:  # why was warned where it happened (storage, key, clear race)
             self.counters.sets_not_stored += 1
         return entry, ok
@@ -354,12 +395,13 @@ class TokenShelf:
         self, kind: str, scope_key: str, user_jwt: str | None, token: str | None
     ) -> Flight[bool]:
         key = self.key(kind, scope_key, user_jwt)
-        if key is None:
-            return False  # no usable key: nothing of ours can be in service
+        kept = self.memory.get(key.ident)
+        if token is None or (kept is not None and hmac.compare_digest(kept.entry.token, token)):
+            self.memory.drop(key.ident)  # this process stops serving it, whatever the store
         try:
+            if key.local:
+                raise StorageUnavailable("no usable key")
             if token is None:
-                for digest in key.digests:
-                    self._memo.pop(digest, None)
                 removed: int = yield Delete(key.digests)
                 return removed > 0
             snap: Snapshot = yield key.read
@@ -369,19 +411,19 @@ class TokenShelf:
             entry = self.judge(key, snap, time.time()).entry
             if entry is not None and not hmac.compare_digest(entry.token, token):
                 return False  # another process already replaced the rejected token: keep it
-            self._memo.pop(row.digest, None)
+            self.memory.drop(key.ident)
             gone: int = yield Delete((row.digest,), row.nonce)
             return gone > 0
         except StorageError as exc:
-            raise_if(self._reported(exc, "invalidate"))
+            raise_if(self._reported(exc, "invalidate", outage=True))
         return False
 
     def clear(self) -> Flight[None]:
-        self._memo.clear()
+        self.memory.clear()  # this process forgets, even if the store cannot be reached
         try:
             self._generation = yield Clear()
         except StorageError as exc:
-            raise_if(self._reported(exc, "clear"))
+            raise_if(self._reported(exc, "clear", outage=True))
 
     def prune_if_due(self) -> Flight[int]:
         """Prune after a write if this process has not for ``prune_interval_seconds``."""
@@ -405,14 +447,15 @@ class TokenShelf:
             raise_if(self._reported(exc, "prune"))
         return 0
 
-    def _reported(self, exc: StorageError, what: str) -> CacheStorageError | None:
-        """The error a change that did not happen raises; None for an unusable store.
-
-        An unusable store (no file, newer schema) serves this process nothing, so there is
-        nothing of its to forget: that is counted, not raised.
+    def _reported(
+        self, exc: StorageError, what: str, *, outage: bool = False
+    ) -> CacheStorageError | None:
+        """The error a change that did not happen raises; None for an unusable store,
+        unless ``outage`` (a clear or an invalidation: this process has forgotten, but the
+        other processes cannot be told).
         """
         self.storage_failed(exc)
-        if isinstance(exc, StorageUnavailable):
+        if isinstance(exc, StorageUnavailable) and not outage:
             return None
         return CacheStorageError(
             f"{what} did not take effect: {exc}; the token cache was not changed (retry, or "
@@ -465,16 +508,9 @@ class TokenShelf:
         self.warnings.once(category, message, *args)
 
     def storage_failed(self, exc: StorageError) -> None:
-        """Count a storage failure and warn once; the caller carries on without the cache."""
+        """Count a storage failure; the caller carries on with the memory tier (the warning
+        is the health's, once per transition)."""
         self.counters.storage_errors += 1
-        if isinstance(exc, StorageUnavailable):
-            return  # the store said why when it gave up on the file
-        self.warnings.once(
-            f"storage:{exc}",
-            "token cache operation failed on %s (%s); carrying on without it",
-            self.backend.location,
-            exc,
-        )
 
     def lock_trouble(self, result: LockResult, key: Key) -> None:
         """A lock not had: after a timeout, or because the lock itself failed (I/O)."""
@@ -513,16 +549,9 @@ class TokenShelf:
         key = self.key(kind, scope_key, user_jwt)
         lookup = yield from self.lookup(key)
         if lookup.entry is not None:
-            if lookup.due and key is not None and self._may_refresh(key):
+            if lookup.due and self._may_refresh(key):
                 refresh_later(key)
             return lookup.entry
-        if key is None or self.backend.unavailable:
-            self.counters.fetches += 1
-            started = time.time()
-            data: TokenData = yield FETCH
-            if key is not None:
-                self.timed("fetch", key, time.time() - started)
-            return normalize(data, now=time.time(), expires_at=None, config=self.config)
         entry = yield from fill(self, key, refresh=False)
         assert entry is not None  # only a refresh ends without a token
         return entry
@@ -548,79 +577,6 @@ class TokenShelf:
             )
         elif outcome is not None:
             self.counters.refreshes += 1
-
-    # -- whole-store facts and re-sealing -------------------------------------------------------
-
-    def facts(self) -> Flight[CacheStats]:
-        try:
-            facts = yield GetFacts(time.time())
-        except StorageError as exc:
-            self.storage_failed(exc)
-            facts = None
-        found = _NO_FACTS if facts is None else facts._asdict()
-        return CacheStats(
-            **dataclasses.asdict(self.counters),
-            **found,
-            disabled_reason=self.backend.unavailable,
-            backend=self.backend.name,
-        )
-
-    def entries(self) -> Flight[list[EntryInfo]]:
-        try:
-            rows = yield ListRows()
-        except StorageError as exc:
-            self.storage_failed(exc)
-            return []
-        return [
-            EntryInfo(r.kind, r.digest.hex()[:12], r.expires_at, r.last_used, r.created_at, r.kid)
-            for r in rows
-        ]
-
-    def reseal(self, batch: int) -> Flight[int]:
-        """Re-seal every row not under the primary key; rows no key opens are left to expire."""
-        ring = self.ring()
-        if ring is None:
-            return 0
-        done = 0
-        skip: tuple[bytes, ...] = ()
-        while True:
-            rows: list[SealedRow] = yield RowsNotUnder(ring.primary.kid, batch, skip)
-            if not rows:
-                return done
-            for row in rows:
-                try:
-                    envelope = ring.open(row)
-                except UnsealError:
-                    skip += (row.digest,)
-                    continue
-                (digest, *_) = ring.digests(row.kind, envelope.scope_key, envelope.uhash)
-                kid, nonce, ct = ring.seal(row.kind, digest, row.generation, envelope)
-                new = row._replace(digest=digest, kid=kid, nonce=nonce, ct=ct)
-                yield Replace(row.digest, new)
-                self._memo.pop(row.digest, None)
-                done += 1
-
-
-def _check_identity(kind: str, scope_key: str, user_jwt: str | None) -> None:
-    """Arguments are checked once, here; messages name them and never echo their values."""
-    if kind not in ("system", "user"):
-        raise CacheUsageError("kind must be 'system' or 'user'")
-    if not isinstance(scope_key, str):
-        raise CacheUsageError(f"scope_key must be a str, not {type(scope_key).__name__}")
-    if len(scope_key) > MAX_SCOPE_KEY_CHARS:
-        raise CacheUsageError(f"scope_key is longer than {MAX_SCOPE_KEY_CHARS} characters")
-    if kind == "system":
-        if user_jwt is not None:
-            raise CacheUsageError("user_jwt must be None for system tokens")
-        return
-    if not isinstance(user_jwt, str):
-        raise CacheUsageError(
-            f"user_jwt must be a str for user tokens, not {type(user_jwt).__name__}"
-        )
-    if not user_jwt.strip():
-        raise CacheUsageError("user_jwt must not be empty or whitespace for user tokens")
-    if len(user_jwt) > MAX_USER_JWT_CHARS:
-        raise CacheUsageError(f"user_jwt is longer than {MAX_USER_JWT_CHARS} characters")
 
 
 def raise_if(error: CacheStorageError | None) -> None:

@@ -21,6 +21,7 @@ class Counters:
     sets_not_stored: int = 0
     refreshes: int = 0
     backoff_rejections: int = 0
+    served_from_memory: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,8 @@ class CacheStats:
     sets_not_stored: int
     refreshes: int
     backoff_rejections: int
+    served_from_memory: int
+    """Tokens served from this process's memory tier because the store could not answer."""
     entries_system: int
     entries_user: int
     entries_expired: int
@@ -62,3 +65,11 @@ class CacheStats:
     key_ids_in_use: tuple[str, ...]
     disabled_reason: str | None
     backend: str = "sqlite"
+    mode: str = "healthy"
+    """``healthy``, or ``degraded``: the store cannot be used and the memory tier is the cache."""
+    degraded_since: float | None = None
+    """When the current outage began (epoch seconds), while degraded."""
+    degraded_reason: str | None = None
+    """What failed first in the current outage, while degraded."""
+    memory_tokens: int = 0
+    """Tokens this process holds in its memory tier (at most ``CacheConfig.memory_tokens``)."""

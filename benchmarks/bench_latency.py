@@ -130,7 +130,7 @@ def bench_hit(fixtures: Sequence[Fixture], plan: Plan) -> Section:
 def _forget(cache: PersistentTokenCache) -> Callable[[object], None]:
     """An untimed hook: ``cache`` forgets what it opened and read (private names: a missing
     one fails here, instead of quietly timing the steady state)."""
-    opened, backend = cache._shelf._memo, cache._backend
+    opened, backend = cache._shelf.memory, cache._backend
     assert isinstance(backend, SqliteBackend)
 
     def forget(_: object) -> None:

@@ -32,7 +32,13 @@ from _core_support import (
 from _core_support import open_api as open_api  # fixture, re-exported by name
 
 import agw_persist_cache.backends.sqlite as store_module
-from agw_persist_cache import CachedToken, CacheStats, EntryInfo, PersistentTokenCache
+from agw_persist_cache import (
+    CachedToken,
+    CacheStats,
+    CacheStorageError,
+    EntryInfo,
+    PersistentTokenCache,
+)
 from agw_persist_cache.backends._filelocks import KEEPS_LOCK_FILES
 
 pytestmark = pytest.mark.timeout(60)
@@ -600,20 +606,30 @@ def impossible_path(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("key_source", ["config", "file"])
-async def test_impossible_path_degrades_to_fetching(
+async def test_impossible_path_degrades_to_the_memory_tier(
     open_api: ApiFactory, impossible_path: Path, key_source: str
 ) -> None:
     api = open_api(impossible_path, keys=None if key_source == "file" else [new_key()])
     assert await api.get("scope") is None
     fetch = Counting()
     assert await api.fetch("scope", fetch) == "fetched-1"
-    assert await api.fetch("scope", fetch) == "fetched-2"  # nothing can be cached
-    await api.set("scope", "ignored")
-    await api.invalidate("scope")
-    await api.clear()
+    assert await api.fetch("scope", fetch) == "fetched-1"  # this process's memory tier
+    assert await api.get("scope") == "fetched-1"
+    await api.set("scope", "set-in-memory")
+    assert await api.get("scope") == "set-in-memory"
+    # Other processes cannot be told: it raises, and this process forgets all the same.
+    with pytest.raises(CacheStorageError):
+        await api.invalidate("scope")
+    assert await api.get("scope") is None
+    await api.set("scope", "again")
+    with pytest.raises(CacheStorageError):
+        await api.clear()
+    assert await api.get("scope") is None
     assert await api.prune() == 0
     stats = api.cache.stats()
     assert stats.storage_errors > 0
+    assert (stats.mode, stats.fetches) == ("degraded", 1)
+    assert stats.served_from_memory >= 3
     assert stats.disabled_reason is not None
     assert str(impossible_path.parent) in stats.disabled_reason
     assert api.cache.list_entries() == []
@@ -667,11 +683,12 @@ async def test_a_disabled_cache_retries_once_the_path_is_usable(
     deadline = time.monotonic() + 2.0
     while time.monotonic() < deadline:
         await api.set("scope", "token")
-        if await api.get("scope") == "token":
+        if api.cache.stats().mode == "healthy":
             break
         time.sleep(0.05)
     assert await api.get("scope") == "token"
     assert api.cache.stats().disabled_reason is None
+    assert raw_rows(impossible_path, "SELECT count(*) FROM tokens") == [(1,)]  # stored
 
 
 async def test_full_disk_never_raises_and_fetch_still_returns_tokens(
@@ -712,7 +729,8 @@ async def test_newer_schema_disables_the_cache_and_writes_nothing(
     assert await api.fetch("scope", fetch) == "fetched-1"
     assert await api.fetch("new-scope", fetch) == "fetched-2"
     await api.set("other", "token")
-    await api.clear()
+    with pytest.raises(CacheStorageError):  # other processes cannot be told
+        await api.clear()
     assert raw_rows(db_path) == before
     assert raw_rows(db_path, "PRAGMA user_version") == [(99,)]
     stats = api.cache.stats()

@@ -61,6 +61,8 @@ INVALID: list[tuple[str, Any]] = [
     ("circuit_breaker_seconds", -1),
     ("lock_lease_seconds", 0),
     ("lock_lease_seconds", "3"),
+    ("memory_tokens", 0),
+    ("memory_tokens", "10"),
 ]
 
 

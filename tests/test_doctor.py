@@ -145,3 +145,14 @@ def test_doctor_as_another_user_reports_a_private_directory_without_crashing(
     assert "Traceback" not in err
     assert out.splitlines()[-1].startswith("doctor: ")
     assert any(line.startswith("FAIL") for line in out.splitlines())
+
+
+def test_doctor_shows_the_mode(tmp_path: Path) -> None:
+    key = new_key()
+    path = tmp_path / "c" / "tokens.db"
+    with PersistentTokenCache(path, config=CacheConfig(keys=[key])) as cache:
+        cache.set_system_token("scope", "token")
+    code, out = _doctor(path, AGW_CACHE_KEY=key)
+    assert code == 0, out
+    (line,) = [ln for ln in out.splitlines() if ln.split()[1:2] == ["mode"]]
+    assert line.startswith("ok") and "healthy" in line

@@ -105,6 +105,25 @@ def test_counts_of_a_collected_cache_are_kept(reader: InMemoryMetricReader, tmp_
     other.close()
 
 
+def test_the_degraded_mode_and_tokens_served_from_memory_are_observed(
+    reader: InMemoryMetricReader, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("where the cache directory should be")
+    cache = PersistentTokenCache(blocker / "cache" / "tokens.db", config=cache_config())
+    healthy = PersistentTokenCache(tmp_path / "ok" / "tokens.db", config=cache_config())
+    _otel.register(cache)
+    _otel.register(healthy)
+    healthy.set_system_token("scope", "fine")
+    for _ in range(3):
+        assert cache.system_token("scope", lambda: "from-memory") == "from-memory"
+    found = points(reader)
+    assert value(found, "agw_cache.served_from_memory", **SDK) == 2
+    assert value(found, "agw_cache.degraded", **SDK) == 1  # one of the two caches
+    cache.close()
+    healthy.close()
+
+
 _WITHOUT_OTEL = """
 import sys
 sys.modules["opentelemetry"] = None  # as if the [otel] extra were not installed

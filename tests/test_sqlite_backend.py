@@ -359,7 +359,7 @@ def test_a_file_that_is_not_ours_is_left_alone_and_the_cache_fetches(
     db_path.chmod(mode)
     with PersistentTokenCache(db_path, config=CacheConfig(keys=[b"k" * 32])) as cache:
         assert cache.set_system_token("scope", "token") is False
-        assert cache.system_token("scope", lambda: "fetched") == "fetched"
+        assert cache.system_token("other", lambda: "fetched") == "fetched"
         assert cache.stats().disabled_reason is not None
     assert db_path.read_bytes() == data  # not moved, not rewritten
     assert {p.name for p in db_path.parent.iterdir()} <= {"tokens.db", "tokens.db.locks"}

@@ -1,0 +1,85 @@
+"""Whole-store flights: the facts for ``stats()``, the metadata for ``list_entries()``, and
+re-sealing under the primary key. Each is a flight (see ``_flight``) over a
+:class:`~._shelf.TokenShelf`, run by the cache's drivers."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from ._crypto import UnsealError
+from ._flight import Flight
+from ._shelf import TokenShelf
+from ._stats import CacheStats, EntryInfo
+from .backends.contract import GetFacts, ListRows, Replace, RowsNotUnder, SealedRow, StorageError
+
+_NO_FACTS: dict[str, Any] = {
+    "entries_system": 0,
+    "entries_user": 0,
+    "entries_expired": 0,
+    "oldest_expiry": None,
+    "newest_expiry": None,
+    "schema_version": None,
+    "key_ids_in_use": (),
+    "file_bytes": 0,
+    "wal_bytes": 0,
+}
+
+
+def facts(shelf: TokenShelf) -> Flight[CacheStats]:
+    """This process's counters and mode, and the store's facts (none when it fails)."""
+    try:
+        facts = yield GetFacts(time.time())
+    except StorageError as exc:
+        shelf.storage_failed(exc)
+        facts = None
+    found = _NO_FACTS if facts is None else facts._asdict()
+    down = shelf.health.down
+    return CacheStats(
+        **dataclasses.asdict(shelf.counters),
+        **found,
+        disabled_reason=shelf.backend.unavailable,
+        backend=shelf.backend.name,
+        mode=shelf.health.mode,
+        degraded_since=None if down is None else down.since,
+        degraded_reason=None if down is None else down.reason,
+        memory_tokens=len(shelf.memory),
+    )
+
+
+def entries(shelf: TokenShelf) -> Flight[list[EntryInfo]]:
+    """Metadata of every row (none when the store fails)."""
+    try:
+        rows = yield ListRows()
+    except StorageError as exc:
+        shelf.storage_failed(exc)
+        return []
+    return [
+        EntryInfo(r.kind, r.digest.hex()[:12], r.expires_at, r.last_used, r.created_at, r.kid)
+        for r in rows
+    ]
+
+
+def reseal(shelf: TokenShelf, batch: int) -> Flight[int]:
+    """Re-seal every row not under the primary key; rows no key opens are left to expire."""
+    ring = shelf.ring()
+    if ring is None:
+        return 0
+    done = 0
+    skip: tuple[bytes, ...] = ()
+    while True:
+        rows: list[SealedRow] = yield RowsNotUnder(ring.primary.kid, batch, skip)
+        if not rows:
+            return done
+        for row in rows:
+            try:
+                envelope = ring.open(row)
+            except UnsealError:
+                skip += (row.digest,)
+                continue
+            (digest, *_) = ring.digests(row.kind, envelope.scope_key, envelope.uhash)
+            kid, nonce, ct = ring.seal(row.kind, digest, row.generation, envelope)
+            new = row._replace(digest=digest, kid=kid, nonce=nonce, ct=ct)
+            yield Replace(row.digest, new)
+            done += 1
