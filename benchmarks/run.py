@@ -17,11 +17,13 @@ from ._harness import Section
 from ._plan import PLANS, Plan
 from ._report import machine_facts, render
 from ._subject import core_available
+from .bench_agent import bench_agent
 from .bench_latency import bench_async_hit, bench_hit, bench_prune, bench_set
 from .bench_peers import bench_peers
 from .bench_procs import bench_procs
 from .bench_redis import bench_redis
 from .bench_stampede import bench_distinct, bench_stampede
+from .bench_storedown import bench_storedown
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 ON_FIXTURES: dict[str, Callable[[Sequence[Fixture], Plan], Section]] = {
@@ -36,8 +38,22 @@ ON_WORKDIR: dict[str, Callable[[Path, Plan], Section]] = {
     "stampede": bench_stampede,
     "distinct": bench_distinct,
     "redis": bench_redis,
+    "agent": bench_agent,
+    "storedown": bench_storedown,
 }
-ORDER = ("hit", "async", "set", "procs", "stampede", "prune", "peers", "distinct", "redis")
+ORDER = (
+    "hit",
+    "async",
+    "set",
+    "procs",
+    "stampede",
+    "prune",
+    "peers",
+    "distinct",
+    "redis",
+    "agent",
+    "storedown",
+)
 
 
 def run(
@@ -97,6 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a fast pass (~1 min), 10k rows")
     parser.add_argument("--plan", choices=sorted(PLANS), help="full, quick or tiny (smoke test)")
     parser.add_argument(
+        "sections", nargs="*", metavar="SECTION", help="run only these (same as --only)"
+    )
+    parser.add_argument(
         "--only", default=",".join(ORDER), help=f"comma-separated subset of {','.join(ORDER)}"
     )
     parser.add_argument(
@@ -107,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     plan = PLANS[args.plan or ("quick" if args.quick else "full")]
-    only = [k.strip() for k in args.only.split(",") if k.strip()]
+    chosen = ",".join(args.sections) if args.sections else args.only
+    only = [k.strip() for k in chosen.split(",") if k.strip()]
     unknown = sorted(set(only) - set(ORDER))
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {','.join(ORDER)}")
