@@ -66,23 +66,39 @@ class World:
     workdir: Path
 
 
+def _serve_gateway(worker: Any) -> None:
+    """The local MCP gateway, in a process of its own: it answers several HTTP requests per
+    agent request, and in the callers' process it would slow the callers down."""
+    from tests._sap_mcp import local_gateway
+
+    with local_gateway() as gateway:
+        worker.report(gateway.url)
+        time.sleep(3600)  # until the parent kills it
+
+
 @contextmanager
 def _world(workdir: Path, plan: Plan) -> Iterator[World]:
-    """The mTLS identity stand-in (answering after ``plan.agent_delay``), the MCP gateway, and
-    a customer binding holding the stand-in's URL and a client certificate it trusts."""
+    """The mTLS identity stand-in (answering after ``plan.agent_delay``, counting requests in
+    this process), the MCP gateway (in a process of its own), and a customer binding holding
+    the stand-in's URL and a client certificate it trusts."""
     from tests._deploy_procs import base_env
-    from tests._sap_mcp import GLOBAL_TENANT_ID, ORD_ID, local_gateway
+    from tests._sap_mcp import GLOBAL_TENANT_ID, ORD_ID
     from tests._tls import make_tls
+    from tests.support.procs import Workers
     from tests.support.sap_standin import write_customer_binding
     from tests.support.tokenserver import TokenServer, mint_jwt
 
     workdir.mkdir(parents=True)
     tls = make_tls()
     context = tls.server_context(require_client_cert=True)
-    with TokenServer(ssl_context=context, delay=plan.agent_delay) as server, local_gateway() as gw:
+    with (
+        TokenServer(ssl_context=context, delay=plan.agent_delay) as server,
+        Workers("spawn", timeout=120) as gateway,  # leaving the block kills it
+    ):
+        gateway.start(_serve_gateway, [()])
         credentials = write_customer_binding(
             workdir / "bindings",
-            gateway_url=gw.url,
+            gateway_url=gateway.collect()[0],
             dependencies=[(ORD_ID, GLOBAL_TENANT_ID)],
             client_id=CLIENT_ID,
             token_service_url=server.token_url,
