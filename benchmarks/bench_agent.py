@@ -248,7 +248,7 @@ def _ratios(results: Sequence[PhaseResult], plan: Plan) -> list[Ratio]:
             1.0,
         ),
         Ratio(
-            f"whole agent: drop-in token requests per run (1 system + {expected - 1} users)",
+            "whole agent: drop-in token requests per run (1 system + 1 per user)",
             worst,
             totals,
             float(expected),

@@ -15,7 +15,7 @@ from pathlib import Path
 from ._fixture import Fixture, build_fixture, log
 from ._harness import Section
 from ._plan import PLANS, Plan
-from ._report import machine_facts, render
+from ._report import machine_facts, merge, render
 from ._subject import core_available
 from .bench_agent import bench_agent
 from .bench_latency import bench_async_hit, bench_hit, bench_prune, bench_set
@@ -124,6 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--workdir", type=Path, help="keep the databases in a new folder under this one"
     )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help=f"replace only the sections run (and their targets) in {RESULTS.name} or --out",
+    )
     args = parser.parse_args(argv)
     plan = PLANS[args.plan or ("quick" if args.quick else "full")]
     chosen = ",".join(args.sections) if args.sections else args.only
@@ -137,7 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"agw_persist_cache is not importable ({missing}); nothing to measure", file=sys.stderr
         )
         return 2
-    out = args.out or (RESULTS if plan.name == "full" and len(only) == len(ORDER) else None)
+    everything = len(only) == len(ORDER)
+    out = args.out or (RESULTS if args.merge or (plan.name == "full" and everything) else None)
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="agw-bench-", dir=args.workdir))
@@ -147,10 +153,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    command = "python -m benchmarks" + (f" --plan {plan.name}" if plan.name != "full" else "")
-    text = render(
-        sections, facts, plan_name=plan.name, command=command, seconds=time.perf_counter() - t0
-    )
+    command = "python -m benchmarks" + ("" if everything else " " + " ".join(only))
+    command += f" --plan {plan.name}" if plan.name != "full" else ""
+    if args.merge and out is not None:
+        text = merge(
+            out.read_text(encoding="utf-8"), sections, facts, plan_name=plan.name, command=command
+        )
+    else:
+        text = render(
+            sections, facts, plan_name=plan.name, command=command, seconds=time.perf_counter() - t0
+        )
     if out is None:
         print(text)
     else:
