@@ -219,7 +219,7 @@ def bench_storedown(workdir: Path, plan: Plan) -> Section:
                 [
                     r.subject,
                     f"{r.requests:,} / {r.calls:,} calls",
-                    f"{r.per_thousand:,.0f}",
+                    f"{r.per_thousand:,.1f}".removesuffix(".0"),
                     ", ".join(str(n) for n in r.per_process),
                     f"{r.seconds:.1f}",
                     ", ".join(r.errors) or "0",
