@@ -38,6 +38,22 @@ class Plan:
     stampede_rounds: int = 3
     distinct_procs: int = 4
     distinct_users: int = 100
+    agent_workers: int = 4
+    """Whole agent: gunicorn UvicornWorkers."""
+    agent_callers: int = 64
+    """Whole agent: concurrent callers; also the requests of the cold and restart phases."""
+    agent_users: int = 50
+    agent_steady: int = 256
+    """Whole agent: requests of the steady phase."""
+    agent_runs: int = 2
+    """Whole agent: runs of each subject (stock and drop-in alternate)."""
+    agent_delay: float = 0.15
+    """Whole agent: how long the mTLS identity stand-in takes to answer."""
+    down_procs: int = 4
+    down_calls: int = 1_000
+    """Store down: get-or-fetch calls across all processes (one key)."""
+    down_delay: float = 0.05
+    """Store down: how long the token endpoint takes to answer."""
 
     @property
     def warmup(self) -> int:
@@ -58,6 +74,9 @@ QUICK = Plan(
     proc_seconds=1.5,
     proc_rounds=1,
     stampede_rounds=1,
+    agent_runs=1,
+    agent_steady=128,
+    down_calls=400,
 )
 TINY = Plan(
     "tiny",
@@ -81,5 +100,14 @@ TINY = Plan(
     stampede_rounds=1,
     distinct_procs=2,
     distinct_users=10,
+    agent_workers=2,
+    agent_callers=8,
+    agent_users=4,
+    agent_steady=16,
+    agent_runs=1,
+    agent_delay=0.05,
+    down_procs=2,
+    down_calls=40,
+    down_delay=0.01,
 )
 PLANS = {plan.name: plan for plan in (FULL, QUICK, TINY)}

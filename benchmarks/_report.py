@@ -6,6 +6,7 @@ import hashlib
 import importlib.metadata
 import os
 import platform
+import re
 import sqlite3
 import ssl
 import subprocess
@@ -115,6 +116,34 @@ def _table(table: Table) -> list[str]:
     return [*lines, ""]
 
 
+def _target_rows(sections: Sequence[Section]) -> list[str]:
+    """The rows of the Targets table: every ratio that has a target."""
+    return [
+        f"| {r.label} | {r.value_text} | {r.spread_text} | {r.target_text} | {r.verdict} |"
+        for section in sections
+        for r in section.ratios
+        if r.target is not None
+    ]
+
+
+def _section_lines(section: Section) -> list[str]:
+    """One section: heading, method, tables, untargeted ratios, notes, time."""
+    lines = [f"## {section.title}", "", section.method, ""]
+    for table in section.tables:
+        lines += _table(table)
+    others = [r for r in section.ratios if r.target is None]
+    if others:
+        lines += ["Other ratios (median of rounds):", ""]
+        lines += [f"- {r.label}: {r.value_text}" for r in others]
+        lines.append("")
+    if section.notes:
+        lines += ["Notes:", ""]
+        lines += [f"- {note}" for note in section.notes]
+        lines.append("")
+    lines.append(f"_Section time: {section.seconds:.0f} s._")
+    return lines
+
+
 def render(
     sections: Sequence[Section],
     facts: Sequence[tuple[str, str]],
@@ -144,28 +173,61 @@ def render(
         "",
         "| measure | result (median of rounds) | rounds (min - max) | target | verdict |",
         "|---|---|---|---|---|",
+        *_target_rows(sections),
+        "",
     ]
-    for section in sections:
-        lines.extend(
-            f"| {r.label} | {r.value_text} | {r.spread_text} | {r.target_text} | {r.verdict} |"
-            for r in section.ratios
-            if r.target is not None
-        )
-    lines.append("")
     for name in skipped:
         lines.append(f"- not run: {name}")
     for section in sections:
-        lines += ["", f"## {section.title}", "", section.method, ""]
-        for table in section.tables:
-            lines += _table(table)
-        others = [r for r in section.ratios if r.target is None]
-        if others:
-            lines += ["Other ratios (median of rounds):", ""]
-            lines += [f"- {r.label}: {r.value_text}" for r in others]
-            lines.append("")
-        if section.notes:
-            lines += ["Notes:", ""]
-            lines += [f"- {note}" for note in section.notes]
-            lines.append("")
-        lines.append(f"_Section time: {section.seconds:.0f} s._")
+        lines += ["", *_section_lines(section)]
     return "\n".join(lines) + "\n"
+
+
+MERGED_FACTS = (
+    "date (UTC)",
+    "load average at start (1, 5, 15 min)",
+    "git HEAD (uncommitted changes not included)",
+    "core fingerprint (sha256 of the core modules + migrations)",
+)
+
+
+def merge(
+    existing: str,
+    sections: Sequence[Section],
+    facts: Sequence[tuple[str, str]],
+    *,
+    plan_name: str,
+    command: str,
+) -> str:
+    """``existing`` RESULTS.md with ``sections`` replaced (or appended) and their target rows
+    replaced in the Targets table; every other section stays as it was. Each merged section
+    says which run measured it, since the Machine table describes the run that wrote the file.
+    """
+    blocks = re.split(r"(?m)^(?=## )", existing.rstrip("\n") + "\n")
+    stamp = dict(facts)
+    measured = ", ".join(f"{name} {stamp[name]}" for name in MERGED_FACTS if name in stamp)
+    provenance = (
+        f"_Measured by `{command}` ({plan_name} plan): {measured}. The Machine table above "
+        "describes the run that wrote the rest of this file._"
+    )
+    labels = {r.label for section in sections for r in section.ratios}
+    for i, block in enumerate(blocks):
+        if block.startswith("## Targets"):
+            kept = [
+                line
+                for line in block.rstrip("\n").split("\n")
+                if not (line.startswith("| ") and line[2:].split(" | ")[0] in labels)
+            ]
+            end = max(j for j, line in enumerate(kept) if line.startswith("|")) + 1
+            kept[end:end] = _target_rows(sections)
+            blocks[i] = "\n".join(kept) + "\n\n"
+    for section in sections:
+        text = "\n".join([*_section_lines(section), "", provenance]) + "\n"
+        heading = f"## {section.title}\n"
+        at = [i for i, block in enumerate(blocks) if block.startswith(heading)]
+        if at:
+            blocks[at[0]] = text + "\n"
+        else:
+            blocks[-1] = blocks[-1].rstrip("\n") + "\n\n"
+            blocks.append(text + "\n")
+    return "".join(blocks).rstrip("\n") + "\n"

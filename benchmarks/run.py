@@ -15,13 +15,15 @@ from pathlib import Path
 from ._fixture import Fixture, build_fixture, log
 from ._harness import Section
 from ._plan import PLANS, Plan
-from ._report import machine_facts, render
+from ._report import machine_facts, merge, render
 from ._subject import core_available
+from .bench_agent import bench_agent
 from .bench_latency import bench_async_hit, bench_hit, bench_prune, bench_set
 from .bench_peers import bench_peers
 from .bench_procs import bench_procs
 from .bench_redis import bench_redis
 from .bench_stampede import bench_distinct, bench_stampede
+from .bench_storedown import bench_storedown
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 ON_FIXTURES: dict[str, Callable[[Sequence[Fixture], Plan], Section]] = {
@@ -36,8 +38,22 @@ ON_WORKDIR: dict[str, Callable[[Path, Plan], Section]] = {
     "stampede": bench_stampede,
     "distinct": bench_distinct,
     "redis": bench_redis,
+    "agent": bench_agent,
+    "storedown": bench_storedown,
 }
-ORDER = ("hit", "async", "set", "procs", "stampede", "prune", "peers", "distinct", "redis")
+ORDER = (
+    "hit",
+    "async",
+    "set",
+    "procs",
+    "stampede",
+    "prune",
+    "peers",
+    "distinct",
+    "redis",
+    "agent",
+    "storedown",
+)
 
 
 def run(
@@ -97,6 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a fast pass (~1 min), 10k rows")
     parser.add_argument("--plan", choices=sorted(PLANS), help="full, quick or tiny (smoke test)")
     parser.add_argument(
+        "sections", nargs="*", metavar="SECTION", help="run only these (same as --only)"
+    )
+    parser.add_argument(
         "--only", default=",".join(ORDER), help=f"comma-separated subset of {','.join(ORDER)}"
     )
     parser.add_argument(
@@ -105,9 +124,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--workdir", type=Path, help="keep the databases in a new folder under this one"
     )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help=f"replace only the sections run (and their targets) in {RESULTS.name} or --out",
+    )
     args = parser.parse_args(argv)
     plan = PLANS[args.plan or ("quick" if args.quick else "full")]
-    only = [k.strip() for k in args.only.split(",") if k.strip()]
+    chosen = ",".join(args.sections) if args.sections else args.only
+    only = [k.strip() for k in chosen.split(",") if k.strip()]
     unknown = sorted(set(only) - set(ORDER))
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {','.join(ORDER)}")
@@ -117,7 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"agw_persist_cache is not importable ({missing}); nothing to measure", file=sys.stderr
         )
         return 2
-    out = args.out or (RESULTS if plan.name == "full" and len(only) == len(ORDER) else None)
+    everything = len(only) == len(ORDER)
+    out = args.out or (RESULTS if args.merge or (plan.name == "full" and everything) else None)
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="agw-bench-", dir=args.workdir))
@@ -127,10 +153,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    command = "python -m benchmarks" + (f" --plan {plan.name}" if plan.name != "full" else "")
-    text = render(
-        sections, facts, plan_name=plan.name, command=command, seconds=time.perf_counter() - t0
-    )
+    command = "python -m benchmarks" + ("" if everything else " " + " ".join(only))
+    command += f" --plan {plan.name}" if plan.name != "full" else ""
+    if args.merge and out is not None:
+        text = merge(
+            out.read_text(encoding="utf-8"), sections, facts, plan_name=plan.name, command=command
+        )
+    else:
+        text = render(
+            sections, facts, plan_name=plan.name, command=command, seconds=time.perf_counter() - t0
+        )
     if out is None:
         print(text)
     else:
