@@ -120,6 +120,7 @@ class TokenShelf:
         self._checked: set[str] = set()  # key ids whose check value this process stored
         self._unopened: dict[bytes, bytes] = {}  # digest -> nonce of rows that did not open
         self._keys_compared = False
+        self.key_problem: str | None = None  # why the key file cannot be used (stats says)
 
     @property
     def needs_key_file(self) -> bool:
@@ -129,21 +130,20 @@ class TokenShelf:
     def ring(self) -> Keyring | None:
         if self._keyring is None and self.key_file is not None and not self.backend.unavailable:
             try:
-                if self.read_only:  # diagnostics read a key file, never make one
-                    what = f"key file {self.key_file}"
-                    master = decode_key(read_private(self.key_file), what=what)
-                else:
-                    if isinstance(self.backend, SqliteBackend):
-                        self.backend.prepare_dirs()
-                    master = load_or_create_key_file(self.key_file)
-                self._keyring = Keyring([master])
+                self._keyring = Keyring([self._read_key_file(self.key_file)])
+                self.key_problem = None
+            except StorageError as exc:  # the store refused its path: nothing made beside it
+                self.storage_failed(exc)
+                return None
             except OSError as exc:  # the directory is unusable: the store's own warning
                 if self.read_only and isinstance(exc, FileNotFoundError):
                     return None  # no key file: rows are counted, not opened
+                self.key_problem = f"cannot use key file {self.key_file}: {exc}"
                 self.counters.storage_errors += 1
                 warn_unopenable(self.warnings, self.path, exc)
                 return None
             except ValueError as exc:
+                self.key_problem = str(exc)
                 self._trouble(
                     "storage_errors",
                     "keyfile",
@@ -154,6 +154,13 @@ class TokenShelf:
                 )
                 return None
         return self._keyring
+
+    def _read_key_file(self, key_file: Path) -> bytes:
+        if self.read_only:  # diagnostics read a key file, never make one
+            return decode_key(read_private(key_file), what=f"key file {key_file}")
+        if isinstance(self.backend, SqliteBackend):
+            self.backend.prepare()  # look before creating: a path not ours gets no key file
+        return load_or_create_key_file(key_file)
 
     def key(self, kind: str, scope_key: str, user_jwt: str | None) -> Key | None:
         """The key of a (kind, scope, user); checks the arguments (the API boundary)."""
@@ -552,6 +559,7 @@ class TokenShelf:
     # -- whole-store facts and re-sealing -------------------------------------------------------
 
     def facts(self) -> Flight[CacheStats]:
+        self.ring()  # a key file that cannot be used disables the cache: say so
         try:
             facts = yield GetFacts(time.time())
         except StorageError as exc:
@@ -561,7 +569,7 @@ class TokenShelf:
         return CacheStats(
             **dataclasses.asdict(self.counters),
             **found,
-            disabled_reason=self.backend.unavailable,
+            disabled_reason=self.backend.unavailable or self.key_problem,
             backend=self.backend.name,
         )
 
@@ -596,7 +604,7 @@ class TokenShelf:
                 (digest, *_) = ring.digests(row.kind, envelope.scope_key, envelope.uhash)
                 kid, nonce, ct = ring.seal(row.kind, digest, row.generation, envelope)
                 new = row._replace(digest=digest, kid=kid, nonce=nonce, ct=ct)
-                yield Replace(row.digest, new)
+                yield Replace(row.digest, new, ring.primary.check)
                 self._memo.pop(row.digest, None)
                 done += 1
 
