@@ -882,8 +882,10 @@ class SqliteBackend:
         finally:
             _forkgate.leave(gate)
 
-    def _prepare_dirs(self) -> None:
-        """Create the directory (0700) and the lock directory beside the database."""
+    def prepare_dirs(self) -> None:
+        """Create the directory (0700) and the lock directory beside the database, after
+        looking: a path that is not ours raises ``NotOurs`` and gets nothing."""
+        examine(self.path)
         make_private_dirs(self.path.parent)
         make_private_dirs(self.lock_dir)
 
@@ -922,8 +924,7 @@ class SqliteBackend:
         )
 
     def _initialize(self) -> None:
-        examine(self.path)  # NotOurs: refused before the directory or lock directory is made
-        self._prepare_dirs()
+        self.prepare_dirs()
         files.check_dir(self.lock_dir)
         files.check(self.lock_dir / "init.lock")
         # Serialized: 32 processes opening a brand-new file must not race on the schema.
