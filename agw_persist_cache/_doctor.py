@@ -205,7 +205,10 @@ def _recognized(path: Path) -> Generator[Check, None, Found | None]:
     if found is Found.EMPTY:
         yield Check("warn", "file", f"{path} is empty; a worker makes it a cache when it opens it")
         return None
-    yield Check("ok", "file", f"{path} is an agw-persist-cache file")
+    if found is Found.MARKED:
+        yield Check("ok", "header", f"{path} carries the agw-persist-cache mark")
+    else:
+        yield Check("ok", "header", f"{path} holds only agw-persist-cache tables (no mark yet)")
     return found
 
 

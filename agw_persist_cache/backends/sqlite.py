@@ -580,20 +580,20 @@ class SqliteBackend:
                 "schema", "%s; the cache is disabled, tokens are fetched directly", exc
             )
             return StorageUnavailable(str(exc))
+        if self.read_only and _is_corrupt(exc):  # a diagnostic reports it, never moves it
+            reason = (
+                f"cache file {self.path} {DAMAGED} ({type(exc).__name__}: {exc}); it was left "
+                "in place: a worker moves it aside when it next opens it"
+            )
+            self._disable(reason)
+            self._drop_connections()
+            return StorageUnavailable(reason)
         if not self._ready:
             reason = f"cannot open cache file {self.path}: {type(exc).__name__}: {exc}"
             self._disable(reason)
             warn_unopenable(self.warnings, self.path, exc)
             return StorageUnavailable(reason)
         if _is_corrupt(exc):
-            if self.read_only:  # a diagnostic reports a damaged file; it never moves it
-                reason = (
-                    f"cache file {self.path} {DAMAGED} ({type(exc).__name__}: {exc}); it was "
-                    "left in place: a worker moves it aside when it next opens it"
-                )
-                self._disable(reason)
-                self._drop_connections()
-                return StorageUnavailable(reason)
             self._quarantine(exc)
         return StorageError(f"{type(exc).__name__}: {exc}")
 
