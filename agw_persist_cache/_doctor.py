@@ -172,13 +172,15 @@ def _ownership(path: Path) -> Generator[Check, None, bool]:
         if trouble is not None:
             found[trouble[0]].append(trouble[1])
             refused = refused or p == path
+    fine = {
+        "owner": f"uid {os.geteuid()} owns every file",
+        "mode": "every file regular and private (0600)" if not found["type"] else None,
+    }
     for aspect, name in ASPECTS.items():
         if found[aspect]:
             yield Check("FAIL", name, "; ".join(found[aspect]))
-    if not found["owner"]:
-        yield Check("ok", "owner", f"uid {os.geteuid()} owns every file")
-    if not found["mode"] and not found["type"]:
-        yield Check("ok", "modes", "every file regular and private (0600)")
+        elif fine.get(aspect):
+            yield Check("ok", name, str(fine[aspect]))
     return refused
 
 

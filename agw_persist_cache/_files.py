@@ -1,8 +1,9 @@
 """Only what is ours: the checks every file and directory of the cache passes before use.
 
 An existing database, ``-wal``/``-shm``, key file or lock file must be a regular file (never
-a symbolic link: they are refused, not followed), owned by the effective user and closed
-to group and others. Otherwise another local user could have planted it to read the tokens
+a symbolic link: they are refused, not followed; a FIFO, socket, device or directory is
+refused from its ``lstat``, never opened), owned by the effective user and closed to group
+and others. Otherwise another local user could have planted it to read the tokens
 (a 0666 database makes SQLite create 0666 ``-wal`` files) or to make us use a key they know.
 Directories the cache creates are 0700 whatever the umask.
 """

@@ -1,8 +1,9 @@
 """Only what is ours, on every path: every kind of path the cache did not make, through every
-entry point (the library with ``AGW_CACHE_KEY`` and with a key file; ``stats``, ``stats
---json``, ``list``, ``doctor``, ``clear``, ``prune``, ``rotate-key``), changes nothing on disk:
-the directory's listing and every entry's bytes, inode, mode and mtime stay as they were. The
-library still hands out the token it fetched; every command exits non-zero within 5 s.
+entry point (the library with ``AGW_CACHE_KEY`` and with a key file, sync and async;
+``stats``, ``stats --json``, ``list``, ``doctor``, ``clear``, ``prune``, ``rotate-key``),
+changes nothing on disk: the directory's listing and every entry's bytes, inode, mode and mtime
+stay as they were. The library still hands out the token it fetched; every command exits
+non-zero within 5 s.
 
 The commands run in this process (``agw_persist_cache.cli.main``): a FIFO that something
 opened would hang the test (the timeout below), not a subprocess.
@@ -10,6 +11,7 @@ opened would hang the test (the timeout below), not a subprocess.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sqlite3
@@ -97,6 +99,7 @@ KINDS: dict[str, Callable[[Path], None]] = {
 ENTRY_POINTS = [
     "library-env-key",
     "library-key-file",
+    "library-async-key-file",
     "stats",
     "stats-json",
     "list",
@@ -122,6 +125,22 @@ def _library(path: Path) -> None:
         assert calls == [1]
         assert cache.set_system_token("other", "t") is False
         assert cache.stats().disabled_reason  # it says why it bypasses the store
+
+
+def _library_async(path: Path) -> None:
+    async def afetch() -> dict[str, object]:
+        return {"access_token": "fetched", "expires_in": 3600}
+
+    async def main() -> None:
+        cache = PersistentTokenCache(path)
+        try:
+            assert await cache.asystem_token("scope", afetch) == "fetched"
+            assert await cache.aset_system_token("other", "t") is False
+            assert (await cache.astats()).disabled_reason
+        finally:
+            await cache.aclose()
+
+    asyncio.run(main())
 
 
 def _command(path: Path, entry: str) -> None:
@@ -155,10 +174,12 @@ def test_a_path_that_is_not_ours_changes_nothing_on_disk(
     devnull_before = os.lstat("/dev/null")
     before = photograph(root)
     new = new_key()
-    if entry != "library-key-file":
+    if not entry.endswith("key-file"):
         monkeypatch.setenv("AGW_CACHE_KEY", f"{new},{new_key()}")
     monkeypatch.setenv("AGW_CACHE_NEW_KEY", new)  # rotate-key gets past its own checks
-    if entry.startswith("library"):
+    if entry == "library-async-key-file":
+        _library_async(path)
+    elif entry.startswith("library"):
         _library(path)
     else:
         _command(path, entry)
