@@ -591,7 +591,8 @@ class SqliteBackend:
         if not self._ready:
             reason = f"cannot open cache file {self.path}: {type(exc).__name__}: {exc}"
             self._disable(reason)
-            warn_unopenable(self.warnings, self.path, exc)
+            if not self.read_only:  # a diagnostic prints the reason itself
+                warn_unopenable(self.warnings, self.path, exc)
             return StorageUnavailable(reason)
         if _is_corrupt(exc):
             self._quarantine(exc)
