@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -73,6 +74,11 @@ def _fifo(path: Path) -> None:
     os.mkfifo(path, 0o600)
 
 
+def _socket(path: Path) -> None:
+    with socket.socket(socket.AF_UNIX) as server:  # the inode stays after the close
+        server.bind(str(path))
+
+
 def _empty_0644(path: Path) -> None:
     path.write_bytes(b"")
     path.chmod(0o644)
@@ -92,6 +98,7 @@ KINDS: dict[str, Callable[[Path], None]] = {
     "directory": _directory,
     "symlink": _symlink,
     "fifo": _fifo,
+    "socket": _socket,
     "empty-0644": _empty_0644,
     "garbage-beside-our-locks": _garbage_beside_our_locks,
     "dev-null": lambda path: None,
