@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from ._cache import PersistentTokenCache
-from ._config import CacheConfig
+from ._config import CacheConfig, resolve_path, split_location
+from ._files import NotOurs
+from .backends._sqlite_files import Found, examine
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
@@ -21,12 +23,36 @@ class UsageError(Exception):
     """A command line or environment mistake the operator must fix (exit code 2)."""
 
 
+class ProblemError(Exception):
+    """The command ran but found the cache unusable for what was asked (exit code 1)."""
+
+
+def require_cache(path: str | None) -> None:
+    """A command that changes the cache changes one of ours or nothing: an absent path, or
+    one that is not ours, raises ``ProblemError`` before anything is opened or created."""
+    sqlite_path, url = split_location(path, None)
+    if url is not None:
+        return  # a shared store: there is nothing to create by mistake
+    where = resolve_path(sqlite_path)
+    try:
+        found = examine(where)
+    except NotOurs as exc:
+        raise ProblemError(f"{exc}; nothing was changed") from None
+    except OSError as exc:
+        raise ProblemError(f"cannot look at {where}: {exc.strerror}; nothing was changed") from None
+    if found is Found.ABSENT:
+        raise ProblemError(f"no cache at {where}; nothing was created")
+
+
 def open_cache(
     path: str | None, *, keys: Sequence[str | bytes] | None = None, read_only: bool = False
 ) -> PersistentTokenCache:
     """The cache the workers use: ``--path`` or ``$AGW_CACHE_PATH``, keys from the environment.
 
-    ``read_only`` (stats, list, doctor): an existing cache is read; nothing is created."""
+    ``read_only`` (stats, list, doctor): an existing cache is read; nothing is created. The
+    other commands need an existing cache of ours (:func:`require_cache`)."""
+    if not read_only:
+        require_cache(path)
     config = CacheConfig(path=path, keys=keys) if keys is not None else CacheConfig(path=path)
     return PersistentTokenCache(path, config=config, read_only=read_only)
 

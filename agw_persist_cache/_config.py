@@ -40,7 +40,7 @@ def resolve_path(path: str | os.PathLike[str] | None) -> Path:
     resolved = Path(os.fspath(path)).expanduser()
     if str(resolved) in ("", ".") or resolved.name == "":
         raise CacheConfigError(f"cache path {os.fspath(path)!r} does not name a file")
-    return resolved
+    return resolved.absolute()  # one meaning for every process, whatever its directory
 
 
 def split_location(

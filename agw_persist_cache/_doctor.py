@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 from . import _files as files
 from ._cli_common import EXIT_OK, EXIT_PROBLEMS, open_cache
-from ._config import ENV_PATH, resolve_path, split_location
+from ._config import ENV_KEY, ENV_PATH, resolve_path, split_location
 from ._stats import CacheStats
-from .backends.sqlite import recognize
+from .backends._sqlite_files import DAMAGED, SIDE_FILES, Found, examine, sibling
 
 NETWORK_FILESYSTEMS = frozenset(
     {
@@ -141,10 +141,13 @@ def _checks(path_arg: str | None, mounts_file: Path) -> Iterator[Check]:
         )
         return
     yield Check("ok", "path", f"{path} (from {source})")
-    yield from _guarded("owner", lambda: _ownership(path))
+    refused = yield from _ownership(path)
+    if refused:
+        return  # the cache leaves this path alone; nothing more to learn by opening it
     yield from _guarded("directory", lambda: _directory(path))
-    yield from _guarded("file", lambda: _recognized(path))
-    yield from _guarded("open", lambda: _opened(path_arg, path))
+    found = yield from _recognized(path)
+    if found is not None:
+        yield from _guarded("open", lambda: _opened(path_arg, path))
 
 
 def _user() -> str:
@@ -153,24 +156,38 @@ def _user() -> str:
 
 
 def _files_of(path: Path) -> list[Path]:
-    names = [path, *(path.with_name(path.name + s) for s in ("-wal", "-shm", ".key"))]
-    lock_dir = path.with_name(path.name + ".locks")
+    names = [path, *(sibling(path, s) for s in (*SIDE_FILES, ".key"))]
     with contextlib.suppress(OSError):
-        names += sorted(lock_dir.iterdir())
-    return [p for p in names if p.exists() or p.is_symlink()]
+        names += sorted(sibling(path, ".locks").iterdir())
+    return [p for p in names if os.path.lexists(p)]
 
 
-def _ownership(path: Path) -> Iterator[Check]:
-    problems = []
+ASPECTS = {"type": "file", "owner": "owner", "mode": "modes"}
+
+
+def _ownership(path: Path) -> Generator[Check, None, bool]:
+    """One line per aspect (file type, owner, modes) of every file of the cache; whether
+    the database file itself is refused (then nothing is opened)."""
+    found: dict[str, list[str]] = {aspect: [] for aspect in ASPECTS}
+    refused = False
     for p in _files_of(path):
-        reason = files.problem(p, os.lstat(p))
-        if reason is not None:
-            problems.append(reason)
-    if problems:
-        yield Check("FAIL", "modes", "; ".join(problems))
-    else:
-        yield Check("ok", "modes", "every file regular, private (0600) and owned by this user")
-        yield Check("ok", "owner", f"{_user()} owns every file")
+        try:
+            trouble = files.trouble(p, os.lstat(p))
+        except FileNotFoundError:
+            continue  # gone since it was listed
+        if trouble is not None:
+            found[trouble[0]].append(trouble[1])
+            refused = refused or p == path
+    fine = {
+        "owner": f"{_user()} owns every file",
+        "mode": "every file regular and private (0600)" if not found["type"] else None,
+    }
+    for aspect, name in ASPECTS.items():
+        if found[aspect]:
+            yield Check("FAIL", name, "; ".join(found[aspect]))
+        elif fine.get(aspect):
+            yield Check("ok", name, str(fine[aspect]))
+    return refused
 
 
 def _directory(path: Path) -> Iterator[Check]:
@@ -186,53 +203,70 @@ def _directory(path: Path) -> Iterator[Check]:
         yield Check("ok", "directory", f"{path.parent} is not writable by others")
 
 
-def _recognized(path: Path) -> Iterator[Check]:
-    lock_dir = path.with_name(path.name + ".locks")
-    verdict = recognize(path, lock_dir.is_dir())
-    if verdict == "damaged":
-        yield Check(
-            "FAIL",
-            "file",
-            f"{path} is ours but no longer a usable SQLite file; a worker moves it aside "
-            "and starts a new one when it next opens it",
-        )
+def _recognized(path: Path) -> Generator[Check, None, Found | None]:
+    """Whether the file is a cache of ours (from its header; nothing else is opened)."""
+    try:
+        found = examine(path)
+    except OSError as exc:  # NotOurs too: left alone by every worker
+        yield Check("FAIL", "file", f"{exc}; every worker bypasses the cache while it is there")
+        return None
+    if found is Found.EMPTY:
+        yield Check("warn", "file", f"{path} is empty; a worker makes it a cache when it opens it")
+        return None
+    if found is Found.MARKED:
+        yield Check("ok", "header", f"{path} carries the agw-persist-cache mark")
     else:
-        yield Check("ok", "file", f"{path} is an agw-persist-cache file")
+        yield Check("ok", "header", f"{path} holds only agw-persist-cache tables (no mark yet)")
+    return found
 
 
 def _opened(path_arg: str | None, path: Path) -> Iterator[Check]:
     with open_cache(path_arg, read_only=True) as cache:
         stats = cache.stats()
         key_ids, key_source, key_file = cache.key_ids, cache.key_source, cache.key_file
+        key_problem = cache._shelf.key_problem
+        store_problem = cache._backend.unavailable
         # The cache's own judgement of its key (what a process warns about at its first miss).
         verdict = None if stats.disabled_reason else cache._run(cache._shelf.key_verdict())
         stats = cache.stats()  # the mode after every read above
     yield _mode(stats)
-    if stats.disabled_reason:
-        yield Check("FAIL", "schema", f"cache disabled: {stats.disabled_reason}")
+    if store_problem:
+        name = "file" if DAMAGED in store_problem else "schema"
+        yield Check("FAIL", name, f"cache disabled: {store_problem}")
         return
     yield Check("ok", "schema", f"version {stats.schema_version}")
-    with open(path, "rb") as fh:  # the header says (a connection could create a -wal file)
-        header = fh.read(20)
+    header = files.read_private(path, 20)  # the header says (a connection could make a -wal)
     journal = "wal" if header[18:20] == b"\x02\x02" else "rollback"
     level = "ok" if journal == "wal" else "FAIL"
     yield Check(level, "journal", f"journal_mode={journal} (want wal)")
     where = f" in {key_file}" if key_source == "file" else ""
     rows = stats.entries_system + stats.entries_user
-    if not key_ids:
+    if key_problem:
+        yield Check(
+            "FAIL",
+            "key",
+            f"{key_problem}; every worker bypasses the cache. Fix or delete the key file (a "
+            f"worker makes a new one), or set {ENV_KEY}",
+        )
+    elif not key_ids:
         level = "FAIL" if rows else "warn"
-        yield Check(level, "key", f"no usable key (source {key_source}{where}); set AGW_CACHE_KEY")
+        yield Check(
+            level,
+            "key",
+            f"no key file at {key_file} and {ENV_KEY} is not set here: rows cannot be opened "
+            f"(a worker makes the key file; run doctor with the workers' {ENV_KEY})",
+        )
     elif verdict is not None and not verdict[0]:
         yield Check(
             "FAIL",
             "key",
             f"the configured key does not open this cache: {rows} rows were written under key "
             f"ids {', '.join(verdict[1])}, this environment has {', '.join(key_ids)}; "
-            "give every process the same AGW_CACHE_KEY",
+            f"give every process the same {ENV_KEY}",
         )
     else:
         yield Check("ok", "key", f"source {key_source}{where}; key ids {', '.join(key_ids)}")
-    lock_dir = path.with_name(path.name + ".locks")
+    lock_dir = sibling(path, ".locks")
     if not lock_dir.is_dir():
         yield Check("warn", "locks", f"lock dir {lock_dir} is missing (a worker makes it)")
     elif not os.access(lock_dir, os.W_OK | os.X_OK):

@@ -1,8 +1,9 @@
 """Only what is ours: the checks every file and directory of the cache passes before use.
 
 An existing database, ``-wal``/``-shm``, key file or lock file must be a regular file (never
-a symbolic link: they are refused, not followed), owned by the effective user and closed
-to group and others. Otherwise another local user could have planted it to read the tokens
+a symbolic link: they are refused, not followed; a FIFO, socket, device or directory is
+refused from its ``lstat``, never opened), owned by the effective user and closed to group
+and others. Otherwise another local user could have planted it to read the tokens
 (a 0666 database makes SQLite create 0666 ``-wal`` files) or to make us use a key they know.
 Directories the cache creates are 0700 whatever the umask.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 CLOEXEC = getattr(os, "O_CLOEXEC", 0)  # Windows has none: its descriptors are never inherited
+NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # Windows has none (nor FIFOs to block on)
 
 
 def euid() -> int | None:
@@ -30,26 +32,49 @@ class NotOurs(PermissionError):
     """
 
 
-def problem(path: Path, st: os.stat_result) -> str | None:
-    """Why the file ``st`` (from ``lstat`` or ``fstat``) describes is not ours, or None."""
+def trouble(path: Path, st: os.stat_result) -> tuple[str, str] | None:
+    """Why the file ``st`` (from ``lstat`` or ``fstat``) describes is not ours, as
+    ``(aspect, reason)`` with aspect ``type``, ``owner`` or ``mode``; None if it is ours."""
     if stat.S_ISLNK(st.st_mode):
-        return f"{path} is a symbolic link; the cache never follows one (point it at the target)"
+        return (
+            "type",
+            f"{path} is a symbolic link; the cache never follows one (point it at the target)",
+        )
     if not stat.S_ISREG(st.st_mode):
-        return f"{path} is not a regular file"
+        return "type", f"{path} is {_kind(st.st_mode)}, not a regular file; it is left alone"
     user = euid()
     if user is None:
-        return None
+        return None  # Windows: ACLs, not owner and mode bits
     if st.st_uid != user:
-        return (
+        return "owner", (
             f"{path} is owned by uid {st.st_uid}, not by this user (uid {user}); the cache "
             "uses only files its own user made"
         )
     if st.st_mode & 0o077:
-        return (
+        return "mode", (
             f"{path} has mode {stat.S_IMODE(st.st_mode):04o}: others could read or change it "
             f"(chmod 600 {path} if it is yours)"
         )
     return None
+
+
+def problem(path: Path, st: os.stat_result) -> str | None:
+    """Why the file ``st`` describes is not ours, or None (see :func:`trouble`)."""
+    found = trouble(path, st)
+    return None if found is None else found[1]
+
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
 def check(path: Path) -> bool:
@@ -74,15 +99,20 @@ def check_dir(directory: Path) -> None:
         raise NotOurs(f"{directory} is owned by uid {st.st_uid}, not by this user (uid {user})")
 
 
-def read_private(path: Path) -> bytes:
-    """The bytes of a file that is ours (``NotOurs`` otherwise), read without following links."""
-    fd = os.open(path, os.O_RDONLY | NOFOLLOW | CLOEXEC)
+def read_private(path: Path, limit: int = -1) -> bytes:
+    """The bytes (the first ``limit``) of a file that is ours (``NotOurs`` otherwise), read
+    without following links or blocking: a FIFO, socket or device is refused without being
+    opened (``lstat`` first; ``fstat`` after opening catches a swap in between)."""
+    reason = problem(path, os.lstat(path))
+    if reason is not None:
+        raise NotOurs(reason)
+    fd = os.open(path, os.O_RDONLY | NOFOLLOW | NONBLOCK | CLOEXEC)
     try:
         reason = problem(path, os.fstat(fd))
         if reason is not None:
             raise NotOurs(reason)
         with os.fdopen(fd, "rb", closefd=False) as handle:
-            return handle.read()
+            return handle.read(limit)
     finally:
         os.close(fd)
 

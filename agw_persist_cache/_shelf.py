@@ -109,6 +109,7 @@ class TokenShelf:
         self._checked: set[str] = set()  # key ids whose check value this process stored
         self._unopened: dict[bytes, bytes] = {}  # digest -> nonce of rows that did not open
         self._keys_compared = False
+        self.key_problem: str | None = None  # why the key file cannot be used (stats says)
 
     @property
     def needs_key_file(self) -> bool:
@@ -118,24 +119,23 @@ class TokenShelf:
     def ring(self) -> Keyring | None:
         if self._keyring is None and self.key_file is not None and not self.backend.unavailable:
             try:
-                if self.read_only:  # diagnostics read a key file, never make one
-                    what = f"key file {self.key_file}"
-                    master = decode_key(read_private(self.key_file), what=what)
-                else:
-                    if isinstance(self.backend, SqliteBackend):
-                        self.backend.prepare_dirs()
-                    master = load_or_create_key_file(self.key_file)
-                self._keyring = Keyring([master])
+                self._keyring = Keyring([self._read_key_file(self.key_file)])
+                self.key_problem = None
                 if self.health.state:
                     self.health.succeeded(KEY)
+            except StorageError as exc:  # the store refused its path: nothing made beside it
+                self.storage_failed(exc)
+                return None
             except OSError as exc:  # the directory is unusable: the store's own warning
                 if self.read_only and isinstance(exc, FileNotFoundError):
                     return None  # no key file: rows are counted, not opened
+                self.key_problem = f"cannot use key file {self.key_file}: {exc}"
                 self.counters.storage_errors += 1
                 warn_unopenable(self.warnings, self.path, exc)
                 self.health.failed(f"key file: {type(exc).__name__}", KEY, quiet=True)
                 return None
             except ValueError as exc:
+                self.key_problem = str(exc)
                 self._trouble(
                     "storage_errors",
                     "keyfile",
@@ -147,6 +147,13 @@ class TokenShelf:
                 self.health.failed(f"key file: {type(exc).__name__}", KEY, quiet=True)
                 return None
         return self._keyring
+
+    def _read_key_file(self, key_file: Path) -> bytes:
+        if self.read_only:  # diagnostics read a key file, never make one
+            return decode_key(read_private(key_file), what=f"key file {key_file}")
+        if isinstance(self.backend, SqliteBackend):
+            self.backend.prepare()  # look before creating: a path not ours gets no key file
+        return load_or_create_key_file(key_file)
 
     def key(self, kind: str, scope_key: str, user_jwt: str | None) -> Key:
         """The key of a (kind, scope, user); checks the arguments (the API boundary). A

@@ -29,6 +29,7 @@ _NO_FACTS: dict[str, Any] = {
 
 def facts(shelf: TokenShelf) -> Flight[CacheStats]:
     """This process's counters and mode, and the store's facts (none when it fails)."""
+    shelf.ring()  # a key file that cannot be used disables the cache: say so
     try:
         facts = yield GetFacts(time.time())
     except StorageError as exc:
@@ -39,7 +40,7 @@ def facts(shelf: TokenShelf) -> Flight[CacheStats]:
     return CacheStats(
         **dataclasses.asdict(shelf.counters),
         **found,
-        disabled_reason=shelf.backend.unavailable,
+        disabled_reason=shelf.backend.unavailable or shelf.key_problem,
         backend=shelf.backend.name,
         mode=shelf.health.mode,
         degraded_since=None if down is None else down.since,
@@ -81,5 +82,5 @@ def reseal(shelf: TokenShelf, batch: int) -> Flight[int]:
             (digest, *_) = ring.digests(row.kind, envelope.scope_key, envelope.uhash)
             kid, nonce, ct = ring.seal(row.kind, digest, row.generation, envelope)
             new = row._replace(digest=digest, kid=kid, nonce=nonce, ct=ct)
-            yield Replace(row.digest, new)
+            yield Replace(row.digest, new, ring.primary.check)
             done += 1

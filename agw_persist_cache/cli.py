@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -18,10 +19,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import CacheConfig, CacheConfigError, CacheError, EntryInfo, PersistentTokenCache
+from . import _files as files
 from ._cli_common import (
     EXIT_OK,
     EXIT_PROBLEMS,
     EXIT_USAGE,
+    ProblemError,
     UsageError,
     format_bytes,
     format_span,
@@ -37,10 +40,6 @@ from ._version import __version__
 
 ENV_NEW_KEY = "AGW_CACHE_NEW_KEY"
 EXIT_BROKEN_PIPE = 128 + 13  # as a shell reports a writer killed by SIGPIPE
-
-
-class ProblemError(Exception):
-    """The command ran but found the cache unusable for what was asked (exit code 1)."""
 
 
 def _entry_json(entry: EntryInfo) -> dict[str, Any]:
@@ -73,19 +72,31 @@ def _write_entries(entries: Sequence[EntryInfo], now: float, out: TextIO) -> Non
 
 
 def _require_usable(cache: PersistentTokenCache) -> None:
-    """Refuse to report on a cache that is bypassed: an empty listing would be a lie."""
+    """Refuse to report on (or to claim a change to) a cache that is bypassed: an empty
+    listing, or "cleared", would be a lie."""
     reason = cache.stats().disabled_reason
     if reason:
         raise ProblemError(f"the cache is disabled: {reason}")
 
 
+def _problem(cache: PersistentTokenCache, disabled_reason: str | None) -> str | None:
+    """Why ``stats`` cannot call this cache healthy: disabled, or no key to open its rows."""
+    if disabled_reason or cache.key_ids:
+        return disabled_reason
+    return (
+        f"no usable key: {ENV_KEY} is not set and there is no key file at {cache.key_file}; "
+        "rows cannot be opened"
+    )
+
+
 def cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
     """Rows by kind (valid / expired), expiry range, file sizes, schema and key ids."""
     with open_cache(args.path, read_only=True) as cache:
-        stats = cache.stats()
         entries = cache.list_entries()
+        stats = cache.stats()  # after the listing: whatever it found is in disabled_reason
         configured = cache.key_ids
         path = cache.location
+        problem = _problem(cache, stats.disabled_reason)
     now = time.time()
     by_kind: dict[str, dict[str, int]] = {
         kind: {"valid": 0, "expired": 0} for kind in ("system", "user")
@@ -94,9 +105,15 @@ def cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
         counts = by_kind.setdefault(entry.kind, {"valid": 0, "expired": 0})
         counts["valid" if entry.expires_at > now else "expired"] += 1
     if args.json:
-        doc = {"path": str(path), "key_ids_configured": list(configured), "by_kind": by_kind}
+        doc: dict[str, Any] = {
+            "path": str(path),
+            "key_ids_configured": list(configured),
+            "by_kind": by_kind,
+        }
         doc.update(dataclasses.asdict(stats))
         doc["key_ids_in_use"] = list(stats.key_ids_in_use)
+        doc["disabled_reason"] = problem
+        doc["status"] = "disabled" if problem else "ok"
         json.dump(doc, out, indent=2, sort_keys=True)
         out.write("\n")
     else:
@@ -115,11 +132,11 @@ def cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
             ("schema version", str(stats.schema_version)),
             ("key ids in use", ", ".join(stats.key_ids_in_use) or "-"),
             ("key ids configured", keys),
-            ("status", f"DISABLED: {stats.disabled_reason}" if stats.disabled_reason else "ok"),
+            ("status", f"DISABLED: {problem}" if problem else "ok"),
         ]
         for name, value in lines:
             out.write(f"{name:<19} {value}\n")
-    return EXIT_PROBLEMS if stats.disabled_reason or not configured else EXIT_OK
+    return EXIT_PROBLEMS if problem else EXIT_OK
 
 
 def cmd_list(args: argparse.Namespace, out: TextIO) -> int:
@@ -127,6 +144,7 @@ def cmd_list(args: argparse.Namespace, out: TextIO) -> int:
     with open_cache(args.path, read_only=True) as cache:
         _require_usable(cache)
         entries = sorted(cache.list_entries(), key=lambda e: e.expires_at)
+        _require_usable(cache)  # the listing itself may have found the file damaged
     now = time.time()
     if args.json:
         json.dump([_entry_json(e) for e in entries], out, indent=2)
@@ -140,8 +158,10 @@ def cmd_list(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_clear(args: argparse.Namespace, out: TextIO) -> int:
     """Empty the tokens table for every process on the host."""
     with open_cache(args.path) as cache:
+        _require_usable(cache)
         before = len(cache.list_entries())
         cache.clear()
+        _require_usable(cache)
         path = cache.location
     out.write(f"cleared {before} rows from {path}; every process fetches fresh tokens now\n")
     return EXIT_OK
@@ -154,6 +174,7 @@ def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
         before = {e.digest_prefix: e for e in cache.list_entries()}
         removed = cache.prune()
         after = {e.digest_prefix for e in cache.list_entries()}
+        _require_usable(cache)
     now = time.time()
     gone = [entry for digest, entry in before.items() if digest not in after]
     if gone:
@@ -172,33 +193,60 @@ def _current_keys(cache: PersistentTokenCache) -> list[bytes]:
     return [decode_key(cache.key_file.read_bytes(), what=f"key file {cache.key_file}")]
 
 
+def _read_new_key_file(name: str) -> bytes:
+    """The new key from ``--key-file``; a warning on stderr if others may read the file."""
+    try:
+        fd = os.open(name, os.O_RDONLY | files.NONBLOCK | files.CLOEXEC)
+    except OSError as exc:
+        raise UsageError(f"cannot read --key-file {name}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise UsageError(f"--key-file {name} is not a regular file")
+        raw = handle.read()
+    if mode & 0o077:
+        print(
+            f"agw-cache rotate-key: warning: --key-file {name} has mode "
+            f"{stat.S_IMODE(mode):04o}: others on this host can read the new key; "
+            f"chmod 600 {name}, and delete it once the key is deployed",
+            file=sys.stderr,
+        )
+    return decode_key(raw, what=f"--key-file {name}")
+
+
 def cmd_rotate_key(args: argparse.Namespace, out: TextIO) -> int:
     """Re-seal every row under a new primary key while the old ones still open what is left."""
     if args.key_file is not None:
-        try:
-            raw = Path(args.key_file).read_bytes()
-        except OSError as exc:
-            raise UsageError(f"cannot read --key-file {args.key_file}: {exc.strerror}") from None
-        new = decode_key(raw, what=f"--key-file {args.key_file}")
+        new = _read_new_key_file(args.key_file)
     elif os.environ.get(ENV_NEW_KEY):
         new = decode_key(os.environ[ENV_NEW_KEY], what=f"${ENV_NEW_KEY}")
     else:
         raise UsageError(f"give the new key with --key-file FILE or ${ENV_NEW_KEY}")
+    env_keys = keys_from_config(CacheConfig())
+    step_1_done = env_keys is not None and env_keys.keys[0] == new
+    if not step_1_done and not args.force:
+        raise UsageError(
+            f"step 1 is not done here: ${ENV_KEY} does not start with the new key. Deploy "
+            f"{ENV_KEY}=<new>,<old> to every worker and restart them, then run rotate-key with "
+            f"that {ENV_KEY}; re-sealing first would make every worker that knows only <old> "
+            "miss every row and fetch it again (--force does it anyway). Nothing was changed"
+        )
     with open_cache(args.path) as current:
         old = [key for key in _current_keys(current) if key != new]
         old_ids = list(current.key_ids)
         old_hint = f" (<old>: the contents of {current.key_file})" if current.key_file else ""
     with open_cache(args.path, keys=[new, *old]) as cache:
+        _require_usable(cache)
         resealed = cache.reseal()
+        _require_usable(cache)
         new_id = cache.key_ids[0]
         in_use = cache.stats().key_ids_in_use
     out.write(f"re-sealed {resealed} rows under key id {new_id}; key ids in use: ")
     out.write(", ".join(in_use) + "\n" if in_use else "-\n")
     old_text = ",".join(kid for kid in old_ids if kid != new_id) or "-"
-    env_keys = keys_from_config(CacheConfig())
     step_1 = (
         "done here"
-        if env_keys is not None and env_keys.keys[0] == new
+        if step_1_done
         else f"NOT done here (${ENV_KEY} does not start with the new key): until it is, workers "
         "that know only <old> miss every re-sealed row and fetch it again; do it, then run "
         "step 2 again"
@@ -270,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
         f"re-seal every row under a new key (from --key-file or ${ENV_NEW_KEY})",
     )
     rotate.add_argument("--key-file", help="file holding the new key (urlsafe base64)")
+    rotate.add_argument(
+        "--force",
+        action="store_true",
+        help=f"re-seal even though ${ENV_KEY} does not start with the new key (step 1 not done)",
+    )
     doctor = add("doctor", cmd_doctor, "check path, modes, owner, filesystem, key, schema, locks")
     doctor.add_argument("--mounts-file", default="/proc/mounts", help=argparse.SUPPRESS)
     demo = add(

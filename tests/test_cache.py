@@ -584,7 +584,8 @@ async def test_corrupt_file_is_moved_aside_and_the_cache_works_afterwards(
 ) -> None:
     with PersistentTokenCache(db_path, config=make_config()) as first:  # our file, locks
         first.set_system_token("scope", "before")
-    db_path.write_bytes(os.urandom(16384))  # damaged in place: still ours (owner, 0600)
+    # Damaged in place under its header: still provably ours (our application_id in it).
+    db_path.write_bytes(db_path.read_bytes()[:100] + os.urandom(16384 - 100))
     caplog.set_level(logging.WARNING)
     api = open_api()
     assert await api.get("scope") is None

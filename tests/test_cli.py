@@ -138,12 +138,13 @@ def test_clear_empties_the_cache_for_every_process(seeded: Seeded) -> None:
 def test_rotate_key_from_a_file_reseals_every_row_under_the_new_key(
     seeded: Seeded, tmp_path: Path
 ) -> None:
-    new = new_key()
+    old, new = seeded.secrets[-1], new_key()
     seeded.secrets.append(new)
     key_file = tmp_path / "new.key"
     key_file.write_text(new + "\n")
     key_file.chmod(0o600)
-    result = seeded.cli("rotate-key", "--key-file", str(key_file))
+    step_1 = {**seeded.env, "AGW_CACHE_KEY": f"{new},{old}"}
+    result = seeded.cli("rotate-key", "--key-file", str(key_file), env=step_1)
     assert result.returncode == 0, result.stderr
     assert "re-sealed 3 rows" in result.stdout
     assert "AGW_CACHE_KEY=<new>,<old>" in result.stdout
@@ -159,7 +160,7 @@ def test_rotate_key_from_env_keeps_old_env_keys_readable(seeded: Seeded) -> None
     old, new = new_key(), new_key()
     seeded.secrets += [old, new]
     env = {**seeded.env, "AGW_CACHE_KEY": f"{old},{old_file_key}", "AGW_CACHE_NEW_KEY": new}
-    result = seeded.cli("rotate-key", env=env)
+    result = seeded.cli("rotate-key", "--force", env=env)
     assert result.returncode == 0, result.stderr
     assert "re-sealed 3 rows" in result.stdout
     again = seeded.cli("rotate-key", env={**env, "AGW_CACHE_KEY": f"{new},{old}"})
@@ -275,7 +276,7 @@ def test_rotate_key_is_safe_while_a_worker_with_the_old_key_keeps_reading(
         assert reader.stdout is not None and reader.stdout.readline().strip() == "ready"
         new = new_key()
         seeded.secrets.append(new)
-        result = seeded.cli("rotate-key", env={**seeded.env, "AGW_CACHE_NEW_KEY": new})
+        result = seeded.cli("rotate-key", "--force", env={**seeded.env, "AGW_CACHE_NEW_KEY": new})
         assert result.returncode == 0, result.stderr
     finally:
         stop.touch()
@@ -387,7 +388,7 @@ def test_rotate_key_prints_the_one_safe_order_and_whether_step_1_is_done(seeded:
     old = seeded.secrets[-1]
     new = new_key()
     seeded.secrets.append(new)
-    before = seeded.cli("rotate-key", env={**seeded.env, "AGW_CACHE_NEW_KEY": new})
+    before = seeded.cli("rotate-key", "--force", env={**seeded.env, "AGW_CACHE_NEW_KEY": new})
     after = seeded.cli(
         "rotate-key",
         env={**seeded.env, "AGW_CACHE_NEW_KEY": new, "AGW_CACHE_KEY": f"{new},{old}"},

@@ -132,7 +132,7 @@ def test_doctor_as_another_user_reports_a_root_owned_cache_without_crashing(
     assert code == 1
     assert "Traceback" not in err
     assert any(
-        line.startswith("FAIL  modes") and "owned by uid 0" in line for line in out.split("\n")
+        line.startswith("FAIL  owner") and "owned by uid 0" in line for line in out.split("\n")
     )
 
 

@@ -207,11 +207,16 @@ class RowsNotUnder(Op[list[SealedRow]]):
 
 @dataclass(frozen=True, slots=True)
 class Replace(Op[bool]):
-    """Put ``row`` (re-sealed) in place of ``old``, unless a newer row took its digest."""
+    """Put ``row`` (re-sealed) in place of ``old``, unless a newer row took its digest.
+
+    ``key_check``: the check value of ``row.kid``, recorded (a store that keeps check values
+    then forgets those of key ids no row uses any more): after a rotation the new key alone
+    is known to open the rows, the old one alone is not."""
 
     writes: ClassVar[bool] = True
     old: bytes
     row: SealedRow
+    key_check: bytes | None = None
 
 
 # -- the per-key cross-process lock --------------------------------------------------------------

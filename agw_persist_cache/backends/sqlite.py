@@ -40,6 +40,16 @@ from .._files import make_private_dirs
 from .._log import Warnings, warn_unopenable
 from . import _forkgate
 from ._filelocks import KeyLockFiles, file_lock
+from ._sqlite_files import (
+    APPLICATION_ID,
+    DAMAGED,
+    Found,
+    examine,
+    marked,
+    move_aside,
+    read_only_uri,
+    sibling,
+)
 from .contract import (
     Backoff,
     Clear,
@@ -106,7 +116,6 @@ QUICK_IDLE = 1
 """Idle connections kept for best-effort writes (the rate-limited LRU touch and prune)."""
 SEEN_MAX = 1024
 """Keys whose last read (sealed, as stored) each pooled connection remembers."""
-APPLICATION_ID = int.from_bytes(b"AGWC", "big")
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 
@@ -341,9 +350,22 @@ def plan_rows_not_under(op: RowsNotUnder) -> Plan[list[SealedRow]]:
 
 
 def plan_replace(op: Replace) -> Plan[bool]:
-    """Re-seal one row in place of ``old`` unless a newer row already took the new digest."""
-    yield ("DELETE FROM tokens WHERE k = ?", (op.old,))
+    """Re-seal one row in place of ``old`` unless a newer row already took the new digest;
+    record the new key's check value, and forget the old key's once no row uses it."""
+    gone = yield ("DELETE FROM tokens WHERE k = ? RETURNING kid", (op.old,))
     done = yield (_INSERT.format(verb="") + " ON CONFLICT (k) DO NOTHING", tuple(op.row))
+    if op.key_check is not None:
+        yield (
+            "INSERT OR REPLACE INTO key_checks (kid, check_value) VALUES (?, ?)",
+            (op.row.kid, op.key_check),
+        )
+        for (kid,) in gone:
+            if kid != op.row.kid:  # stops at the first row still under it: no index needed
+                yield (
+                    "DELETE FROM key_checks WHERE kid = ?"
+                    " AND NOT EXISTS (SELECT 1 FROM tokens WHERE kid = ?)",
+                    (kid, kid),
+                )
     return done.changes > 0
 
 
@@ -558,10 +580,19 @@ class SqliteBackend:
                 "schema", "%s; the cache is disabled, tokens are fetched directly", exc
             )
             return StorageUnavailable(str(exc))
+        if self.read_only and _is_corrupt(exc):  # a diagnostic reports it, never moves it
+            reason = (
+                f"cache file {self.path} {DAMAGED} ({type(exc).__name__}: {exc}); it was left "
+                "in place: a worker moves it aside when it next opens it"
+            )
+            self._disable(reason)
+            self._drop_connections()
+            return StorageUnavailable(reason)
         if not self._ready:
             reason = f"cannot open cache file {self.path}: {type(exc).__name__}: {exc}"
             self._disable(reason)
-            warn_unopenable(self.warnings, self.path, exc)
+            if not self.read_only:  # a diagnostic prints the reason itself
+                warn_unopenable(self.warnings, self.path, exc)
             return StorageUnavailable(reason)
         if _is_corrupt(exc):
             self._quarantine(exc)
@@ -572,8 +603,7 @@ class SqliteBackend:
     def _connect(self, *, quick: bool = False) -> _Conn:
         target: str | Path = self.path
         if self.read_only:  # no -wal: nothing to merge, and nothing gets created either
-            wal = self.path.with_name(self.path.name + "-wal").exists()
-            target = f"{self.path.as_uri()}?mode=ro{'' if wal else '&immutable=1'}"
+            target = read_only_uri(self.path)
         conn = sqlite3.connect(
             target,
             uri=self.read_only,
@@ -718,7 +748,13 @@ class SqliteBackend:
         try:
             with self._init_lock():
                 if failed is not None and _identity_of(self.path) == failed:
-                    self._move_aside(exc)
+                    if not marked(self.path):  # its header went too: not provably ours
+                        self._disable(
+                            f"cache file {self.path} {DAMAGED} and lost its header; "
+                            "it is left alone: move it away"
+                        )
+                        return
+                    move_aside(self.path, exc, self.warnings)
         except (OSError, filelock.Timeout):
             pass  # the next open tries again
 
@@ -835,17 +871,34 @@ class SqliteBackend:
                 self._ready = True
                 self._unavailable = None
 
+    def prepare(self) -> None:
+        """Open the file now (creating it if absent and allowed), before anything is made
+        beside it (the key file): a path that is not ours gets nothing. ``StorageError``
+        (the store disabled, with its reason) otherwise."""
+        gate = _forkgate.enter()
+        try:
+            self._ensure_ready()
+        except _FAILURES as exc:
+            raise self._failed(exc) from None
+        finally:
+            _forkgate.leave(gate)
+
     def prepare_dirs(self) -> None:
-        """Create the directory (0700) and the lock directory beside the database."""
+        """Create the directory (0700) and the lock directory beside the database, after
+        looking: a path that is not ours raises ``NotOurs`` and gets nothing."""
+        examine(self.path)
         make_private_dirs(self.path.parent)
         make_private_dirs(self.lock_dir)
 
     def _inspect(self) -> None:
         """Read-only: an existing file of this cache's, at the current schema; else why not."""
-        if not self.path.exists() and not self.path.is_symlink():
+        found = examine(self.path)
+        if found is Found.ABSENT:
             raise NoCache(f"no cache at {self.path}")
-        if self.path.is_symlink():
-            raise files.NotOurs(f"{self.path} is a symbolic link; the cache never follows one")
+        if found is Found.EMPTY:
+            raise NoCache(
+                f"cache file {self.path} is empty (a worker makes it a cache when it opens it)"
+            )
         conn = self._connect()
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -868,26 +921,21 @@ class SqliteBackend:
         )
 
     def _initialize(self) -> None:
-        beside_our_locks = self.lock_dir.is_dir()  # before this process makes it
-        for suffix in ("", "-wal", "-shm"):  # another user's file: say so before anything else
-            files.check(self.path.with_name(self.path.name + suffix))
         self.prepare_dirs()
         files.check_dir(self.lock_dir)
         files.check(self.lock_dir / "init.lock")
         # Serialized: 32 processes opening a brand-new file must not race on the schema.
         with self._init_lock():
-            verdict = recognize(self.path, beside_our_locks)
-            if verdict == "damaged":
-                self._move_aside(sqlite3.DatabaseError("not an SQLite file any more"))
+            found = examine(self.path)  # again: another process may have made it meanwhile
             # SQLite gives the -wal and -shm files the mode of the database file.
-            with contextlib.suppress(FileExistsError):
+            if found is Found.ABSENT:
                 os.close(os.open(self.path, _CREATE, 0o600))
             try:
                 self._migrate()
             except sqlite3.DatabaseError as exc:
-                if isinstance(exc, sqlite3.OperationalError):
-                    raise
-                self._move_aside(exc)  # ours (recognized above), and broken
+                if isinstance(exc, sqlite3.OperationalError) or found is not Found.MARKED:
+                    raise  # only a file with our mark is ever moved aside
+                move_aside(self.path, exc, self.warnings)
                 os.close(os.open(self.path, _CREATE, 0o600))
                 self._migrate()
             self._identity = _identity_of(self.path)
@@ -916,27 +964,11 @@ class SqliteBackend:
         finally:
             conn.close()
 
-    def _move_aside(self, exc: BaseException) -> None:
-        stamp = f"corrupt-{int(time.time())}-{os.getpid()}"
-        for suffix in ("", "-wal", "-shm"):
-            src = self.path.with_name(self.path.name + suffix)
-            with contextlib.suppress(FileNotFoundError):
-                src.rename(src.with_name(f"{self.path.name}.{stamp}{suffix}"))
-        self.warnings.once(
-            "corrupt",
-            "cache file %s was not a usable SQLite database (%s); moved it aside as %s.%s "
-            "and started an empty one",
-            self.path,
-            type(exc).__name__,
-            self.path.name,
-            stamp,
-        )
-
     # -- sizes and closing ---------------------------------------------------------------------
 
     def sizes(self) -> tuple[int, int]:
         """(database bytes, WAL bytes)."""
-        return _size(self.path), _size(self.path.with_name(self.path.name + "-wal"))
+        return _size(self.path), _size(sibling(self.path, "-wal"))
 
     def close(self) -> None:
         """Close this process's connections (the file and other processes are unaffected)."""
@@ -959,59 +991,7 @@ _ABANDONED: list[object] = []
 
 _READ_OP = Read(())
 _CREATE = os.O_RDWR | os.O_CREAT | os.O_EXCL | files.NOFOLLOW
-_SQLITE_MAGIC = b"SQLite format 3\x00"
-OUR_TABLES = frozenset({"tokens", "meta", "backoff", "key_checks"})
-
-
-def recognize(path: Path, beside_our_locks: bool) -> str:
-    """Is the file at ``path`` ours? ``"missing"``, ``"ours"`` (also: empty, or SQLite with
-    only our tables), ``"damaged"`` (not SQLite any more, but owned by us, 0600, beside our
-    lock directory: quarantine it). Anything else raises ``NotOurs``: never moved, rewritten
-    or migrated."""
-    for suffix in ("-wal", "-shm"):
-        files.check(path.with_name(path.name + suffix))
-    if not files.check(path):
-        return "missing"
-    with open(path, "rb", opener=_no_follow) as fh:
-        header = fh.read(100)
-    if not header:
-        return "ours"  # an empty file of our own user's: adopted
-    if not header.startswith(_SQLITE_MAGIC) or len(header) < 100:
-        if beside_our_locks:
-            return "damaged"
-        raise files.NotOurs(f"{path} is not an SQLite file this cache made; it is left alone")
-    app_id = int.from_bytes(header[68:72], "big")
-    if app_id == APPLICATION_ID:
-        return "ours"
-    if app_id:
-        raise files.NotOurs(f"{path} belongs to another application (application_id {app_id})")
-    tables = _tables(path)
-    if tables is None:
-        if beside_our_locks:
-            return "damaged"
-        raise files.NotOurs(f"{path} is not an SQLite file this cache made; it is left alone")
-    if tables - OUR_TABLES:
-        raise files.NotOurs(
-            f"{path} is an SQLite database with tables of its own; it is left alone"
-        )
-    return "ours"  # no tables yet, or a version-1 cache file (before the mark)
-
-
-def _tables(path: Path) -> set[str] | None:
-    """The table names of an SQLite file, read-only; None if it does not open."""
-    try:
-        conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
-        try:
-            listed = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-            return {name for (name,) in listed}
-        finally:
-            conn.close()
-    except sqlite3.DatabaseError:
-        return None
-
-
-def _no_follow(path: str, flags: int) -> int:
-    return os.open(path, flags | files.NOFOLLOW | files.CLOEXEC)
+__all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "NoCache", "SchemaTooNew", "SqliteBackend"]
 
 
 def _too_new(path: Path, version: int) -> str:
