@@ -22,8 +22,10 @@ from ._expiry import CachedToken, TokenData, normalize
 from ._locks import KeyLocks, Release
 from ._stats import Counters
 from .backends.contract import (
+    ABSENT,
     Backend,
     Backoff,
+    Fence,
     GetBackoff,
     LockResult,
     Op,
@@ -111,8 +113,11 @@ class Shelf(Protocol):
     def judge(self, key: Key, snap: Snapshot, now: float) -> Lookup:
         """Open and check the row of a read."""
 
-    def store(self, key: Key, entry: CachedToken, generation: int | None) -> Flight[bool]:
-        """Seal and write ``entry`` unless a clear moved ``generation``."""
+    def store(
+        self, key: Key, entry: CachedToken, generation: int | None, fence: bytes | None = None
+    ) -> Flight[bool]:
+        """Seal and write ``entry`` unless a clear moved ``generation`` (or, with ``fence``,
+        a newer row took the one read)."""
 
     def prune_if_due(self) -> Flight[int]:
         """Prune if this process has not for a while."""
@@ -159,25 +164,32 @@ def fill(shelf: Shelf, key: Key, *, refresh: bool) -> Flight[CachedToken | None]
         shelf.lock_trouble(locked, key)
     now = time.time()
     generation: int | None = None
+    fence = ABSENT  # the row this fetch replaces: a newer one written meanwhile stays
     backoff: Backoff | None = None
+    cap = config.fetch_backoff_seconds
     try:
         snap: Snapshot = yield key.read  # another process may have just written it
         generation = snap.generation
+        if snap.row is not None and snap.row.digest == key.digest:
+            fence = snap.row.nonce
         lookup = shelf.judge(key, snap, now)
         if lookup.followup is not None:
-            yield lookup.followup
+            done = yield lookup.followup
+            if isinstance(lookup.followup, Fence):  # the store had gone back: now it has not
+                generation = done
         if lookup.entry is not None and not (refresh and lookup.due):
             return None if refresh else lookup.entry
-        backoff = yield GetBackoff(key.digest)
+        backoff = yield GetBackoff(key.digest, cap)
     except StorageError as exc:
         shelf.storage_failed(exc)
-    if backoff is not None and config.fetch_backoff_seconds > 0:
-        # Capped on read: a stepped clock or a planted row never blocks a key for longer.
-        left = min(backoff.until - now, config.fetch_backoff_seconds)
-        if left > 0:
+    if backoff is not None and cap > 0:
+        # A mark further ahead than the cap was written under a clock ahead of ours (or
+        # planted): ignored, so that no mark blocks a key for longer than the cap.
+        left = backoff.until - now
+        if 0 < left <= cap:
             shelf.counters.backoff_rejections += 1
             raise FetchBackoffError(
-                retry_after=left, cause_type=backoff.cause, status=backoff.status
+                retry_after=left, cause_type=cause_word(backoff.cause), status=backoff.status
             )
     shelf.counters.fetches += 1
     started = time.time()
@@ -200,7 +212,7 @@ def fill(shelf: Shelf, key: Key, *, refresh: bool) -> Flight[CachedToken | None]
     entry = normalize(data, now=started, expires_at=None, config=config)
     if generation is not None:
         try:
-            yield from shelf.store(key, entry, generation)
+            yield from shelf.store(key, entry, generation, fence)
         except StorageError as exc:
             shelf.storage_failed(exc)
             generation = None  # waited once already: no more writes in this call
@@ -211,6 +223,16 @@ def fill(shelf: Shelf, key: Key, *, refresh: bool) -> Flight[CachedToken | None]
         except StorageError as exc:
             shelf.storage_failed(exc)
     return entry
+
+
+CAUSE_WORD_MAX = 64
+
+
+def cause_word(text: str) -> str:
+    """A mark's cause as shown in errors and logs: a Python class name, else ``"error"``
+    (a mark is written by anyone with access to the store: its text is never echoed raw)."""
+    ok = len(text) <= CAUSE_WORD_MAX and text.isascii() and text.isidentifier()
+    return text if ok else "error"
 
 
 def _peek(shelf: Shelf, key: Key) -> Flight[CachedToken | None]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import math
 import os
 import random
 import time
@@ -42,6 +43,7 @@ from .backends.contract import (
     Clear,
     Delete,
     Facts,
+    Fence,
     GetFacts,
     GetKeyChecks,
     KeyChecks,
@@ -55,6 +57,7 @@ from .backends.contract import (
     Snapshot,
     StorageError,
     StorageUnavailable,
+    Sweep,
     Touch,
     Write,
 )
@@ -76,6 +79,10 @@ _NO_FACTS: dict[str, Any] = {
     "wal_bytes": 0,
 }
 _REFRESH_RETRY_SECONDS = 2.0
+_SWEEPS_MAX = 10_000  # steps of a clear()'s sweep (Sweep.limit rows each)
+FUTURE_SLACK_SECONDS = 5.0
+"""SQLite: a row created further than this in the future (by this host's clock) is a miss,
+so that a row outlives the lifetime it was written with by this much at most."""
 MAX_SCOPE_KEY_CHARS = 8 * 1024
 MAX_USER_JWT_CHARS = 64 * 1024
 
@@ -105,7 +112,8 @@ class TokenShelf:
             kf = config.key_file
             self.key_file = Path(os.fspath(kf)) if kf else path.with_name(path.name + ".key")
         self._keyring: Keyring | None = Keyring(explicit.keys) if explicit else None
-        self._memo: dict[bytes, tuple[bytes, CachedToken]] = {}
+        # digest -> (nonce, generation, entry) of the row last opened here
+        self._memo: dict[bytes, tuple[bytes, int, CachedToken]] = {}
         self._keys: dict[tuple[str, str, str | None], Key] = {}
         jitter = random.uniform(0.0, 0.3)
         self._max_ttl = config.max_token_ttl_seconds
@@ -115,7 +123,10 @@ class TokenShelf:
         ratio = config.refresh_ahead_ratio
         self._refresh_share = ratio * (1 - jitter) if ratio > 0 else -1.0
         self._last_prune = 0.0
-        self._generation = 0  # the last clear() generation seen; sets seal under it
+        self._generation = 0  # the highest clear() generation seen; sets seal under it
+        # One host's processes share one clock: a row from its future was written while the
+        # clock ran ahead. (Redis rows expire by the server's clock; hosts' clocks differ.)
+        self._future_slack = FUTURE_SLACK_SECONDS if backend.name == "sqlite" else math.inf
         self._refresh_attempts: dict[bytes, float] = {}
         self._checked: set[str] = set()  # key ids whose check value this process stored
         self._unopened: dict[bytes, bytes] = {}  # digest -> nonce of rows that did not open
@@ -178,18 +189,26 @@ class TokenShelf:
         """The usable entry in ``snap`` (or None), a write to do afterwards, refresh due.
 
         The memo holds what this process last opened per row, keyed by the row's random
-        nonce: an unchanged row is not decrypted again, a rewritten one always is. (The hot
-        path of every hit: settings are read from attributes set up once.)
+        nonce and the generation it opened under: an unchanged row is not decrypted again, a
+        rewritten one (a new generation in its header too) always is. What this process has
+        seen never goes backwards: a store whose generation is lower than one seen here
+        (restored, rewound, lost) is fenced back up first. (The hot path of every hit:
+        settings are read from attributes set up once.)
         """
+        if snap.generation != self._generation:
+            if snap.generation < self._generation:
+                return Lookup(None, Fence(self._generation), False)
+            self._generation = snap.generation
         row = snap.row
         if row is None:
             return _MISS
-        self._generation = snap.generation
         if row.generation != snap.generation:  # written before a clear(), or replayed
             return Lookup(None, Delete((row.digest,), row.nonce), False)
+        if row.created_at > now + self._future_slack:
+            return _MISS  # its lifetime cannot be told on our clock: fetched anew
         memo = self._memo.get(row.digest)
-        if memo is not None and memo[0] == row.nonce:
-            entry = memo[1]
+        if memo is not None and memo[0] == row.nonce and memo[1] == row.generation:
+            entry = memo[2]
         else:
             opened = self._open(key, row)
             if opened is None:
@@ -234,7 +253,7 @@ class TokenShelf:
         entry = CachedToken(envelope.token, envelope.expires_at, extra)
         if len(self._memo) >= _MEMO_MAX:
             self._memo.pop(next(iter(self._memo), b""), None)
-        self._memo[row.digest] = (row.nonce, entry)
+        self._memo[row.digest] = (row.nonce, row.generation, entry)
         return entry
 
     def _counted(self, key: Key, snap: Snapshot) -> Lookup:
@@ -292,9 +311,12 @@ class TokenShelf:
 
     # -- writes --------------------------------------------------------------------------------
 
-    def store(self, key: Key, entry: CachedToken, generation: int | None) -> Flight[bool]:
+    def store(
+        self, key: Key, entry: CachedToken, generation: int | None, fence: bytes | None = None
+    ) -> Flight[bool]:
         """Seal and write ``entry``. With ``generation`` (a fetch), refuse if a clear() came
-        since; without (a plain set), seal under the current generation."""
+        since, or (``fence``, see ``Write.fence``) if a newer row took the one read; without
+        (a plain set), seal under the current generation."""
         ring = self.ring()
         if ring is None:
             return False
@@ -315,17 +337,17 @@ class TokenShelf:
             kid, nonce, ct = ring.seal(key.kind, key.digest, gen, envelope)
             row = SealedRow(key.digest, key.kind, kid, nonce, ct, entry.expires_at, gen, now, now)
             check = None if kid in self._checked else ring.primary.check
-            if (yield Write(row, key.digests[1:], check)):
+            if (yield Write(row, key.digests[1:], check, fence)):
                 self._checked.add(kid)
-                self._memo[key.digest] = (nonce, entry)
+                self._memo[key.digest] = (nonce, gen, entry)
                 for old in key.digests[1:]:
                     self._memo.pop(old, None)
                 return True
-            if generation is not None:  # the fetch began before a clear(): do not write back
+            if generation is not None:  # a clear() or a newer token came since: keep them
                 self.counters.stale_writes_skipped += 1
                 return False
             snap: Snapshot = yield key.read  # a clear() we had not seen: learn its generation
-            gen = self._generation = snap.generation
+            gen = self._generation = max(self._generation, snap.generation)
         return False
 
     def set(
@@ -377,11 +399,22 @@ class TokenShelf:
         return False
 
     def clear(self) -> Flight[None]:
+        """Move the generation past every one seen (old rows no longer open), then delete
+        the old rows in short steps (so that losing the generation cannot revive them)."""
         self._memo.clear()
         try:
-            self._generation = yield Clear()
+            gen = yield Clear()
+            if gen <= self._generation:  # the store went back since we last looked
+                gen = yield Fence(self._generation + 1)
+            self._generation = gen
         except StorageError as exc:
             raise_if(self._reported(exc, "clear"))
+        try:
+            for _step in range(_SWEEPS_MAX):
+                if not (yield Sweep()):
+                    break
+        except StorageError as exc:  # fenced already; a later prune deletes the rest
+            self.storage_failed(exc)
 
     def prune_if_due(self) -> Flight[int]:
         """Prune after a write if this process has not for ``prune_interval_seconds``."""

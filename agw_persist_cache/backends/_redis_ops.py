@@ -9,11 +9,16 @@ one slot and its scripts stay atomic)::
 
     {ns}:gen            the clear() generation (an integer; absent = 0)
     {ns}:t:<hex>        one row: a packed header + nonce + key id + AES-GCM ciphertext,
-                        expiring at the token's expiry (PXAT)
+                        expiring after the lifetime it was written with (PX: the server's
+                        clock, not the writer's)
     {ns}:lru:system     sorted set  hex -> last_used   (LRU bound of each kind)
     {ns}:lru:user
     {ns}:exp            sorted set  hex -> expires_at  (expired rows, stats)
-    {ns}:b:<hex>        a back-off mark "gen|until|status|cause", expiring at ``until``
+    {ns}:graves         hash  grave -> generation: the LRU sets a clear() set aside, whose
+                        rows older than that generation are still to be deleted
+    {ns}:grave:<n>      one such set (renamed from an LRU set: O(1) inside the clear)
+    {ns}:b:<hex>        a back-off mark "gen|written ms|ms|status|cause" (server TIME),
+                        expiring after its ms
     {ns}:l:<hex>        a key lock: a random token, SET NX PX <lease>
     {ns}:released       pub/sub channel: the hex digest of a lock just released
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
@@ -60,6 +66,8 @@ class Layout:
         self.row_prefix = p + "t:"
         self.lru = {"system": p + "lru:system", "user": p + "lru:user"}
         self.exp = p + "exp"
+        self.graves = p + "graves"
+        self.grave_prefix = p + "grave:"
         self.backoff_prefix = p + "b:"
         self.lock_prefix = p + "l:"
         self.channel = p + "released"
@@ -129,9 +137,9 @@ def _generation(value: object) -> int:
     return gen
 
 
-def _ms(epoch: float) -> int:
-    """PXAT milliseconds; at least 1 (a time in the past expires the key at once)."""
-    return max(1, int(epoch * 1000))
+def _ms(seconds: float) -> int:
+    """PX milliseconds; at least 1 (no time left expires the key at once)."""
+    return max(1, int(seconds * 1000))
 
 
 # -- scripts -----------------------------------------------------------------------------------
@@ -163,18 +171,27 @@ end
 """
 
 # KEYS: gen, row, lru(kind), exp, lru(other kind), rows to drop...
-# ARGV: expected gen, value, pxat, hex, last_used, expires_at, limit, row prefix, hexes to drop...
+# ARGV: expected gen, value, px, hex, last_used, expires_at, limit, row prefix, fence flag,
+#       fence nonce, hexes to drop...
+# The fence: the write of a fetch is refused when another row took the place of the one it
+# read (a holder frozen past its lease must not overwrite the newer token with its older one).
 WRITE = (
     _TRIM
     + """
 if tonumber(redis.call('GET', KEYS[1]) or '0') ~= tonumber(ARGV[1]) then return 0 end
-for i = 9, #ARGV do
-  redis.call('DEL', KEYS[i - 3])
+if ARGV[9] == '1' then
+  local v = redis.call('GETRANGE', KEYS[2], 0, 98)
+  if #v >= 35 and (ARGV[10] == '' or string.sub(v, 36, 35 + string.byte(v, 35)) ~= ARGV[10]) then
+    return 0
+  end
+end
+for i = 11, #ARGV do
+  redis.call('DEL', KEYS[i - 5])
   redis.call('ZREM', KEYS[3], ARGV[i])
   redis.call('ZREM', KEYS[5], ARGV[i])
   redis.call('ZREM', KEYS[4], ARGV[i])
 end
-redis.call('SET', KEYS[2], ARGV[2], 'PXAT', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4])
 redis.call('ZADD', KEYS[4], ARGV[6], ARGV[4])
 trim(KEYS[3], KEYS[4], tonumber(ARGV[7]), ARGV[8])
@@ -203,17 +220,68 @@ end
 return removed
 """
 
-# KEYS: gen, lru:system, lru:user, exp. Rows written before stay readable by digest only
-# until their own expiry, and every reader ignores them (their generation is old).
+# KEYS: gen, lru:system, lru:user, exp, graves   ARGV: grave prefix. O(1) whatever the size:
+# the LRU sets are renamed to graves, whose rows SWEEP deletes in short steps afterwards
+# (meanwhile every reader ignores them: their generation is old).
 CLEAR = """
 local g = redis.call('INCR', KEYS[1])
-redis.call('UNLINK', KEYS[2], KEYS[3], KEYS[4])
+for z = 2, 3 do
+  if redis.call('EXISTS', KEYS[z]) == 1 then
+    local n = redis.call('HLEN', KEYS[5])
+    while redis.call('EXISTS', ARGV[1] .. n) == 1 do n = n + 1 end
+    redis.call('RENAME', KEYS[z], ARGV[1] .. n)
+    redis.call('HSET', KEYS[5], ARGV[1] .. n, g)
+  end
+end
+redis.call('UNLINK', KEYS[4])
 return g
 """
 
-# KEYS: exp, lru:system, lru:user   ARGV: now, system limit, user limit, row prefix
+# Deletes up to ARGV[1] rows of the graves; only rows older than their grave's generation
+# (a digest written again since the clear keeps its new row). Reply: rows left in graves.
+# KEYS: graves   ARGV: limit, row prefix
+_SWEEP = """
+local function sweep(graves, budget, prefix)
+  local left = 0
+  for _, grave in ipairs(redis.call('HKEYS', graves)) do
+    local cut = tonumber(redis.call('HGET', graves, grave))
+    if budget > 0 then
+      local victims = redis.call('ZPOPMIN', grave, budget)
+      for i = 1, #victims, 2 do
+        local row = prefix .. victims[i]
+        local head = redis.call('GETRANGE', row, 0, 9)
+        local gen = 0
+        for b = 3, #head do gen = gen * 256 + string.byte(head, b) end
+        if #head == 10 and gen < cut then redis.call('UNLINK', row) end
+      end
+      budget = budget - #victims / 2
+    end
+    local n = redis.call('ZCARD', grave)
+    if n == 0 then redis.call('HDEL', graves, grave) end
+    left = left + n
+  end
+  return left
+end
+"""
+SWEEP = _SWEEP + "return sweep(KEYS[1], tonumber(ARGV[1]), ARGV[2])\n"
+SWEEP_STEP = 1000
+"""Rows one SWEEP (or the sweep inside a PRUNE) deletes at most: about a millisecond."""
+
+# KEYS: gen   ARGV: generation. Never lowers it.
+FENCE = """
+local g = tonumber(redis.call('GET', KEYS[1]) or '0')
+if g == nil or g < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return tonumber(ARGV[1])
+end
+return g
+"""
+
+# KEYS: exp, lru:system, lru:user, graves   ARGV: now, system limit, user limit, row prefix,
+# sweep limit (a clear() whose process died before it finished is completed here).
 PRUNE = (
     _TRIM
+    + _SWEEP
     + """
 local removed = 0
 for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])) do
@@ -225,6 +293,7 @@ end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 removed = removed + trim(KEYS[2], KEYS[1], tonumber(ARGV[2]), ARGV[4])
 removed = removed + trim(KEYS[3], KEYS[1], tonumber(ARGV[3]), ARGV[4])
+sweep(KEYS[4], tonumber(ARGV[5]), ARGV[4])
 return removed
 """
 )
@@ -239,46 +308,64 @@ redis.call('ZADD', lru, 'XX', ARGV[2], ARGV[3])
 return 1
 """
 
-# KEYS: gen, mark   ARGV: until, status, cause, pxat
+# KEYS: gen, mark   ARGV: ms, status, cause. Written at the server's TIME, for ms at most: a
+# writer's clock never decides how long a mark lasts.
 SET_BACKOFF = """
 local g = redis.call('GET', KEYS[1]) or '0'
-redis.call('SET', KEYS[2], g .. '|' .. ARGV[1] .. '|' .. ARGV[2] .. '|' .. ARGV[3], 'PXAT', ARGV[4])
+local t = redis.call('TIME')
+local now = string.format('%d', t[1] * 1000 + math.floor(t[2] / 1000))
+local mark = g .. '|' .. now .. '|' .. ARGV[1] .. '|' .. ARGV[2] .. '|' .. ARGV[3]
+redis.call('SET', KEYS[2], mark, 'PX', ARGV[1])
 return 1
 """
 
-# The key ids of the rows in the given LRU sets, the most recently used first, ``stop`` + 1 rows
-# of each at most (-1: every row).
+# KEYS: gen, mark. Reply: gen, mark (or ''), server TIME.
+GET_BACKOFF = """
+local t = redis.call('TIME')
+return {redis.call('GET', KEYS[1]) or '0', redis.call('GET', KEYS[2]) or '', t[1], t[2]}
+"""
+MARK_CLOCK_SLACK_MS = 1000
+"""A mark written later than the server's now by more than this was planted: ignored."""
+
+# The key ids of a sample of the rows in the given LRU sets: the ``stop`` + 1 most recently
+# used of each, with ``oldest`` also the least (a rotation's last rows under an old key are
+# the least recently used). Bounded whatever the size: a script blocks the server meanwhile.
 _KIDS_OF = (
     _KID_OF
     + f"""
-local function kids_of(lrus, prefix, stop)
+local function kids_of(lrus, prefix, stop, oldest)
   local seen, list = {{}}, {{}}
+  local ranges = {{'ZREVRANGE'}}
+  if oldest then ranges = {{'ZREVRANGE', 'ZRANGE'}} end
   for _, lru in ipairs(lrus) do
-    for _, m in ipairs(redis.call('ZREVRANGE', lru, 0, stop)) do
-      local kid = kid_of(redis.call('GETRANGE', prefix .. m, 0, {_ROW_PREFIX_BYTES - 1}))
-      if kid and not seen[kid] then seen[kid] = true; table.insert(list, kid) end
+    for _, range in ipairs(ranges) do
+      for _, m in ipairs(redis.call(range, lru, 0, stop)) do
+        local kid = kid_of(redis.call('GETRANGE', prefix .. m, 0, {_ROW_PREFIX_BYTES - 1}))
+        if kid and not seen[kid] then seen[kid] = true; table.insert(list, kid) end
+      end
     end
   end
   return list
 end
 """
 )
+KEY_CHECK_SAMPLE = 16
 
-# KEYS: gen, lru:system, lru:user, exp   ARGV: now, row prefix
+# KEYS: gen, lru:system, lru:user, exp   ARGV: now, row prefix. O(log n): counts kept by the
+# sorted sets, a sample of key ids (stats() and every OpenTelemetry collection ask).
 FACTS = (
     _KIDS_OF
-    + """
-local list = kids_of({KEYS[2], KEYS[3]}, ARGV[2], -1)
+    + f"""
+local list = kids_of({{KEYS[2], KEYS[3]}}, ARGV[2], {KEY_CHECK_SAMPLE - 1}, true)
 local lo = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
 local hi = redis.call('ZRANGE', KEYS[4], -1, -1, 'WITHSCORES')
-return {redis.call('ZCARD', KEYS[2]), redis.call('ZCARD', KEYS[3]),
-        redis.call('ZCOUNT', KEYS[4], '-inf', ARGV[1]), lo[2] or '', hi[2] or '', list}
+return {{redis.call('ZCARD', KEYS[2]), redis.call('ZCARD', KEYS[3]),
+        redis.call('ZCOUNT', KEYS[4], '-inf', ARGV[1]), lo[2] or '', hi[2] or '', list}}
 """
 )
 
-# KEYS: lru:system, lru:user   ARGV: row prefix. Reply: rows, key ids of the newest rows.
+# KEYS: lru:system, lru:user   ARGV: row prefix. Reply: rows, key ids of a sample of rows.
 # Bounded whatever the size (a process's first miss asks; a script blocks the server).
-KEY_CHECK_SAMPLE = 16
 KEY_CHECKS = (
     _KIDS_OF
     + f"""
@@ -316,14 +403,24 @@ return out
 )
 
 # KEYS: old row, new row, lru:system, lru:user, exp, lru(new kind)
-# ARGV: old hex, new hex, value, pxat, last_used, expires_at
+# ARGV: old hex, new hex, value, px, last_used, expires_at. The old row's time left wins.
 REPLACE = """
+local px = redis.call('PTTL', KEYS[1])
+if px > 0 then ARGV[4] = px end
 redis.call('DEL', KEYS[1])
 for z = 3, 5 do redis.call('ZREM', KEYS[z], ARGV[1]) end
-if not redis.call('SET', KEYS[2], ARGV[3], 'NX', 'PXAT', ARGV[4]) then return 0 end
+if not redis.call('SET', KEYS[2], ARGV[3], 'NX', 'PX', ARGV[4]) then return 0 end
 redis.call('ZADD', KEYS[6], ARGV[5], ARGV[2])
 redis.call('ZADD', KEYS[5], ARGV[6], ARGV[2])
 return 1
+"""
+
+# KEYS: lock   ARGV: token, lease ms. A lock with no expiry is none of ours (every lock here
+# is leased): treated as expired, not waited for.
+LOCK_TRY = """
+if redis.call('PTTL', KEYS[1]) == -1 then redis.call('DEL', KEYS[1]) end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
 """
 
 # KEYS: lock   ARGV: token, lease ms
@@ -401,14 +498,18 @@ _SHAS = {
         WRITE,
         DELETE,
         CLEAR,
+        SWEEP,
+        FENCE,
         PRUNE,
         TOUCH,
         SET_BACKOFF,
+        GET_BACKOFF,
         FACTS,
         KEY_CHECKS,
         LIST,
         ROWS_NOT_UNDER,
         REPLACE,
+        LOCK_TRY,
         RENEW,
         RELEASE,
     )
@@ -437,6 +538,8 @@ class Codec:
             contract.Write: self.write,
             contract.Delete: self.delete,
             contract.Clear: self.clear,
+            contract.Sweep: self.sweep,
+            contract.Fence: self.fence,
             contract.Prune: self.prune,
             contract.Touch: self.touch,
             contract.GetBackoff: self.get_backoff,
@@ -484,12 +587,14 @@ class Codec:
         args: list[Any] = [
             row.generation,
             pack_row(row),
-            _ms(row.expires_at),
+            _ms(row.expires_at - row.created_at),  # the lifetime it was written with
             row.digest.hex(),
             repr(row.last_used),
             repr(row.expires_at),
             self.limits.get(row.kind, 2**31),
             L.row_prefix,
+            "0" if op.fence is None else "1",
+            op.fence or b"",
             *(d.hex() for d in op.replaces),
         ]
         return script_call(WRITE, keys, args, lambda r: _int(r) == 1)
@@ -503,42 +608,59 @@ class Codec:
 
     def clear(self, op: contract.Clear) -> Call[int]:
         L = self.layout
-        return script_call(CLEAR, [L.gen, *self._lrus(), L.exp], [], _int)
+        keys = [L.gen, *self._lrus(), L.exp, L.graves]
+        return script_call(CLEAR, keys, [L.grave_prefix], _int)
+
+    def sweep(self, op: contract.Sweep) -> Call[int]:
+        L = self.layout
+        return script_call(SWEEP, [L.graves], [op.limit, L.row_prefix], _int)
+
+    def fence(self, op: contract.Fence) -> Call[int]:
+        return script_call(FENCE, [self.layout.gen], [op.generation], _int)
 
     def prune(self, op: contract.Prune) -> Call[int]:
         L = self.layout
         limits = [op.limits.get("system", 2**31), op.limits.get("user", 2**31)]
-        args = [repr(op.now), *limits, L.row_prefix]
-        return script_call(PRUNE, [L.exp, *self._lrus()], args, _int)
+        args = [repr(op.now), *limits, L.row_prefix, SWEEP_STEP]
+        return script_call(PRUNE, [L.exp, *self._lrus(), L.graves], args, _int)
 
     def touch(self, op: contract.Touch) -> Call[None]:
         args = [struct.pack(">d", op.now), repr(op.now), op.digest.hex()]
         return script_call(TOUCH, [self.layout.row(op.digest), *self._lrus()], args, _none)
 
     def get_backoff(self, op: contract.GetBackoff) -> Call[contract.Backoff | None]:
+        """The mark, honoured from when the server says it was written for its own ms and
+        ``op.longest`` at most; the answer's ``until`` is on this host's clock."""
         L = self.layout
 
         def decode(reply: Any) -> contract.Backoff | None:
-            if not isinstance(reply, list) or len(reply) != 2:
-                raise Garbage("MGET answered with the wrong number of values")
+            if not isinstance(reply, list) or len(reply) != 4:
+                raise Garbage("unexpected back-off reply")
             gen = _generation(reply[0])
-            if reply[1] is None:
+            if not reply[1]:
                 return None
             try:
-                mark_gen, until, status, cause = bytes(reply[1]).decode("ascii").split("|", 3)
+                now_ms = int(reply[2]) * 1000 + int(reply[3]) // 1000
+                fields = bytes(reply[1]).decode("ascii").split("|", 4)
+                mark_gen, written, ms, status, cause = fields
                 if int(mark_gen) != gen:
                     return None  # set before a clear()
-                return contract.Backoff(float(until), cause, int(status) if status else None)
+                age = now_ms - int(written)
+                left = min(int(ms), op.longest * 1000) - age
+                if age < -MARK_CLOCK_SLACK_MS or left <= 0:
+                    return None  # planted in the future, or over
+                until = time.time() + left / 1000
+                return contract.Backoff(until, cause, int(status) if status else None)
             except (ValueError, TypeError):
                 return None  # not a mark of ours: no back-off (never a false one)
 
-        return Call(("MGET", L.gen, L.backoff(op.digest)), decode)
+        return script_call(GET_BACKOFF, [L.gen, L.backoff(op.digest)], [], decode)
 
     def set_backoff(self, op: contract.SetBackoff) -> Call[None]:
         L, b = self.layout, op.backoff
         status = "" if b.status is None else str(int(b.status))
         cause = "".join(ch for ch in b.cause if ch.isalnum() or ch in "._")[:100]
-        args = [repr(b.until), status, cause, _ms(b.until)]
+        args = [_ms(b.until - time.time()), status, cause]
         return script_call(SET_BACKOFF, [L.gen, L.backoff(op.digest)], args, _none)
 
     def facts(self, op: contract.GetFacts) -> Call[contract.Facts]:
@@ -609,7 +731,7 @@ class Codec:
             op.old.hex(),
             row.digest.hex(),
             pack_row(row),
-            _ms(row.expires_at),
+            _ms(min(row.expires_at - time.time(), row.expires_at - row.created_at)),
             repr(row.last_used),
             repr(row.expires_at),
         ]
@@ -618,7 +740,8 @@ class Codec:
     # -- the key lock ------------------------------------------------------------------------
 
     def lock_try(self, digest: bytes, token: str, lease_ms: int) -> Call[bool]:
-        return Call(("SET", self.layout.lock(digest), token, "NX", "PX", lease_ms), bool)
+        keys = [self.layout.lock(digest)]
+        return script_call(LOCK_TRY, keys, [token, lease_ms], lambda r: _int(r) == 1)
 
     def lock_renew(self, lock_key: str, token: str, lease_ms: int) -> Call[bool]:
         return script_call(RENEW, [lock_key], [token, lease_ms], lambda r: _int(r) == 1)

@@ -45,6 +45,7 @@ from .contract import (
     Clear,
     Delete,
     Facts,
+    Fence,
     GetBackoff,
     GetFacts,
     GetKeyChecks,
@@ -62,6 +63,7 @@ from .contract import (
     Snapshot,
     StorageError,
     StorageUnavailable,
+    Sweep,
     Touch,
     Write,
 )
@@ -167,6 +169,8 @@ _INSERT_IF_GENERATION = (
     "INSERT OR REPLACE INTO tokens (k, kind, kid, nonce, ct, expires_at, gen, last_used,"
     " created_at) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE (" + _GENERATION + ") = ?"
 )
+# Write.fence: no other row took the place of the one the fetch read (ABSENT: none).
+_FENCED = " AND NOT EXISTS (SELECT 1 FROM tokens WHERE k = ? AND nonce IS NOT ?)"
 
 
 def read(conn: _Conn, digests: tuple[bytes, ...]) -> Snapshot:
@@ -211,12 +215,18 @@ def plan_write(op: Write) -> Plan[bool]:
     Without rows to replace it is one statement, atomic by itself: no transaction around
     it, so the write lock is held for one step (writers of other processes wait less).
     """
+    fence: tuple[Any, ...] = () if op.fence is None else (op.row.digest, op.fence or None)
     if _one_statement(op):
-        done = yield (_INSERT_IF_GENERATION, (*op.row, op.row.generation))
+        sql = _INSERT_IF_GENERATION + (_FENCED if fence else "")
+        done = yield (sql, (*op.row, op.row.generation, *fence))
         return done.changes > 0
     rows = yield (_GENERATION, ())
     if not rows or rows[0][0] != op.row.generation:
         return False
+    if fence:
+        taken = yield ("SELECT 1 FROM tokens WHERE k = ? AND nonce IS NOT ?", fence)
+        if taken:
+            return False
     if op.key_check is not None:
         yield (
             "INSERT OR IGNORE INTO key_checks (kid, check_value) VALUES (?, ?)",
@@ -248,6 +258,23 @@ def plan_clear(op: Clear) -> Plan[int]:
         raise sqlite3.DatabaseError("meta table has no generation")
     yield ("DELETE FROM tokens", ())
     yield ("DELETE FROM backoff", ())
+    return int(rows[0][0])
+
+
+def plan_sweep(op: Sweep) -> Plan[int]:
+    """Nothing is left behind: a clear() deletes every row in its own transaction."""
+    return 0
+    yield  # a plan that needs no statement
+
+
+def plan_fence(op: Fence) -> Plan[int]:
+    rows = yield (
+        "UPDATE meta SET value = max(value, ?) WHERE rowid = 1 AND name = 'generation'"
+        " RETURNING value",
+        (op.generation,),
+    )
+    if not rows:
+        raise sqlite3.DatabaseError("meta table has no generation")
     return int(rows[0][0])
 
 
@@ -351,6 +378,8 @@ PLANS: dict[type[Op[Any]], Callable[[Any], Plan[Any]]] = {
     Write: plan_write,
     Delete: plan_delete,
     Clear: plan_clear,
+    Sweep: plan_sweep,
+    Fence: plan_fence,
     Prune: plan_prune,
     Touch: plan_touch,
     GetBackoff: plan_get_backoff,
@@ -392,7 +421,7 @@ def _one_statement(op: Op[Any]) -> bool:
         return not op.replaces and op.key_check is None
     if isinstance(op, Delete):
         return len(op.digests) == 1
-    return isinstance(op, Touch | SetBackoff)
+    return isinstance(op, Touch | SetBackoff | Sweep | Fence)
 
 
 def _step(plan: Plan[T], rows: Rows | None) -> Stmt | StopIteration:
