@@ -217,8 +217,10 @@ async def test_touch_records_a_use_for_the_lru_order(store: Store) -> None:
 
 def same_mark(found: Backoff | None, mark: Backoff) -> bool:
     """Redis answers ``until`` on this host's clock from the server's (within a second)."""
-    return found is not None and found._replace(until=mark.until) == mark and (
-        abs(found.until - mark.until) < 1.0
+    return (
+        found is not None
+        and found._replace(until=mark.until) == mark
+        and (abs(found.until - mark.until) < 1.0)
     )
 
 

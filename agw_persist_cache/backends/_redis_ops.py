@@ -154,6 +154,16 @@ local function kid_of(v)
 end
 """
 
+# The clear() generation in a row's header (bytes 3-10, big-endian); -1 for no row of ours.
+_GEN_OF = """
+local function gen_of(v)
+  if #v < 10 then return -1 end
+  local gen = 0
+  for b = 3, 10 do gen = gen * 256 + string.byte(v, b) end
+  return gen
+end
+"""
+
 _TRIM = """
 local function trim(lru, exp, limit, prefix)
   local over = redis.call('ZCARD', lru) - limit
@@ -173,15 +183,18 @@ end
 # KEYS: gen, row, lru(kind), exp, lru(other kind), rows to drop...
 # ARGV: expected gen, value, px, hex, last_used, expires_at, limit, row prefix, fence flag,
 #       fence nonce, hexes to drop...
-# The fence: the write of a fetch is refused when another row took the place of the one it
-# read (a holder frozen past its lease must not overwrite the newer token with its older one).
+# The fence: the write of a fetch is refused when another row of this generation took the
+# place of the one it read (a holder frozen past its lease must not overwrite the newer token
+# with its older one).
 WRITE = (
     _TRIM
+    + _GEN_OF
     + """
 if tonumber(redis.call('GET', KEYS[1]) or '0') ~= tonumber(ARGV[1]) then return 0 end
 if ARGV[9] == '1' then
   local v = redis.call('GETRANGE', KEYS[2], 0, 98)
-  if #v >= 35 and (ARGV[10] == '' or string.sub(v, 36, 35 + string.byte(v, 35)) ~= ARGV[10]) then
+  if #v >= 35 and gen_of(v) == tonumber(ARGV[1])
+     and (ARGV[10] == '' or string.sub(v, 36, 35 + string.byte(v, 35)) ~= ARGV[10]) then
     return 0
   end
 end
@@ -240,7 +253,9 @@ return g
 # Deletes up to ARGV[1] rows of the graves; only rows older than their grave's generation
 # (a digest written again since the clear keeps its new row). Reply: rows left in graves.
 # KEYS: graves   ARGV: limit, row prefix
-_SWEEP = """
+_SWEEP = (
+    _GEN_OF
+    + """
 local function sweep(graves, budget, prefix)
   local left = 0
   for _, grave in ipairs(redis.call('HKEYS', graves)) do
@@ -249,10 +264,8 @@ local function sweep(graves, budget, prefix)
       local victims = redis.call('ZPOPMIN', grave, budget)
       for i = 1, #victims, 2 do
         local row = prefix .. victims[i]
-        local head = redis.call('GETRANGE', row, 0, 9)
-        local gen = 0
-        for b = 3, #head do gen = gen * 256 + string.byte(head, b) end
-        if #head == 10 and gen < cut then redis.call('UNLINK', row) end
+        local gen = gen_of(redis.call('GETRANGE', row, 0, 9))
+        if gen >= 0 and gen < cut then redis.call('UNLINK', row) end
       end
       budget = budget - #victims / 2
     end
@@ -263,6 +276,7 @@ local function sweep(graves, budget, prefix)
   return left
 end
 """
+)
 SWEEP = _SWEEP + "return sweep(KEYS[1], tonumber(ARGV[1]), ARGV[2])\n"
 SWEEP_STEP = 1000
 """Rows one SWEEP (or the sweep inside a PRUNE) deletes at most: about a millisecond."""

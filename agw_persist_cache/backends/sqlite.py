@@ -169,8 +169,9 @@ _INSERT_IF_GENERATION = (
     "INSERT OR REPLACE INTO tokens (k, kind, kid, nonce, ct, expires_at, gen, last_used,"
     " created_at) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE (" + _GENERATION + ") = ?"
 )
-# Write.fence: no other row took the place of the one the fetch read (ABSENT: none).
-_FENCED = " AND NOT EXISTS (SELECT 1 FROM tokens WHERE k = ? AND nonce IS NOT ?)"
+# Write.fence: no other row of its generation took the place of the one the fetch read.
+_TAKEN = "SELECT 1 FROM tokens WHERE k = ? AND gen = ? AND nonce IS NOT ?"
+_FENCED = " AND NOT EXISTS (" + _TAKEN + ")"
 
 
 def read(conn: _Conn, digests: tuple[bytes, ...]) -> Snapshot:
@@ -215,7 +216,9 @@ def plan_write(op: Write) -> Plan[bool]:
     Without rows to replace it is one statement, atomic by itself: no transaction around
     it, so the write lock is held for one step (writers of other processes wait less).
     """
-    fence: tuple[Any, ...] = () if op.fence is None else (op.row.digest, op.fence or None)
+    fence: tuple[Any, ...] = ()
+    if op.fence is not None:  # ABSENT: no row may have been written meanwhile
+        fence = (op.row.digest, op.row.generation, op.fence or None)
     if _one_statement(op):
         sql = _INSERT_IF_GENERATION + (_FENCED if fence else "")
         done = yield (sql, (*op.row, op.row.generation, *fence))
@@ -224,7 +227,7 @@ def plan_write(op: Write) -> Plan[bool]:
     if not rows or rows[0][0] != op.row.generation:
         return False
     if fence:
-        taken = yield ("SELECT 1 FROM tokens WHERE k = ? AND nonce IS NOT ?", fence)
+        taken = yield (_TAKEN, fence)
         if taken:
             return False
     if op.key_check is not None:
