@@ -278,7 +278,7 @@ end
 """
 )
 SWEEP = _SWEEP + "return sweep(KEYS[1], tonumber(ARGV[1]), ARGV[2])\n"
-SWEEP_STEP = 1000
+SWEEP_STEP = contract.Sweep().limit
 """Rows one SWEEP (or the sweep inside a PRUNE) deletes at most: about a millisecond."""
 
 # KEYS: gen   ARGV: generation. Never lowers it.
