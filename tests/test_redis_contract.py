@@ -21,7 +21,7 @@ from support.redis_server import (  # noqa: F401  # fixtures
 
 from agw_persist_cache import CacheConfig
 from agw_persist_cache._log import Warnings
-from agw_persist_cache.backends._redis_ops import KEY_CHECK_SAMPLE
+from agw_persist_cache.backends._redis_lua import KEY_CHECK_SAMPLE
 from agw_persist_cache.backends.contract import (
     Backend,
     Backoff,
