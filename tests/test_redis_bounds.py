@@ -20,7 +20,7 @@ from support.redis_server import (  # noqa: F401  # fixtures
     redis_url_fixture,
 )
 
-from agw_persist_cache import CacheConfig, PersistentTokenCache
+from agw_persist_cache import PersistentTokenCache
 from agw_persist_cache.backends._redis_ops import Layout, pack_row
 from agw_persist_cache.backends.contract import SealedRow, Sweep
 
@@ -116,50 +116,51 @@ def test_clear_at_100k_rows_runs_in_short_steps(
     assert p99 < SCRIPT_BUDGET_US
 
 
+class Two:
+    """Two hosts on one Redis, a plain client, and the lock key of ``scope``."""
+
+    def __init__(self, url: str) -> None:
+        self.config = make_config(url=url, lock_timeout_seconds=20.0)
+        self.a = PersistentTokenCache(config=self.config)
+        self.b = PersistentTokenCache(config=self.config)
+        self.r = redis.Redis.from_url(url)
+        digest = self.a._shelf.key("system", "scope", None).digest  # type: ignore[union-attr]  # a key exists
+        self.lock = Layout(self.config.namespace).lock(digest)
+
+    def close(self) -> None:
+        for closing in (self.a.close, self.b.close, self.r.close):
+            closing()
+
+
 @pytest.fixture
-def two(redis_url: str) -> Iterator[tuple[CacheConfig, PersistentTokenCache, PersistentTokenCache]]:
-    config = make_config(url=redis_url, lock_timeout_seconds=20.0)
-    a, b = PersistentTokenCache(config=config), PersistentTokenCache(config=config)
-    yield config, a, b
-    a.close()
-    b.close()
+def two(redis_url: str) -> Iterator[Two]:
+    hosts = Two(redis_url)
+    yield hosts
+    hosts.close()
 
 
-def test_a_holder_whose_lease_lapsed_does_not_overwrite_the_newer_token(
-    redis_url: str, two: tuple[CacheConfig, PersistentTokenCache, PersistentTokenCache]
-) -> None:
-    config, a, b = two
-    r = redis.Redis.from_url(redis_url)
-    digest = a._shelf.key("system", "scope", None).digest  # type: ignore[union-attr]  # a key exists
-    lock = Layout(config.namespace).lock(digest)
+def test_a_holder_whose_lease_lapsed_does_not_overwrite_the_newer_token(two: Two) -> None:
     newer = Counting("newer")
 
     def frozen_past_its_lease() -> str:
         # A holds the key's lock; frozen, it stops renewing and the lease lapses. Another
         # host takes the key, fetches and stores a newer token; then A wakes up.
-        assert r.delete(lock) == 1
-        assert b.system_token("scope", newer) == "newer-1"
+        assert two.r.delete(two.lock) == 1
+        assert two.b.system_token("scope", newer) == "newer-1"
         return "older"
 
-    assert a.system_token("scope", frozen_past_its_lease) == "older"  # A's caller gets it
-    fresh = PersistentTokenCache(config=config)
-    for cache in (a, b, fresh):
+    assert two.a.system_token("scope", frozen_past_its_lease) == "older"  # A's caller gets it
+    fresh = PersistentTokenCache(config=two.config)
+    for cache in (two.a, two.b, fresh):
         assert cache.get_system_token("scope") == "newer-1"
-    assert a.stats().stale_writes_skipped == 1 and newer.calls == 1
+    assert two.a.stats().stale_writes_skipped == 1 and newer.calls == 1
     fresh.close()
-    r.close()
 
 
-def test_a_planted_lock_with_no_expiry_does_not_make_a_miss_wait(
-    redis_url: str, two: tuple[CacheConfig, PersistentTokenCache, PersistentTokenCache]
-) -> None:
-    config, a, _ = two
-    r = redis.Redis.from_url(redis_url)
-    digest = a._shelf.key("system", "scope", None).digest  # type: ignore[union-attr]  # a key exists
-    r.set(Layout(config.namespace).lock(digest), "planted")  # no PX: never expires
+def test_a_planted_lock_with_no_expiry_does_not_make_a_miss_wait(two: Two) -> None:
+    two.r.set(two.lock, "planted")  # no PX: never expires
     fetch = Counting()
     started = time.monotonic()
-    assert a.system_token("scope", fetch) == "fetched-1"
-    assert time.monotonic() - started < config.lock_timeout_seconds / 2
-    assert fetch.calls == 1 and a.stats().lock_timeouts == 0
-    r.close()
+    assert two.a.system_token("scope", fetch) == "fetched-1"
+    assert time.monotonic() - started < two.config.lock_timeout_seconds / 2
+    assert fetch.calls == 1 and two.a.stats().lock_timeouts == 0
