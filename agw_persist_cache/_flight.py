@@ -183,10 +183,16 @@ def fill(shelf: Shelf, key: Key, *, refresh: bool) -> Flight[CachedToken | None]
     except StorageError as exc:
         shelf.storage_failed(exc)
     if backoff is not None and cap > 0:
-        # A mark further ahead than the cap was written under a clock ahead of ours (or
-        # planted): ignored, so that no mark blocks a key for longer than the cap.
         left = backoff.until - now
-        if 0 < left <= cap:
+        if left > cap:
+            # Written under a clock ahead of ours, or planted: from now on it lasts the cap
+            # at most (Redis answers by the server's clock and never comes here).
+            left = cap
+            try:
+                yield SetBackoff(key.digest, backoff._replace(until=now + cap))
+            except StorageError as exc:
+                shelf.storage_failed(exc)
+        if left > 0:
             shelf.counters.backoff_rejections += 1
             raise FetchBackoffError(
                 retry_after=left, cause_type=cause_word(backoff.cause), status=backoff.status
