@@ -21,6 +21,7 @@ from support.redis_server import (  # noqa: F401  # fixtures
 )
 
 from agw_persist_cache import PersistentTokenCache
+from agw_persist_cache._shelf import LIST_PAGE
 from agw_persist_cache.backends._redis_ops import Layout, pack_row
 from agw_persist_cache.backends.contract import SealedRow, Sweep
 
@@ -94,6 +95,17 @@ def test_stats_at_100k_rows_costs_the_server_milliseconds(
     print(f"\nstats() at {ROWS} rows: scripts {[t for t, _ in times]} us")
     assert median(times) < SCRIPT_BUDGET_US, times
     assert times[0][0] < 10 * SCRIPT_BUDGET_US, times  # a busy test box, at worst
+
+
+def test_listing_100k_rows_runs_in_short_steps(
+    big: tuple[PersistentTokenCache, redis.Redis],
+) -> None:
+    cache, r = big
+    assert len(cache.list_entries()) == ROWS
+    times = script_times(r)
+    print(f"\nlist_entries() at {ROWS} rows: {len(times)} scripts, median {median(times)} us")
+    assert len(times) >= ROWS // LIST_PAGE
+    assert median(times) < SCRIPT_BUDGET_US
 
 
 def test_clear_at_100k_rows_runs_in_short_steps(

@@ -257,6 +257,9 @@ async def test_list_rows_gives_metadata_most_recently_used_first_per_kind(store:
     ]
     assert rows[0].kid == "kid-a"
     assert rows[0].expires_at == NOW + 3600
+    pages = [await store(ListRows(start, 2)) for start in (0, 2, 4)]
+    assert [[r.digest for r in page] for page in pages] == [[d("s1"), d("s0")], [d("u")], []]
+    assert [r.digest for r in await store(ListRows(1, 1))] == [d("s0")]
 
 
 async def test_rows_not_under_and_replace_reseal_a_row(store: Store) -> None:

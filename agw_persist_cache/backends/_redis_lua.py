@@ -258,13 +258,24 @@ return {{rows, kids_of({{KEYS[1], KEYS[2]}}, ARGV[1], {KEY_CHECK_SAMPLE - 1})}}
 """
 )
 
-# KEYS: gen, lru:system, lru:user   ARGV: row prefix. Reply: gen, then hex, head pairs.
+# KEYS: gen, lru:system, lru:user   ARGV: row prefix, start, count (-1: all). Reply: gen, then
+# hex, head pairs of the rows at positions start.. of the system set, then the user set.
 LIST = f"""
 local out = {{redis.call('GET', KEYS[1]) or '0'}}
+local skip, want = tonumber(ARGV[2]), tonumber(ARGV[3])
 for z = 2, 3 do
-  for _, m in ipairs(redis.call('ZREVRANGE', KEYS[z], 0, -1)) do
-    local head = redis.call('GETRANGE', ARGV[1] .. m, 0, {ROW_PREFIX_BYTES - 1})
-    if #head > 0 then table.insert(out, m); table.insert(out, head) end
+  local n = redis.call('ZCARD', KEYS[z])
+  if skip >= n then
+    skip = skip - n
+  elseif want ~= 0 then
+    local stop = -1
+    if want > 0 then stop = skip + want - 1 end
+    for _, m in ipairs(redis.call('ZREVRANGE', KEYS[z], skip, stop)) do
+      want = want - 1
+      local head = redis.call('GETRANGE', ARGV[1] .. m, 0, {ROW_PREFIX_BYTES - 1})
+      if #head > 0 then table.insert(out, m); table.insert(out, head) end
+    end
+    skip = 0
   end
 end
 return out

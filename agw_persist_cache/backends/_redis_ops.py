@@ -426,7 +426,9 @@ class Codec:
                     )
             return out
 
-        return script_call(LIST, [L.gen, *self._lrus()], [L.row_prefix], decode)
+        count = -1 if op.count is None else op.count
+        args = [L.row_prefix, op.start, count]
+        return script_call(LIST, [L.gen, *self._lrus()], args, decode)
 
     def rows_not_under(self, op: contract.RowsNotUnder) -> Call[list[contract.SealedRow]]:
         L = self.layout

@@ -223,7 +223,12 @@ class GetKeyChecks(Op[KeyChecks]):
 
 @dataclass(frozen=True, slots=True)
 class ListRows(Op[list[RowInfo]]):
-    """Metadata of every row, most recently used first within each kind."""
+    """Metadata of the rows at positions ``start`` to ``start + count`` (``None``: to the
+    end) in the order system rows, then user rows, most recently used first within each
+    kind; positions whose row has gone meanwhile give nothing. Pages keep each step short."""
+
+    start: int = 0
+    count: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

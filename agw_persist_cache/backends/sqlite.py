@@ -353,8 +353,8 @@ def plan_key_checks(op: GetKeyChecks) -> Plan[KeyChecks]:
 def plan_list(op: ListRows) -> Plan[list[RowInfo]]:
     rows = yield (
         "SELECT kind, k, expires_at, last_used, created_at, kid FROM tokens"
-        " ORDER BY kind, last_used DESC",
-        (),
+        " ORDER BY kind, last_used DESC LIMIT ? OFFSET ?",
+        (-1 if op.count is None else op.count, op.start),
     )
     return [RowInfo(kind, bytes(k), *rest) for kind, k, *rest in rows]
 
