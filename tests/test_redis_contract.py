@@ -23,10 +23,12 @@ from agw_persist_cache import CacheConfig
 from agw_persist_cache._log import Warnings
 from agw_persist_cache.backends._redis_lua import KEY_CHECK_SAMPLE
 from agw_persist_cache.backends.contract import (
+    ABSENT,
     Backend,
     Backoff,
     Clear,
     Delete,
+    Fence,
     GetBackoff,
     GetFacts,
     GetKeyChecks,
@@ -41,6 +43,7 @@ from agw_persist_cache.backends.contract import (
     SealedRow,
     SetBackoff,
     Snapshot,
+    Sweep,
     Touch,
     Write,
 )
@@ -132,6 +135,34 @@ async def test_write_refuses_when_the_generation_moved(store: Store) -> None:
     assert await store(Write(row("a", gen=0))) is False
     assert await store(Read((d("a"),))) == Snapshot(None, 1)
     assert await store(Write(row("a", gen=1))) is True
+
+
+async def test_a_fenced_write_keeps_a_row_written_since_the_read(store: Store) -> None:
+    first = row("a")
+    assert await store(Write(first, fence=ABSENT)) is True  # none was there
+    assert await store(Write(row("a"), fence=ABSENT)) is False  # one is now: kept
+    second = row("a")
+    assert await store(Write(second, fence=first.nonce)) is True  # the one read: replaced
+    assert await store(Write(row("a"), fence=first.nonce)) is False  # a newer one: kept
+    assert (await store(Read((d("a"),)))).row == second
+    await store(Delete((d("a"),)))
+    assert await store(Write(row("a"), fence=second.nonce)) is True  # gone since: written
+
+
+async def test_clear_then_sweep_leaves_no_row_and_fence_never_lowers(store: Store) -> None:
+    for i in range(5):
+        await store(Write(row(f"r{i}")))
+    assert await store(Clear()) == 1
+    steps = 1
+    while await store(Sweep(limit=2)):
+        steps += 1
+    assert steps <= 3
+    assert await store(Write(row("r0", gen=1))) is True  # written again after the clear
+    assert await store(Sweep()) == 0
+    assert [r.digest for r in await store(ListRows())] == [d("r0")]
+    assert await store(Fence(7)) == 7
+    assert await store(Fence(3)) == 7
+    assert (await store(Read((d("r0"),)))).generation == 7
 
 
 async def test_read_returns_the_first_digest_that_has_a_row(store: Store) -> None:
