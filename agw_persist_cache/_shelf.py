@@ -81,7 +81,8 @@ _NO_FACTS: dict[str, Any] = {
 }
 _REFRESH_RETRY_SECONDS = 2.0
 LIST_PAGE = 500  # rows of one ListRows step (about a millisecond or two of a Redis server)
-_SWEEPS_MAX = 10_000  # steps of a clear()'s sweep (Sweep.limit rows each)
+_SWEEPS_MAX = 10_000
+_RESEAL_PASSES = 4  # steps of a clear()'s sweep (Sweep.limit rows each)
 FUTURE_SLACK_SECONDS = 5.0
 """SQLite: a row created further than this in the future (by this host's clock) is a miss,
 so that a row outlives the lifetime it was written with by this much at most."""
@@ -617,28 +618,37 @@ class TokenShelf:
         ]
 
     def reseal(self, batch: int) -> Flight[int]:
-        """Re-seal every row not under the primary key; rows no key opens are left to expire."""
+        """Re-seal every row not under the primary key; rows no key opens are left to expire.
+
+        Windows of ``batch`` positions at a time (each a short step); rows written meanwhile
+        shift positions, so passes repeat until one finds nothing to re-seal."""
         ring = self.ring()
         if ring is None:
             return 0
         done = 0
-        skip: tuple[bytes, ...] = ()
-        while True:
-            rows: list[SealedRow] = yield RowsNotUnder(ring.primary.kid, batch, skip)
-            if not rows:
-                return done
-            for row in rows:
-                try:
-                    envelope = ring.open(row)
-                except UnsealError:
-                    skip += (row.digest,)
-                    continue
-                (digest, *_) = ring.digests(row.kind, envelope.scope_key, envelope.uhash)
-                kid, nonce, ct = ring.seal(row.kind, digest, row.generation, envelope)
-                new = row._replace(digest=digest, kid=kid, nonce=nonce, ct=ct)
-                yield Replace(row.digest, new)
-                self._memo.pop(row.digest, None)
-                done += 1
+        for _pass in range(_RESEAL_PASSES):
+            facts: Facts = yield GetFacts(time.time())
+            total = facts.entries_system + facts.entries_user
+            resealed = 0
+            for start in range(0, total, batch):
+                rows: list[SealedRow] = yield RowsNotUnder(
+                    ring.primary.kid, batch, (), start, batch
+                )
+                for row in rows:
+                    try:
+                        envelope = ring.open(row)
+                    except UnsealError:
+                        continue
+                    (digest, *_) = ring.digests(row.kind, envelope.scope_key, envelope.uhash)
+                    kid, nonce, ct = ring.seal(row.kind, digest, row.generation, envelope)
+                    new = row._replace(digest=digest, kid=kid, nonce=nonce, ct=ct)
+                    yield Replace(row.digest, new)
+                    self._memo.pop(row.digest, None)
+                    resealed += 1
+            done += resealed
+            if not resealed:
+                break
+        return done
 
 
 def _check_identity(kind: str, scope_key: str, user_jwt: str | None) -> None:

@@ -293,6 +293,13 @@ async def test_list_rows_gives_metadata_most_recently_used_first_per_kind(store:
     assert [r.digest for r in await store(ListRows(1, 1))] == [d("s0")]
 
 
+async def test_rows_not_under_looks_at_a_window_of_positions(store: Store) -> None:
+    for i, kid in enumerate(("kid-a", "kid-b", "kid-b")):
+        await store(Write(row(f"r{i}", kid=kid, last_used=NOW + i)))
+    windows = [await store(RowsNotUnder("kid-a", 10, (), start, 2)) for start in (0, 2, 4)]
+    assert [[r.digest for r in w] for w in windows] == [[d("r1")], [d("r2")], []]
+
+
 async def test_rows_not_under_and_replace_reseal_a_row(store: Store) -> None:
     old = row("old", kid="kid-old")
     await store(Write(old))

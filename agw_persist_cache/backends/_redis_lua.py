@@ -1,10 +1,11 @@
 """The Lua scripts of the Redis backend: each atomic step of the contract that needs more than
 one command, run inside the server. ``_redis_ops`` encodes the calls and decodes the replies.
 
-Every script is bounded whatever the number of rows (a script blocks the whole server while
-it runs): counts come from the sorted sets, samples are of fixed size, and a clear() deletes
-its old rows in steps of ``SWEEP_STEP``. The exceptions are ``LIST`` and ``ROWS_NOT_UNDER``,
-which an operator runs (``agw-cache list``, ``rotate-key``), never a request.
+Every script the cache runs is bounded whatever the number of rows (a script blocks the whole
+server while it runs): counts come from the sorted sets, samples are of fixed size, a clear()
+deletes its old rows in steps of ``SWEEP_STEP``, listing and re-sealing go in windows. Only
+``LIST`` and ``ROWS_NOT_UNDER`` asked for every row at once (no window) and ``PRUNE`` after
+many rows expired together still grow with the rows they touch.
 """
 
 from __future__ import annotations
@@ -282,15 +283,27 @@ return out
 """
 
 # KEYS: lru:system, lru:user   ARGV: kid, how many, row prefix. Reply: hex, value pairs.
+# ARGV[4], ARGV[5]: the first position to look at (system rows, then user rows, least recently
+# used first) and how many positions at most (-1: to the end).
 ROWS_NOT_UNDER = (
     _KID_OF
     + """
 local out, want = {}, tonumber(ARGV[2])
+local skip, scan = tonumber(ARGV[4]), tonumber(ARGV[5])
 for z = 1, 2 do
-  for _, m in ipairs(redis.call('ZRANGE', KEYS[z], 0, -1)) do
-    if #out >= 2 * want then return out end
-    local v = redis.call('GET', ARGV[3] .. m)
-    if v and kid_of(v) ~= ARGV[1] then table.insert(out, m); table.insert(out, v) end
+  local n = redis.call('ZCARD', KEYS[z])
+  if skip >= n then
+    skip = skip - n
+  elseif scan ~= 0 then
+    local stop = -1
+    if scan > 0 then stop = skip + scan - 1 end
+    for _, m in ipairs(redis.call('ZRANGE', KEYS[z], skip, stop)) do
+      if #out >= 2 * want then return out end
+      scan = scan - 1
+      local v = redis.call('GET', ARGV[3] .. m)
+      if v and kid_of(v) ~= ARGV[1] then table.insert(out, m); table.insert(out, v) end
+    end
+    skip = 0
   end
 end
 return out

@@ -444,7 +444,8 @@ class Codec:
                     rows.append(row)
             return rows[: op.limit]
 
-        args = [op.kid, op.limit + len(op.skip), L.row_prefix]
+        scan = -1 if op.scan is None else op.scan
+        args = [op.kid, op.limit + len(op.skip), L.row_prefix, op.start, scan]
         return script_call(ROWS_NOT_UNDER, self._lrus(), args, decode)
 
     def replace(self, op: contract.Replace) -> Call[bool]:

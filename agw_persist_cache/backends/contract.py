@@ -233,11 +233,15 @@ class ListRows(Op[list[RowInfo]]):
 
 @dataclass(frozen=True, slots=True)
 class RowsNotUnder(Op[list[SealedRow]]):
-    """Up to ``limit`` rows sealed under a key other than ``kid`` (for re-sealing)."""
+    """Up to ``limit`` rows sealed under a key other than ``kid`` (for re-sealing), among the
+    ``scan`` positions from ``start`` (``None``: to the end) in the order system rows, then
+    user rows, least recently used first. Windows keep each step short."""
 
     kid: str
     limit: int
     skip: tuple[bytes, ...] = ()
+    start: int = 0
+    scan: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -361,9 +361,9 @@ def plan_list(op: ListRows) -> Plan[list[RowInfo]]:
 
 def plan_rows_not_under(op: RowsNotUnder) -> Plan[list[SealedRow]]:
     rows = yield (
-        "SELECT k, kind, kid, nonce, ct, expires_at, gen, last_used, created_at FROM tokens"
-        " WHERE kid != ? LIMIT ?",
-        (op.kid, op.limit + len(op.skip)),
+        "SELECT k, kind, kid, nonce, ct, expires_at, gen, last_used, created_at FROM ("
+        "SELECT * FROM tokens ORDER BY kind, last_used LIMIT ? OFFSET ?) WHERE kid != ? LIMIT ?",
+        (-1 if op.scan is None else op.scan, op.start, op.kid, op.limit + len(op.skip)),
     )
     skip = set(op.skip)
     found = [SealedRow(bytes(k), *rest) for k, *rest in rows]
