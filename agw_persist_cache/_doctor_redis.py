@@ -189,7 +189,7 @@ def _key_checks(url: str, config: CacheConfig, backend_type: Any) -> Iterator[Fi
     backend = backend_type(url, config, Warnings())
     try:
         facts = backend.execute(GetFacts(time.time()))
-        rows = backend.execute(RowsNotUnder("", SAMPLE_ROWS))
+        rows = backend.execute(RowsNotUnder("", SAMPLE_ROWS, (), 0, SAMPLE_ROWS))
     except StorageError as exc:
         yield Finding("FAIL", "rows", f"cannot read the cache's keys: {exc}")
         return

@@ -259,52 +259,55 @@ return {{rows, kids_of({{KEYS[1], KEYS[2]}}, ARGV[1], {KEY_CHECK_SAMPLE - 1})}}
 """
 )
 
-# KEYS: gen, lru:system, lru:user   ARGV: row prefix, start, count (-1: all). Reply: gen, then
-# hex, head pairs of the rows at positions start.. of the system set, then the user set.
-LIST = f"""
-local out = {{redis.call('GET', KEYS[1]) or '0'}}
-local skip, want = tonumber(ARGV[2]), tonumber(ARGV[3])
-for z = 2, 3 do
-  local n = redis.call('ZCARD', KEYS[z])
-  if skip >= n then
-    skip = skip - n
-  elseif want ~= 0 then
-    local stop = -1
-    if want > 0 then stop = skip + want - 1 end
-    for _, m in ipairs(redis.call('ZREVRANGE', KEYS[z], skip, stop)) do
-      want = want - 1
-      local head = redis.call('GETRANGE', ARGV[1] .. m, 0, {ROW_PREFIX_BYTES - 1})
-      if #head > 0 then table.insert(out, m); table.insert(out, head) end
+# The members at positions ``skip``.. (``count`` of them, -1: to the end) of the given sorted
+# sets one after the other, each read with ``range`` (ZRANGE: least recently used first).
+_WINDOW = """
+local function window(sets, range, skip, count)
+  local out = {}
+  for _, set in ipairs(sets) do
+    local n = redis.call('ZCARD', set)
+    if skip >= n then
+      skip = skip - n
+    elseif count ~= 0 then
+      local stop = -1
+      if count > 0 then stop = skip + count - 1 end
+      for _, m in ipairs(redis.call(range, set, skip, stop)) do
+        table.insert(out, m)
+        count = count - 1
+      end
+      skip = 0
     end
-    skip = 0
   end
+  return out
+end
+"""
+
+# KEYS: gen, lru:system, lru:user   ARGV: row prefix, start, count (-1: all). Reply: gen, then
+# hex, head pairs of the rows at those positions, most recently used first.
+LIST = (
+    _WINDOW
+    + f"""
+local out = {{redis.call('GET', KEYS[1]) or '0'}}
+local members = window({{KEYS[2], KEYS[3]}}, 'ZREVRANGE', tonumber(ARGV[2]), tonumber(ARGV[3]))
+for _, m in ipairs(members) do
+  local head = redis.call('GETRANGE', ARGV[1] .. m, 0, {ROW_PREFIX_BYTES - 1})
+  if #head > 0 then table.insert(out, m); table.insert(out, head) end
 end
 return out
 """
+)
 
-# KEYS: lru:system, lru:user   ARGV: kid, how many, row prefix. Reply: hex, value pairs.
-# ARGV[4], ARGV[5]: the first position to look at (system rows, then user rows, least recently
-# used first) and how many positions at most (-1: to the end).
+# KEYS: lru:system, lru:user   ARGV: kid, how many, row prefix, start, positions (-1: all).
+# Reply: hex, value pairs of rows at those positions (least recently used first) not under kid.
 ROWS_NOT_UNDER = (
     _KID_OF
+    + _WINDOW
     + """
 local out, want = {}, tonumber(ARGV[2])
-local skip, scan = tonumber(ARGV[4]), tonumber(ARGV[5])
-for z = 1, 2 do
-  local n = redis.call('ZCARD', KEYS[z])
-  if skip >= n then
-    skip = skip - n
-  elseif scan ~= 0 then
-    local stop = -1
-    if scan > 0 then stop = skip + scan - 1 end
-    for _, m in ipairs(redis.call('ZRANGE', KEYS[z], skip, stop)) do
-      if #out >= 2 * want then return out end
-      scan = scan - 1
-      local v = redis.call('GET', ARGV[3] .. m)
-      if v and kid_of(v) ~= ARGV[1] then table.insert(out, m); table.insert(out, v) end
-    end
-    skip = 0
-  end
+for _, m in ipairs(window({KEYS[1], KEYS[2]}, 'ZRANGE', tonumber(ARGV[4]), tonumber(ARGV[5]))) do
+  if #out >= 2 * want then return out end
+  local v = redis.call('GET', ARGV[3] .. m)
+  if v and kid_of(v) ~= ARGV[1] then table.insert(out, m); table.insert(out, v) end
 end
 return out
 """
