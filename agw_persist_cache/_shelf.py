@@ -81,8 +81,8 @@ _NO_FACTS: dict[str, Any] = {
 }
 _REFRESH_RETRY_SECONDS = 2.0
 LIST_PAGE = 500  # rows of one ListRows step (about a millisecond or two of a Redis server)
-_SWEEPS_MAX = 10_000
-_RESEAL_PASSES = 4  # steps of a clear()'s sweep (Sweep.limit rows each)
+_SWEEPS_MAX = 10_000  # steps of a clear()'s sweep (Sweep.limit rows each)
+_RESEAL_PASSES = 4  # passes of a re-seal over every row
 FUTURE_SLACK_SECONDS = 5.0
 """SQLite: a row created further than this in the future (by this host's clock) is a miss,
 so that a row outlives the lifetime it was written with by this much at most."""
