@@ -7,12 +7,14 @@ newer token, a planted lock with no expiry does not make a miss wait.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Iterator
 
 import pytest
 import redis
-from _core_support import Counting, make_config
+from _core_support import Counting, make_config, new_key
+from support.procs import Worker, Workers
 from support.redis_server import (  # noqa: F401  # fixtures
     RedisServer,
     own_redis_fixture,
@@ -20,7 +22,7 @@ from support.redis_server import (  # noqa: F401  # fixtures
     redis_url_fixture,
 )
 
-from agw_persist_cache import PersistentTokenCache
+from agw_persist_cache import CacheConfig, PersistentTokenCache
 from agw_persist_cache._shelf import LIST_PAGE
 from agw_persist_cache.backends._redis_ops import Layout, pack_row
 from agw_persist_cache.backends.contract import SealedRow, Sweep
@@ -139,51 +141,57 @@ def test_clear_at_100k_rows_runs_in_short_steps(
     assert p99 < 4 * SCRIPT_BUDGET_US  # a test box shared with other work, at worst
 
 
-class Two:
-    """Two hosts on one Redis, a plain client, and the lock key of ``scope``."""
+def frozen_holder(url: str, key: str, worker: Worker) -> None:
+    """Fetch ``scope`` and, holding its lock, stop this whole process (SIGSTOP) mid-fetch."""
+    config = CacheConfig(url=url, keys=[key], lock_lease_seconds=0.5)
+    with PersistentTokenCache(config=config) as cache:
 
-    def __init__(self, url: str) -> None:
-        self.config = make_config(url=url, lock_timeout_seconds=20.0)
-        self.a = PersistentTokenCache(config=self.config)
-        self.b = PersistentTokenCache(config=self.config)
-        self.r = redis.Redis.from_url(url)
-        digest = self.a._shelf.key("system", "scope", None).digest  # type: ignore[union-attr]  # a key exists
-        self.lock = Layout(self.config.namespace).lock(digest)
+        def fetch() -> str:
+            os.kill(os.getpid(), signal.SIGSTOP)  # frozen: its lease renewals stop too
+            return "older"
 
-    def close(self) -> None:
-        for closing in (self.a.close, self.b.close, self.r.close):
-            closing()
+        token = cache.system_token("scope", fetch)
+        worker.report((token, cache.stats().stale_writes_skipped))
 
 
-@pytest.fixture
-def two(redis_url: str) -> Iterator[Two]:
-    hosts = Two(redis_url)
-    yield hosts
-    hosts.close()
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rpartition(")")[2].split()[0] == "T"
 
 
-def test_a_holder_whose_lease_lapsed_does_not_overwrite_the_newer_token(two: Two) -> None:
+def test_a_process_frozen_past_its_lease_does_not_overwrite_the_newer_token(
+    redis_url: str,
+) -> None:
+    key = new_key()
+    config = CacheConfig(url=redis_url, keys=[key], lock_lease_seconds=0.5)
     newer = Counting("newer")
+    with Workers("spawn", timeout=120) as workers, PersistentTokenCache(config=config) as host:
+        (proc,) = workers.start(frozen_holder, [(redis_url, key)])
+        deadline = time.monotonic() + 60
+        while not _stopped(proc.pid or 0):
+            assert time.monotonic() < deadline, "the holder never froze"
+            time.sleep(0.05)
+        time.sleep(1.5)  # three leases: the frozen holder's lock has lapsed
+        assert host.system_token("scope", newer) == "newer-1"
+        os.kill(proc.pid or 0, signal.SIGCONT)
+        ((token, skipped),) = workers.collect()
+        workers.join()
+        assert (token, skipped) == ("older", 1)  # its caller got its token; the store kept ours
+        assert host.get_system_token("scope") == "newer-1"
+        fresh = PersistentTokenCache(config=config)
+        assert fresh.get_system_token("scope") == "newer-1" and newer.calls == 1
+        fresh.close()
 
-    def frozen_past_its_lease() -> str:
-        # A holds the key's lock; frozen, it stops renewing and the lease lapses. Another
-        # host takes the key, fetches and stores a newer token; then A wakes up.
-        assert two.r.delete(two.lock) == 1
-        assert two.b.system_token("scope", newer) == "newer-1"
-        return "older"
 
-    assert two.a.system_token("scope", frozen_past_its_lease) == "older"  # A's caller gets it
-    fresh = PersistentTokenCache(config=two.config)
-    for cache in (two.a, two.b, fresh):
-        assert cache.get_system_token("scope") == "newer-1"
-    assert two.a.stats().stale_writes_skipped == 1 and newer.calls == 1
-    fresh.close()
-
-
-def test_a_planted_lock_with_no_expiry_does_not_make_a_miss_wait(two: Two) -> None:
-    two.r.set(two.lock, "planted")  # no PX: never expires
-    fetch = Counting()
-    started = time.monotonic()
-    assert two.a.system_token("scope", fetch) == "fetched-1"
-    assert time.monotonic() - started < two.config.lock_timeout_seconds / 2
-    assert fetch.calls == 1 and two.a.stats().lock_timeouts == 0
+def test_a_planted_lock_with_no_expiry_does_not_make_a_miss_wait(redis_url: str) -> None:
+    config = make_config(url=redis_url, lock_timeout_seconds=20.0)
+    r = redis.Redis.from_url(redis_url)
+    with PersistentTokenCache(config=config) as cache:
+        digest = cache._shelf.key("system", "scope", None).digest  # type: ignore[union-attr]  # a key exists
+        r.set(Layout(config.namespace).lock(digest), "planted")  # no PX: never expires
+        fetch = Counting()
+        started = time.monotonic()
+        assert cache.system_token("scope", fetch) == "fetched-1"
+        assert time.monotonic() - started < config.lock_timeout_seconds / 2
+        assert fetch.calls == 1 and cache.stats().lock_timeouts == 0
+    r.close()
