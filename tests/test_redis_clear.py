@@ -1,13 +1,15 @@
 """A clear() that stays done on Redis, and the size limits across it (issue 20, items 4, 10).
 
 Real redis-servers: saved rows put back (header rewritten or not), the generation key rewound
-or deleted, a restart from an RDB snapshot taken before the clear. A cache object stands for a
-process (each has its own memo and its own highest generation seen).
+or deleted, a restart from an RDB snapshot taken before the clear; and a SQLite file restored
+from a backup taken before a clear. A cache object stands for a process (each has its own
+memo and its own highest generation seen).
 """
 
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import struct
 import time
 from collections.abc import Iterator
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from _core_support import Counting, make_config, new_key
+from _core_support import Counting, make_config, new_key, raw_rows
 from support.redis_server import (  # noqa: F401  # fixtures
     RedisServer,
     own_redis_fixture,
@@ -215,3 +217,35 @@ def test_a_clear_whose_sweep_was_cut_short_is_finished_by_a_prune(
     ]  # type: ignore[union-attr]  # a key exists
     assert cache.get_system_token("scope-0") == "after"
     r.close()
+
+
+def _copy_database(source: Path, target: Path) -> None:
+    """SQLite's online backup, as an operator's backup and restore tool would use it."""
+    src, dst = sqlite3.connect(source), sqlite3.connect(target)
+    try:
+        src.backup(dst)
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_a_sqlite_file_restored_from_before_a_clear_is_fenced_again(
+    db_path: Path, tmp_path: Path
+) -> None:
+    config = make_config()
+    seer = PersistentTokenCache(db_path, config=config)
+    clearer = PersistentTokenCache(db_path, config=config)
+    seer.set_system_token("scope", "before-clear")
+    assert seer.get_system_token("scope") == "before-clear"
+    _copy_database(db_path, tmp_path / "backup.db")
+    clearer.clear()
+    assert seer.get_system_token("scope") is None  # the seer has seen the clear
+    _copy_database(tmp_path / "backup.db", db_path)  # restored: the row and generation 0
+    generation = "SELECT value FROM meta WHERE name = 'generation'"
+    assert raw_rows(db_path, generation) == [(0,)] and len(raw_rows(db_path)) == 1
+    assert seer.get_system_token("scope") is None
+    assert raw_rows(db_path, generation) == [(1,)]  # fenced back where the seer saw it
+    fresh = PersistentTokenCache(db_path, config=config)
+    assert fresh.get_system_token("scope") is None
+    for cache in (seer, clearer, fresh):
+        cache.close()
