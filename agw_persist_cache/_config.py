@@ -18,6 +18,7 @@ from ._errors import CacheConfigError
 ENV_PATH = "AGW_CACHE_PATH"
 ENV_KEY = "AGW_CACHE_KEY"
 ENV_URL = "AGW_CACHE_URL"
+ENV_NAMESPACE = "AGW_CACHE_NAMESPACE"
 DEFAULT_FILENAME = "tokens.db"
 NETWORK_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys")
 DEFAULT_NAMESPACE = "agw-persist-cache"
@@ -109,9 +110,12 @@ class CacheConfig:
     """Where OFD locks are missing (macOS, BSD, Windows): the number of lock files the per-key
     locks are striped over (made as used, never removed); two keys fetched at the same moment
     share one with a chance of 1 in this. On Linux every key has its own lock in one file."""
-    namespace: str = DEFAULT_NAMESPACE
+    namespace: str = field(
+        default_factory=lambda: os.environ.get(ENV_NAMESPACE) or DEFAULT_NAMESPACE
+    )
     """Redis: the prefix (and Cluster hash tag) of every key; applications sharing one
-    Redis with different namespaces never see each other's rows."""
+    Redis with different namespaces never see each other's rows. Default
+    ``$AGW_CACHE_NAMESPACE``, else ``agw-persist-cache``."""
     socket_timeout_seconds: float = 0.5
     """Redis: the longest one command (or connecting) may take before the call fetches
     directly."""
@@ -175,7 +179,8 @@ class CacheConfig:
             or not all(c.isascii() and c.isprintable() and c not in " {}" for c in self.namespace)
         ):
             raise CacheConfigError(
-                "CacheConfig.namespace must be 1-64 printable ASCII characters without spaces "
+                "CacheConfig.namespace (default $AGW_CACHE_NAMESPACE) must be 1-64 printable ASCII "
+                "characters without spaces "
                 f"or braces, got {self.namespace!r}"
             )
         if self.url is not None:

@@ -66,6 +66,7 @@ def redis_checks(url: str, config: CacheConfig | None = None) -> Iterator[Findin
         return
     try:
         yield from _server_checks(client)
+        yield from _clear_checks(client, config.namespace)
     except redis.AuthenticationError as exc:
         yield Finding("FAIL", "auth", f"{_why(exc)}: check the user and password in the URL")
         return
@@ -138,11 +139,32 @@ def _server_checks(client: Any) -> Iterator[Finding]:
         yield Finding(
             "warn",
             "persistence",
-            f"RDB snapshots only (save '{save}'): a restart restores the last snapshot, "
-            "undoing a clear() made after it until those tokens expire; AOF avoids that",
+            f"RDB snapshots only (save '{save}'): a restart restores the last snapshot, and "
+            "with it the rows a later clear() deleted; processes that saw the clear refuse "
+            "them, processes started afterwards may not: repeat `agw-cache clear` after a "
+            "restart. AOF avoids that",
         )
     else:
         yield Finding("ok", "persistence", "none: a restart empties the cache (tokens refetched)")
+
+
+def _clear_checks(client: Any, namespace: str) -> Iterator[Finding]:
+    """The clear() generation, and whether a clear left rows it has not deleted yet."""
+    from .backends._redis_ops import Layout
+
+    layout = Layout(namespace)
+    generation = client.get(layout.gen) or "0"
+    graves = client.hgetall(layout.graves) or {}
+    left = sum(int(client.zcard(grave)) for grave in graves)
+    if left:
+        yield Finding(
+            "warn",
+            "clear",
+            f"generation {generation}; a clear() left {left} old rows to delete (never "
+            "served; `agw-cache prune` finishes it)",
+        )
+    else:
+        yield Finding("ok", "clear", f"generation {generation}; no rows left by a clear()")
 
 
 def _config(client: Any, name: str) -> str | None:
@@ -167,7 +189,7 @@ def _key_checks(url: str, config: CacheConfig, backend_type: Any) -> Iterator[Fi
     backend = backend_type(url, config, Warnings())
     try:
         facts = backend.execute(GetFacts(time.time()))
-        rows = backend.execute(RowsNotUnder("", SAMPLE_ROWS))
+        rows = backend.execute(RowsNotUnder("", SAMPLE_ROWS, (), 0, SAMPLE_ROWS))
     except StorageError as exc:
         yield Finding("FAIL", "rows", f"cannot read the cache's keys: {exc}")
         return

@@ -26,8 +26,10 @@ from ._locks import InFlight, Joined, KeyLocks, Release
 from ._memory import Ident, MemoryTier
 from ._stats import Counters
 from .backends.contract import (
+    ABSENT,
     Backend,
     Backoff,
+    Fence,
     GetBackoff,
     LockResult,
     Op,
@@ -159,8 +161,11 @@ class Shelf(Protocol):
     def keep(self, key: Key, entry: CachedToken) -> None:
         """Remember a token the store did not take (this process serves it from memory)."""
 
-    def store(self, key: Key, entry: CachedToken, generation: int | None) -> Flight[bool]:
-        """Seal and write ``entry`` unless a clear moved ``generation``."""
+    def store(
+        self, key: Key, entry: CachedToken, generation: int | None, fence: bytes | None = None
+    ) -> Flight[bool]:
+        """Seal and write ``entry`` unless a clear moved ``generation`` (or, with ``fence``,
+        a newer row took the one read)."""
 
     def prune_if_due(self) -> Flight[int]:
         """Prune if this process has not for a while."""
@@ -217,17 +222,24 @@ def fill(shelf: Shelf, key: Key, *, refresh: bool) -> Flight[CachedToken | None]
     shelf.timed("lock", key, time.monotonic() - asked)
     now = time.time()
     generation: int | None = None
+    fence = ABSENT  # the row this fetch replaces: a newer one written meanwhile stays
     backoff: Backoff | None = None
     if shelf.uses_store(key):
         try:
             snap: Snapshot = yield key.read  # another process may have just written it
             generation = snap.generation
+            if snap.row is not None and snap.row.digest == key.digest:
+                fence = snap.row.nonce
             lookup = shelf.judge(key, snap, now)
             if lookup.followup is not None:
-                yield lookup.followup
+                done = yield lookup.followup
+                if isinstance(lookup.followup, Fence):  # the store had gone back: now not
+                    generation = done
             if lookup.entry is not None and not (refresh and lookup.due):
                 return None if refresh else lookup.entry
-            backoff = yield GetBackoff(key.digest)
+            backoff = yield GetBackoff(key.digest, config.fetch_backoff_seconds)
+            if backoff is not None:
+                backoff = yield from _capped(shelf, key, backoff, now)
         except StorageError as exc:
             shelf.storage_failed(exc)
     if generation is None:  # the store could not answer: the memory tier is the cache
@@ -262,7 +274,7 @@ def fill(shelf: Shelf, key: Key, *, refresh: bool) -> Flight[CachedToken | None]
     yield Land(entry)  # this process's waiters have it now, before the store is written
     if generation is not None:
         try:
-            yield from shelf.store(key, entry, generation)
+            yield from shelf.store(key, entry, generation, fence)
         except StorageError as exc:
             shelf.storage_failed(exc)
             generation = None  # waited once already: no more writes in this call
@@ -276,14 +288,41 @@ def fill(shelf: Shelf, key: Key, *, refresh: bool) -> Flight[CachedToken | None]
     return entry
 
 
+def _capped(shelf: Shelf, key: Key, backoff: Backoff, now: float) -> Flight[Backoff]:
+    """A stored mark honoured at most ``fetch_backoff_seconds`` from ``now``: one written
+    under a clock ahead of ours, or planted, is cut to that in the store too (Redis answers by
+    the server's clock and never needs it)."""
+    cap = shelf.config.fetch_backoff_seconds
+    if cap <= 0 or backoff.until - now <= cap:
+        return backoff
+    backoff = backoff._replace(until=now + cap)
+    try:
+        yield SetBackoff(key.digest, backoff)
+    except StorageError as exc:
+        shelf.storage_failed(exc)
+    return backoff
+
+
 def _raise_if_backing_off(shelf: Shelf, backoff: Backoff | None) -> None:
     if backoff is None or shelf.config.fetch_backoff_seconds <= 0:
         return
-    # Capped on read: a stepped clock or a planted row never blocks a key for longer.
+    # Capped on read too: a stepped clock never blocks a key for longer.
     left = min(backoff.until - time.time(), shelf.config.fetch_backoff_seconds)
     if left > 0:
         shelf.counters.backoff_rejections += 1
-        raise FetchBackoffError(retry_after=left, cause_type=backoff.cause, status=backoff.status)
+        raise FetchBackoffError(
+            retry_after=left, cause_type=cause_word(backoff.cause), status=backoff.status
+        )
+
+
+CAUSE_WORD_MAX = 64
+
+
+def cause_word(text: str) -> str:
+    """A mark's cause as shown in errors and logs: a Python class name, else ``"error"``
+    (a mark is written by anyone with access to the store: its text is never echoed raw)."""
+    ok = len(text) <= CAUSE_WORD_MAX and text.isascii() and text.isidentifier()
+    return text if ok else "error"
 
 
 def _peek(shelf: Shelf, key: Key) -> Flight[CachedToken | None]:

@@ -11,6 +11,7 @@ or an async driver.
 from __future__ import annotations
 
 import hmac
+import math
 import os
 import random
 import time
@@ -43,6 +44,7 @@ from .backends.contract import (
     Clear,
     Delete,
     Facts,
+    Fence,
     GetFacts,
     GetKeyChecks,
     KeyChecks,
@@ -53,6 +55,7 @@ from .backends.contract import (
     Snapshot,
     StorageError,
     StorageUnavailable,
+    Sweep,
     Touch,
     Write,
 )
@@ -64,6 +67,10 @@ _NO_READ = Read(())
 _new = tuple.__new__
 _NO_EXTRA: MappingProxyType[str, str] = MappingProxyType({})
 _REFRESH_RETRY_SECONDS = 2.0
+_SWEEPS_MAX = 10_000  # steps of a clear()'s sweep (Sweep.limit rows each)
+FUTURE_SLACK_SECONDS = 5.0
+"""SQLite: a row created further than this in the future (by this host's clock) is a miss,
+so that a row outlives the lifetime it was written with by this much at most."""
 
 
 class TokenShelf:
@@ -104,7 +111,10 @@ class TokenShelf:
         ratio = config.refresh_ahead_ratio
         self._refresh_share = ratio * (1 - jitter) if ratio > 0 else -1.0
         self._last_prune = 0.0
-        self._generation = 0  # the last clear() generation seen; sets seal under it
+        self._generation = 0  # the highest clear() generation seen; sets seal under it
+        # One host's processes share one clock: a row from its future was written while the
+        # clock ran ahead. (Redis rows expire by the server's clock; hosts' clocks differ.)
+        self._future_slack = FUTURE_SLACK_SECONDS if backend.name == "sqlite" else math.inf
         self._refresh_attempts: dict[bytes, float] = {}
         self._checked: set[str] = set()  # key ids whose check value this process stored
         self._unopened: dict[bytes, bytes] = {}  # digest -> nonce of rows that did not open
@@ -179,18 +189,26 @@ class TokenShelf:
         """The usable entry in ``snap`` (or None), a write to do afterwards, refresh due.
 
         The memory tier holds what this process last opened per key with the row's random
-        nonce: an unchanged row is not decrypted again, a rewritten one always is. A token
-        the store never took is served on a miss until a clear() moves the generation.
-        (The hot path of every hit: settings are read from attributes set up once.)
+        nonce and the generation it opened under: an unchanged row is not decrypted again, a
+        rewritten one (a new generation in its header too) always is. A token the store never
+        took is served on a miss until a clear() moves the generation. What this process has
+        seen never goes backwards: a store whose generation is lower than one seen here
+        (restored, rewound, lost) is fenced back up first. (The hot path of every hit:
+        settings are read from attributes set up once.)
         """
+        if snap.generation != self._generation:
+            if snap.generation < self._generation:
+                return Lookup(None, Fence(self._generation), False)
+            self._generation = snap.generation
         row = snap.row
         if row is None:
             return self._unshared(key, snap.generation, now)
-        self._generation = snap.generation
         if row.generation != snap.generation:  # written before a clear(), or replayed
             return Lookup(None, Delete((row.digest,), row.nonce), False)
+        if row.created_at > now + self._future_slack:
+            return _MISS  # its lifetime cannot be told on our clock: fetched anew
         memo = self._kept.get(key.ident)  # MemoryTier.get, inline: every hit passes here
-        if memo is not None and memo[1] == row.nonce:
+        if memo is not None and memo[1] == row.nonce and memo[2] == row.generation:
             entry = memo[0]
             try:  # noqa: SIM105  (no context manager per hit)
                 self._kept.move_to_end(key.ident)
@@ -338,9 +356,12 @@ class TokenShelf:
 
     # -- writes --------------------------------------------------------------------------------
 
-    def store(self, key: Key, entry: CachedToken, generation: int | None) -> Flight[bool]:
+    def store(
+        self, key: Key, entry: CachedToken, generation: int | None, fence: bytes | None = None
+    ) -> Flight[bool]:
         """Seal and write ``entry``. With ``generation`` (a fetch), refuse if a clear() came
-        since; without (a plain set), seal under the current generation."""
+        since, or (``fence``, see ``Write.fence``) if a newer row took the one read; without
+        (a plain set), seal under the current generation."""
         ring = self.ring()
         if ring is None:
             return False
@@ -361,15 +382,15 @@ class TokenShelf:
             kid, nonce, ct = ring.seal(key.kind, key.digest, gen, envelope)
             row = SealedRow(key.digest, key.kind, kid, nonce, ct, entry.expires_at, gen, now, now)
             check = None if kid in self._checked else ring.primary.check
-            if (yield Write(row, key.digests[1:], check)):
+            if (yield Write(row, key.digests[1:], check, fence)):
                 self._checked.add(kid)
                 self.memory.put(key.ident, Kept(entry, nonce, gen))
                 return True
-            if generation is not None:  # the fetch began before a clear(): do not write back
+            if generation is not None:  # a clear() or a newer token came since: keep them
                 self.counters.stale_writes_skipped += 1
                 return False
             snap: Snapshot = yield key.read  # a clear() we had not seen: learn its generation
-            gen = self._generation = snap.generation
+            gen = self._generation = max(self._generation, snap.generation)
         return False
 
     def set(
@@ -426,11 +447,22 @@ class TokenShelf:
         return False
 
     def clear(self) -> Flight[None]:
+        """Move the generation past every one seen (old rows no longer open), then delete
+        the old rows in short steps (so that losing the generation cannot revive them)."""
         self.memory.clear()  # this process forgets, even if the store cannot be reached
         try:
-            self._generation = yield Clear()
+            gen = yield Clear()
+            if gen <= self._generation:  # the store went back since we last looked
+                gen = yield Fence(self._generation + 1)
+            self._generation = gen
         except StorageError as exc:
             raise_if(self._reported(exc, "clear", outage=True))
+        try:
+            for _step in range(_SWEEPS_MAX):
+                if not (yield Sweep()):
+                    break
+        except StorageError as exc:  # fenced already; a later prune deletes the rest
+            self.storage_failed(exc)
 
     def prune_if_due(self) -> Flight[int]:
         """Prune after a write if this process has not for ``prune_interval_seconds``."""

@@ -12,7 +12,19 @@ from ._crypto import UnsealError
 from ._flight import Flight
 from ._shelf import TokenShelf
 from ._stats import CacheStats, EntryInfo
-from .backends.contract import GetFacts, ListRows, Replace, RowsNotUnder, SealedRow, StorageError
+from .backends.contract import (
+    Facts,
+    GetFacts,
+    ListRows,
+    Replace,
+    RowInfo,
+    RowsNotUnder,
+    SealedRow,
+    StorageError,
+)
+
+LIST_PAGE = 500  # rows of one ListRows step (about a millisecond or two of a Redis server)
+RESEAL_PASSES = 4  # passes of a re-seal over every row
 
 _NO_FACTS: dict[str, Any] = {
     "entries_system": 0,
@@ -50,9 +62,14 @@ def facts(shelf: TokenShelf) -> Flight[CacheStats]:
 
 
 def entries(shelf: TokenShelf) -> Flight[list[EntryInfo]]:
-    """Metadata of every row (none when the store fails)."""
+    """Every row's metadata, read in pages (on Redis each page is a short script); none when
+    the store fails."""
+    rows: list[RowInfo] = []
     try:
-        rows = yield ListRows()
+        facts: Facts = yield GetFacts(time.time())
+        total = facts.entries_system + facts.entries_user
+        for start in range(0, total, LIST_PAGE):
+            rows += yield ListRows(start, LIST_PAGE)
     except StorageError as exc:
         shelf.storage_failed(exc)
         return []
@@ -63,24 +80,31 @@ def entries(shelf: TokenShelf) -> Flight[list[EntryInfo]]:
 
 
 def reseal(shelf: TokenShelf, batch: int) -> Flight[int]:
-    """Re-seal every row not under the primary key; rows no key opens are left to expire."""
+    """Re-seal every row not under the primary key; rows no key opens are left to expire.
+
+    Windows of ``batch`` positions at a time (each a short step); rows written meanwhile
+    shift positions, so passes repeat until one finds nothing to re-seal."""
     ring = shelf.ring()
     if ring is None:
         return 0
     done = 0
-    skip: tuple[bytes, ...] = ()
-    while True:
-        rows: list[SealedRow] = yield RowsNotUnder(ring.primary.kid, batch, skip)
-        if not rows:
-            return done
-        for row in rows:
-            try:
-                envelope = ring.open(row)
-            except UnsealError:
-                skip += (row.digest,)
-                continue
-            (digest, *_) = ring.digests(row.kind, envelope.scope_key, envelope.uhash)
-            kid, nonce, ct = ring.seal(row.kind, digest, row.generation, envelope)
-            new = row._replace(digest=digest, kid=kid, nonce=nonce, ct=ct)
-            yield Replace(row.digest, new, ring.primary.check)
-            done += 1
+    for _pass in range(RESEAL_PASSES):
+        facts: Facts = yield GetFacts(time.time())
+        total = facts.entries_system + facts.entries_user
+        resealed = 0
+        for start in range(0, total, batch):
+            rows: list[SealedRow] = yield RowsNotUnder(ring.primary.kid, batch, (), start, batch)
+            for row in rows:
+                try:
+                    envelope = ring.open(row)
+                except UnsealError:
+                    continue
+                (digest, *_) = ring.digests(row.kind, envelope.scope_key, envelope.uhash)
+                kid, nonce, ct = ring.seal(row.kind, digest, row.generation, envelope)
+                new = row._replace(digest=digest, kid=kid, nonce=nonce, ct=ct)
+                yield Replace(row.digest, new, ring.primary.check)
+                resealed += 1
+        done += resealed
+        if not resealed:
+            break
+    return done

@@ -32,7 +32,7 @@ from ._cli_common import (
     open_cache,
     table_lines,
 )
-from ._config import ENV_KEY, ENV_PATH, ENV_URL
+from ._config import DEFAULT_NAMESPACE, ENV_KEY, ENV_NAMESPACE, ENV_PATH, ENV_URL
 from ._crypto import decode_key, keys_from_config
 from ._demo import run_demo_command
 from ._doctor import run_doctor
@@ -156,14 +156,17 @@ def cmd_list(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_clear(args: argparse.Namespace, out: TextIO) -> int:
-    """Empty the tokens table for every process on the host."""
+    """Empty the tokens table for every process on the host (on Redis: of one namespace)."""
     with open_cache(args.path) as cache:
         _require_usable(cache)
-        before = len(cache.list_entries())
+        stats = cache.stats()  # counts kept by the store: no scan of every row
+        before = stats.entries_system + stats.entries_user
         cache.clear()
         _require_usable(cache)
-        path = cache.location
-    out.write(f"cleared {before} rows from {path}; every process fetches fresh tokens now\n")
+        where = cache.location
+        if stats.backend != "sqlite":
+            where += f" namespace {cache.config.namespace!r}"
+    out.write(f"cleared {before} rows from {where}; every process fetches fresh tokens now\n")
     return EXIT_OK
 
 
@@ -285,12 +288,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     url_help = f"a shared store, e.g. redis://host:6379/0 (default: ${ENV_URL})"
     parser.add_argument("--version", action="version", version=f"agw-cache {__version__}")
+    ns_help = (
+        f"Redis: the namespace the application uses (default: ${ENV_NAMESPACE} or "
+        f"{DEFAULT_NAMESPACE})"
+    )
     parser.add_argument("--path", default=None, help=path_help)
     parser.add_argument("--url", default=None, help=url_help)
+    parser.add_argument("--namespace", default=None, help=ns_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--path", default=argparse.SUPPRESS, help=path_help)
     common.add_argument("--url", default=argparse.SUPPRESS, help=url_help)
+    common.add_argument("--namespace", default=argparse.SUPPRESS, help=ns_help)
 
     def add(
         name: str,
@@ -355,6 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.path is not None:
                 raise UsageError("give --path or --url, not both")
             os.environ[ENV_URL] = args.url
+        if getattr(args, "namespace", None) is not None:  # read by every CacheConfig()
+            os.environ[ENV_NAMESPACE] = args.namespace
         code = func(args, sys.stdout)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
         return code

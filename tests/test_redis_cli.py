@@ -68,6 +68,7 @@ def test_doctor_checks_a_healthy_redis_and_the_key_opens_its_rows(redis_url: str
         "role",
         "eviction",
         "persistence",
+        "clear",
         "key",
         "rows",
     ]
@@ -123,3 +124,45 @@ def test_doctor_names_an_unreachable_server() -> None:
     result = run_cli("doctor", "--url", url, env=base_env(AGW_CACHE_KEY=new_key()))
     assert result.returncode == 1
     assert "FAIL  reach" in result.stdout
+
+
+def test_clear_reaches_the_namespace_the_application_uses(redis_url: str) -> None:
+    key = new_key()
+    apps = {ns: CacheConfig(keys=[key], namespace=ns) for ns in ("my-agent", "other-agent")}
+    for ns, config in apps.items():
+        with PersistentTokenCache(url=redis_url, config=config) as cache:
+            cache.set_system_token("scope", f"token-of-{ns}")
+    env = base_env(AGW_CACHE_KEY=key)
+    default = run_cli("--url", redis_url, "clear", env=env)  # the default namespace: empty
+    assert default.returncode == 0 and "cleared 0 rows" in default.stdout
+    assert "'agw-persist-cache'" in default.stdout
+    by_option = run_cli("clear", "--url", redis_url, "--namespace", "my-agent", env=env)
+    assert by_option.returncode == 0, by_option.stderr
+    assert "cleared 1 rows" in by_option.stdout and "'my-agent'" in by_option.stdout
+    by_env = run_cli(
+        "--url", redis_url, "stats", "--json", env={**env, "AGW_CACHE_NAMESPACE": "other-agent"}
+    )
+    assert json.loads(by_env.stdout)["entries_system"] == 1
+    for ns, config in apps.items():
+        with PersistentTokenCache(url=redis_url, config=config) as cache:
+            expected = None if ns == "my-agent" else f"token-of-{ns}"
+            assert cache.get_system_token("scope") == expected
+    bad = run_cli("--url", redis_url, "--namespace", "a b", "stats", env=env)
+    assert bad.returncode == 2 and "AGW_CACHE_NAMESPACE" in bad.stderr
+
+
+def test_doctor_names_a_clear_left_unfinished_and_prune_finishes_it(redis_url: str) -> None:
+    from agw_persist_cache.backends.contract import Clear
+
+    key = new_key()
+    config = CacheConfig(keys=[key], namespace="my-agent")
+    with PersistentTokenCache(url=redis_url, config=config) as cache:
+        for i in range(3):
+            cache.set_system_token(f"scope-{i}", "token")
+        cache._backend.execute(Clear())  # the clearing process died before its sweep
+    env = base_env(AGW_CACHE_KEY=key, AGW_CACHE_NAMESPACE="my-agent")
+    before = run_cli("doctor", "--url", redis_url, env=env)
+    assert "generation 1; a clear() left 3 old rows" in before.stdout, before.stdout
+    assert run_cli("--url", redis_url, "prune", env=env).returncode == 0
+    after = run_cli("doctor", "--url", redis_url, env=env)
+    assert "generation 1; no rows left by a clear()" in after.stdout, after.stdout

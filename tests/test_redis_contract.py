@@ -21,12 +21,14 @@ from support.redis_server import (  # noqa: F401  # fixtures
 
 from agw_persist_cache import CacheConfig
 from agw_persist_cache._log import Warnings
-from agw_persist_cache.backends._redis_ops import KEY_CHECK_SAMPLE
+from agw_persist_cache.backends._redis_lua import KEY_CHECK_SAMPLE
 from agw_persist_cache.backends.contract import (
+    ABSENT,
     Backend,
     Backoff,
     Clear,
     Delete,
+    Fence,
     GetBackoff,
     GetFacts,
     GetKeyChecks,
@@ -41,6 +43,7 @@ from agw_persist_cache.backends.contract import (
     SealedRow,
     SetBackoff,
     Snapshot,
+    Sweep,
     Touch,
     Write,
 )
@@ -134,6 +137,34 @@ async def test_write_refuses_when_the_generation_moved(store: Store) -> None:
     assert await store(Write(row("a", gen=1))) is True
 
 
+async def test_a_fenced_write_keeps_a_row_written_since_the_read(store: Store) -> None:
+    first = row("a")
+    assert await store(Write(first, fence=ABSENT)) is True  # none was there
+    assert await store(Write(row("a"), fence=ABSENT)) is False  # one is now: kept
+    second = row("a")
+    assert await store(Write(second, fence=first.nonce)) is True  # the one read: replaced
+    assert await store(Write(row("a"), fence=first.nonce)) is False  # a newer one: kept
+    assert (await store(Read((d("a"),)))).row == second
+    await store(Delete((d("a"),)))
+    assert await store(Write(row("a"), fence=second.nonce)) is True  # gone since: written
+
+
+async def test_clear_then_sweep_leaves_no_row_and_fence_never_lowers(store: Store) -> None:
+    for i in range(5):
+        await store(Write(row(f"r{i}")))
+    assert await store(Clear()) == 1
+    steps = 1
+    while await store(Sweep(limit=2)):
+        steps += 1
+    assert steps <= 3
+    assert await store(Write(row("r0", gen=1))) is True  # written again after the clear
+    assert await store(Sweep()) == 0
+    assert [r.digest for r in await store(ListRows())] == [d("r0")]
+    assert await store(Fence(7)) == 7
+    assert await store(Fence(3)) == 7
+    assert (await store(Read((d("r0"),)))).generation == 7
+
+
 async def test_read_returns_the_first_digest_that_has_a_row(store: Store) -> None:
     old = row("old")
     await store(Write(old))
@@ -215,13 +246,23 @@ async def test_touch_records_a_use_for_the_lru_order(store: Store) -> None:
     await store(Touch(d("gone"), NOW))  # best effort: a missing row is no error
 
 
+def same_mark(found: Backoff | None, mark: Backoff) -> bool:
+    """Redis answers ``until`` on this host's clock from the server's (within a second)."""
+    return (
+        found is not None
+        and found._replace(until=mark.until) == mark
+        and (abs(found.until - mark.until) < 1.0)
+    )
+
+
 async def test_backoff_marks_are_kept_per_key(store: Store) -> None:
-    mark = Backoff(NOW + 60, "TokenFetchError", 503)
+    mark = Backoff(time.time() + 60, "TokenFetchError", 503)
     await store(SetBackoff(d("a"), mark))
-    assert await store(GetBackoff(d("a"))) == mark
+    assert same_mark(await store(GetBackoff(d("a"))), mark)
     assert await store(GetBackoff(d("b"))) is None
-    await store(SetBackoff(d("b"), Backoff(NOW + 60, "OSError", None)))
-    assert await store(GetBackoff(d("b"))) == Backoff(NOW + 60, "OSError", None)
+    other = Backoff(time.time() + 60, "OSError", None)
+    await store(SetBackoff(d("b"), other))
+    assert same_mark(await store(GetBackoff(d("b"))), other)
 
 
 async def test_facts_count_rows_by_kind_expiry_and_key_ids(store: Store) -> None:
@@ -247,6 +288,16 @@ async def test_list_rows_gives_metadata_most_recently_used_first_per_kind(store:
     ]
     assert rows[0].kid == "kid-a"
     assert rows[0].expires_at == NOW + 3600
+    pages = [await store(ListRows(start, 2)) for start in (0, 2, 4)]
+    assert [[r.digest for r in page] for page in pages] == [[d("s1"), d("s0")], [d("u")], []]
+    assert [r.digest for r in await store(ListRows(1, 1))] == [d("s0")]
+
+
+async def test_rows_not_under_looks_at_a_window_of_positions(store: Store) -> None:
+    for i, kid in enumerate(("kid-a", "kid-b", "kid-b")):
+        await store(Write(row(f"r{i}", kid=kid, last_used=NOW + i)))
+    windows = [await store(RowsNotUnder("kid-a", 10, (), start, 2)) for start in (0, 2, 4)]
+    assert [[r.digest for r in w] for w in windows] == [[d("r1")], [d("r2")], []]
 
 
 async def test_rows_not_under_and_replace_reseal_a_row(store: Store) -> None:

@@ -9,11 +9,16 @@ one slot and its scripts stay atomic)::
 
     {ns}:gen            the clear() generation (an integer; absent = 0)
     {ns}:t:<hex>        one row: a packed header + nonce + key id + AES-GCM ciphertext,
-                        expiring at the token's expiry (PXAT)
+                        expiring after the lifetime it was written with (PX: the server's
+                        clock, not the writer's)
     {ns}:lru:system     sorted set  hex -> last_used   (LRU bound of each kind)
     {ns}:lru:user
     {ns}:exp            sorted set  hex -> expires_at  (expired rows, stats)
-    {ns}:b:<hex>        a back-off mark "gen|until|status|cause", expiring at ``until``
+    {ns}:graves         hash  grave -> generation: the LRU sets a clear() set aside, whose
+                        rows older than that generation are still to be deleted
+    {ns}:grave:<n>      one such set (renamed from an LRU set: O(1) inside the clear)
+    {ns}:b:<hex>        a back-off mark "gen|written ms|ms|status|cause" (server TIME),
+                        expiring after its ms
     {ns}:l:<hex>        a key lock: a random token, SET NX PX <lease>
     {ns}:released       pub/sub channel: the hex digest of a lock just released
 
@@ -24,11 +29,33 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 
 from . import contract
+from ._redis_lua import (
+    CLEAR,
+    DELETE,
+    FACTS,
+    FENCE,
+    GET_BACKOFF,
+    KEY_CHECKS,
+    LIST,
+    LOCK_TRY,
+    MARK_CLOCK_SLACK_MS,
+    PRUNE,
+    RELEASE,
+    RENEW,
+    REPLACE,
+    ROWS_NOT_UNDER,
+    SET_BACKOFF,
+    SWEEP,
+    SWEEP_STEP,
+    TOUCH,
+    WRITE,
+)
 
 T = TypeVar("T")
 
@@ -36,11 +63,9 @@ LAYOUT_VERSION = 1
 """Reported as ``stats().schema_version`` for a Redis store."""
 
 # version, kind, generation, expires_at, last_used, created_at; then nonce, kid, ciphertext.
-_HEAD = struct.Struct(">BcQddd")
-_LAST_USED_OFFSET = 18  # byte offset of last_used inside _HEAD (Touch rewrites it in place)
+_HEAD = struct.Struct(">BcQddd")  # the scripts read it too: see _redis_lua's offsets
 _KINDS = {b"s": "system", b"u": "user"}
 _KIND_BYTES = {v: k for k, v in _KINDS.items()}
-_ROW_PREFIX_BYTES = 164  # enough for the header, a nonce and a key id (ListRows reads no more)
 
 
 class Garbage(ValueError):
@@ -60,6 +85,8 @@ class Layout:
         self.row_prefix = p + "t:"
         self.lru = {"system": p + "lru:system", "user": p + "lru:user"}
         self.exp = p + "exp"
+        self.graves = p + "graves"
+        self.grave_prefix = p + "grave:"
         self.backoff_prefix = p + "b:"
         self.lock_prefix = p + "l:"
         self.channel = p + "released"
@@ -129,218 +156,9 @@ def _generation(value: object) -> int:
     return gen
 
 
-def _ms(epoch: float) -> int:
-    """PXAT milliseconds; at least 1 (a time in the past expires the key at once)."""
-    return max(1, int(epoch * 1000))
-
-
-# -- scripts -----------------------------------------------------------------------------------
-
-_KID_OF = """
-local function kid_of(v)
-  if not v or #v < 36 then return nil end
-  local n = string.byte(v, 35)
-  local k = string.byte(v, 36 + n)
-  if not k then return nil end
-  return string.sub(v, 37 + n, 36 + n + k)
-end
-"""
-
-_TRIM = """
-local function trim(lru, exp, limit, prefix)
-  local over = redis.call('ZCARD', lru) - limit
-  local n = 0
-  if over > 0 then
-    local victims = redis.call('ZPOPMIN', lru, over)
-    for i = 1, #victims, 2 do
-      redis.call('DEL', prefix .. victims[i])
-      redis.call('ZREM', exp, victims[i])
-      n = n + 1
-    end
-  end
-  return n
-end
-"""
-
-# KEYS: gen, row, lru(kind), exp, lru(other kind), rows to drop...
-# ARGV: expected gen, value, pxat, hex, last_used, expires_at, limit, row prefix, hexes to drop...
-WRITE = (
-    _TRIM
-    + """
-if tonumber(redis.call('GET', KEYS[1]) or '0') ~= tonumber(ARGV[1]) then return 0 end
-for i = 9, #ARGV do
-  redis.call('DEL', KEYS[i - 3])
-  redis.call('ZREM', KEYS[3], ARGV[i])
-  redis.call('ZREM', KEYS[5], ARGV[i])
-  redis.call('ZREM', KEYS[4], ARGV[i])
-end
-redis.call('SET', KEYS[2], ARGV[2], 'PXAT', ARGV[3])
-redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4])
-redis.call('ZADD', KEYS[4], ARGV[6], ARGV[4])
-trim(KEYS[3], KEYS[4], tonumber(ARGV[7]), ARGV[8])
-return 1
-"""
-)
-
-# KEYS: lru:system, lru:user, exp, rows...   ARGV: with-nonce flag, nonce, hexes...
-DELETE = """
-local removed = 0
-for i = 4, #KEYS do
-  local ok = true
-  if ARGV[1] == '1' then
-    local v = redis.call('GET', KEYS[i])
-    ok = false
-    if v and #v >= 35 then
-      local n = string.byte(v, 35)
-      ok = string.sub(v, 36, 35 + n) == ARGV[2]
-    end
-  end
-  if ok then
-    removed = removed + redis.call('DEL', KEYS[i])
-    for z = 1, 3 do redis.call('ZREM', KEYS[z], ARGV[i - 1]) end
-  end
-end
-return removed
-"""
-
-# KEYS: gen, lru:system, lru:user, exp. Rows written before stay readable by digest only
-# until their own expiry, and every reader ignores them (their generation is old).
-CLEAR = """
-local g = redis.call('INCR', KEYS[1])
-redis.call('UNLINK', KEYS[2], KEYS[3], KEYS[4])
-return g
-"""
-
-# KEYS: exp, lru:system, lru:user   ARGV: now, system limit, user limit, row prefix
-PRUNE = (
-    _TRIM
-    + """
-local removed = 0
-for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])) do
-  redis.call('DEL', ARGV[4] .. m)
-  redis.call('ZREM', KEYS[2], m)
-  redis.call('ZREM', KEYS[3], m)
-  removed = removed + 1
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-removed = removed + trim(KEYS[2], KEYS[1], tonumber(ARGV[2]), ARGV[4])
-removed = removed + trim(KEYS[3], KEYS[1], tonumber(ARGV[3]), ARGV[4])
-return removed
-"""
-)
-
-# KEYS: row, lru:system, lru:user   ARGV: packed last_used, last_used, hex
-TOUCH = f"""
-local kind = redis.call('GETRANGE', KEYS[1], 1, 1)
-local lru
-if kind == 's' then lru = KEYS[2] elseif kind == 'u' then lru = KEYS[3] else return 0 end
-redis.call('SETRANGE', KEYS[1], {_LAST_USED_OFFSET}, ARGV[1])
-redis.call('ZADD', lru, 'XX', ARGV[2], ARGV[3])
-return 1
-"""
-
-# KEYS: gen, mark   ARGV: until, status, cause, pxat
-SET_BACKOFF = """
-local g = redis.call('GET', KEYS[1]) or '0'
-redis.call('SET', KEYS[2], g .. '|' .. ARGV[1] .. '|' .. ARGV[2] .. '|' .. ARGV[3], 'PXAT', ARGV[4])
-return 1
-"""
-
-# The key ids of the rows in the given LRU sets, the most recently used first, ``stop`` + 1 rows
-# of each at most (-1: every row).
-_KIDS_OF = (
-    _KID_OF
-    + f"""
-local function kids_of(lrus, prefix, stop)
-  local seen, list = {{}}, {{}}
-  for _, lru in ipairs(lrus) do
-    for _, m in ipairs(redis.call('ZREVRANGE', lru, 0, stop)) do
-      local kid = kid_of(redis.call('GETRANGE', prefix .. m, 0, {_ROW_PREFIX_BYTES - 1}))
-      if kid and not seen[kid] then seen[kid] = true; table.insert(list, kid) end
-    end
-  end
-  return list
-end
-"""
-)
-
-# KEYS: gen, lru:system, lru:user, exp   ARGV: now, row prefix
-FACTS = (
-    _KIDS_OF
-    + """
-local list = kids_of({KEYS[2], KEYS[3]}, ARGV[2], -1)
-local lo = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
-local hi = redis.call('ZRANGE', KEYS[4], -1, -1, 'WITHSCORES')
-return {redis.call('ZCARD', KEYS[2]), redis.call('ZCARD', KEYS[3]),
-        redis.call('ZCOUNT', KEYS[4], '-inf', ARGV[1]), lo[2] or '', hi[2] or '', list}
-"""
-)
-
-# KEYS: lru:system, lru:user   ARGV: row prefix. Reply: rows, key ids of the newest rows.
-# Bounded whatever the size (a process's first miss asks; a script blocks the server).
-KEY_CHECK_SAMPLE = 16
-KEY_CHECKS = (
-    _KIDS_OF
-    + f"""
-local rows = redis.call('ZCARD', KEYS[1]) + redis.call('ZCARD', KEYS[2])
-return {{rows, kids_of({{KEYS[1], KEYS[2]}}, ARGV[1], {KEY_CHECK_SAMPLE - 1})}}
-"""
-)
-
-# KEYS: gen, lru:system, lru:user   ARGV: row prefix. Reply: gen, then hex, head pairs.
-LIST = f"""
-local out = {{redis.call('GET', KEYS[1]) or '0'}}
-for z = 2, 3 do
-  for _, m in ipairs(redis.call('ZREVRANGE', KEYS[z], 0, -1)) do
-    local head = redis.call('GETRANGE', ARGV[1] .. m, 0, {_ROW_PREFIX_BYTES - 1})
-    if #head > 0 then table.insert(out, m); table.insert(out, head) end
-  end
-end
-return out
-"""
-
-# KEYS: lru:system, lru:user   ARGV: kid, how many, row prefix. Reply: hex, value pairs.
-ROWS_NOT_UNDER = (
-    _KID_OF
-    + """
-local out, want = {}, tonumber(ARGV[2])
-for z = 1, 2 do
-  for _, m in ipairs(redis.call('ZRANGE', KEYS[z], 0, -1)) do
-    if #out >= 2 * want then return out end
-    local v = redis.call('GET', ARGV[3] .. m)
-    if v and kid_of(v) ~= ARGV[1] then table.insert(out, m); table.insert(out, v) end
-  end
-end
-return out
-"""
-)
-
-# KEYS: old row, new row, lru:system, lru:user, exp, lru(new kind)
-# ARGV: old hex, new hex, value, pxat, last_used, expires_at
-REPLACE = """
-redis.call('DEL', KEYS[1])
-for z = 3, 5 do redis.call('ZREM', KEYS[z], ARGV[1]) end
-if not redis.call('SET', KEYS[2], ARGV[3], 'NX', 'PXAT', ARGV[4]) then return 0 end
-redis.call('ZADD', KEYS[6], ARGV[5], ARGV[2])
-redis.call('ZADD', KEYS[5], ARGV[6], ARGV[2])
-return 1
-"""
-
-# KEYS: lock   ARGV: token, lease ms
-RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-
-# KEYS: lock   ARGV: token, channel, hex
-RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', ARGV[2], ARGV[3])
-  return 1
-end
-return 0
-"""
+def _ms(seconds: float) -> int:
+    """PX milliseconds; at least 1 (no time left expires the key at once)."""
+    return max(1, int(seconds * 1000))
 
 
 def sha1(script: str) -> str:
@@ -401,14 +219,18 @@ _SHAS = {
         WRITE,
         DELETE,
         CLEAR,
+        SWEEP,
+        FENCE,
         PRUNE,
         TOUCH,
         SET_BACKOFF,
+        GET_BACKOFF,
         FACTS,
         KEY_CHECKS,
         LIST,
         ROWS_NOT_UNDER,
         REPLACE,
+        LOCK_TRY,
         RENEW,
         RELEASE,
     )
@@ -437,6 +259,8 @@ class Codec:
             contract.Write: self.write,
             contract.Delete: self.delete,
             contract.Clear: self.clear,
+            contract.Sweep: self.sweep,
+            contract.Fence: self.fence,
             contract.Prune: self.prune,
             contract.Touch: self.touch,
             contract.GetBackoff: self.get_backoff,
@@ -484,12 +308,14 @@ class Codec:
         args: list[Any] = [
             row.generation,
             pack_row(row),
-            _ms(row.expires_at),
+            _ms(row.expires_at - row.created_at),  # the lifetime it was written with
             row.digest.hex(),
             repr(row.last_used),
             repr(row.expires_at),
             self.limits.get(row.kind, 2**31),
             L.row_prefix,
+            "0" if op.fence is None else "1",
+            op.fence or b"",
             *(d.hex() for d in op.replaces),
         ]
         return script_call(WRITE, keys, args, lambda r: _int(r) == 1)
@@ -503,42 +329,59 @@ class Codec:
 
     def clear(self, op: contract.Clear) -> Call[int]:
         L = self.layout
-        return script_call(CLEAR, [L.gen, *self._lrus(), L.exp], [], _int)
+        keys = [L.gen, *self._lrus(), L.exp, L.graves]
+        return script_call(CLEAR, keys, [L.grave_prefix], _int)
+
+    def sweep(self, op: contract.Sweep) -> Call[int]:
+        L = self.layout
+        return script_call(SWEEP, [L.graves], [op.limit, L.row_prefix], _int)
+
+    def fence(self, op: contract.Fence) -> Call[int]:
+        return script_call(FENCE, [self.layout.gen], [op.generation], _int)
 
     def prune(self, op: contract.Prune) -> Call[int]:
         L = self.layout
         limits = [op.limits.get("system", 2**31), op.limits.get("user", 2**31)]
-        args = [repr(op.now), *limits, L.row_prefix]
-        return script_call(PRUNE, [L.exp, *self._lrus()], args, _int)
+        args = [repr(op.now), *limits, L.row_prefix, SWEEP_STEP]
+        return script_call(PRUNE, [L.exp, *self._lrus(), L.graves], args, _int)
 
     def touch(self, op: contract.Touch) -> Call[None]:
         args = [struct.pack(">d", op.now), repr(op.now), op.digest.hex()]
         return script_call(TOUCH, [self.layout.row(op.digest), *self._lrus()], args, _none)
 
     def get_backoff(self, op: contract.GetBackoff) -> Call[contract.Backoff | None]:
+        """The mark, honoured from when the server says it was written for its own ms and
+        ``op.longest`` at most; the answer's ``until`` is on this host's clock."""
         L = self.layout
 
         def decode(reply: Any) -> contract.Backoff | None:
-            if not isinstance(reply, list) or len(reply) != 2:
-                raise Garbage("MGET answered with the wrong number of values")
+            if not isinstance(reply, list) or len(reply) != 4:
+                raise Garbage("unexpected back-off reply")
             gen = _generation(reply[0])
-            if reply[1] is None:
+            if not reply[1]:
                 return None
             try:
-                mark_gen, until, status, cause = bytes(reply[1]).decode("ascii").split("|", 3)
+                now_ms = int(reply[2]) * 1000 + int(reply[3]) // 1000
+                fields = bytes(reply[1]).decode("ascii").split("|", 4)
+                mark_gen, written, ms, status, cause = fields
                 if int(mark_gen) != gen:
                     return None  # set before a clear()
-                return contract.Backoff(float(until), cause, int(status) if status else None)
+                age = now_ms - int(written)
+                left = min(int(ms), op.longest * 1000) - age
+                if age < -MARK_CLOCK_SLACK_MS or left <= 0:
+                    return None  # planted in the future, or over
+                until = time.time() + left / 1000
+                return contract.Backoff(until, cause, int(status) if status else None)
             except (ValueError, TypeError):
                 return None  # not a mark of ours: no back-off (never a false one)
 
-        return Call(("MGET", L.gen, L.backoff(op.digest)), decode)
+        return script_call(GET_BACKOFF, [L.gen, L.backoff(op.digest)], [], decode)
 
     def set_backoff(self, op: contract.SetBackoff) -> Call[None]:
         L, b = self.layout, op.backoff
         status = "" if b.status is None else str(int(b.status))
         cause = "".join(ch for ch in b.cause if ch.isalnum() or ch in "._")[:100]
-        args = [repr(b.until), status, cause, _ms(b.until)]
+        args = [_ms(b.until - time.time()), status, cause]
         return script_call(SET_BACKOFF, [L.gen, L.backoff(op.digest)], args, _none)
 
     def facts(self, op: contract.GetFacts) -> Call[contract.Facts]:
@@ -583,7 +426,9 @@ class Codec:
                     )
             return out
 
-        return script_call(LIST, [L.gen, *self._lrus()], [L.row_prefix], decode)
+        count = -1 if op.count is None else op.count
+        args = [L.row_prefix, op.start, count]
+        return script_call(LIST, [L.gen, *self._lrus()], args, decode)
 
     def rows_not_under(self, op: contract.RowsNotUnder) -> Call[list[contract.SealedRow]]:
         L = self.layout
@@ -599,7 +444,8 @@ class Codec:
                     rows.append(row)
             return rows[: op.limit]
 
-        args = [op.kid, op.limit + len(op.skip), L.row_prefix]
+        scan = -1 if op.scan is None else op.scan
+        args = [op.kid, op.limit + len(op.skip), L.row_prefix, op.start, scan]
         return script_call(ROWS_NOT_UNDER, self._lrus(), args, decode)
 
     def replace(self, op: contract.Replace) -> Call[bool]:
@@ -609,7 +455,7 @@ class Codec:
             op.old.hex(),
             row.digest.hex(),
             pack_row(row),
-            _ms(row.expires_at),
+            _ms(min(row.expires_at - time.time(), row.expires_at - row.created_at)),
             repr(row.last_used),
             repr(row.expires_at),
         ]
@@ -618,7 +464,8 @@ class Codec:
     # -- the key lock ------------------------------------------------------------------------
 
     def lock_try(self, digest: bytes, token: str, lease_ms: int) -> Call[bool]:
-        return Call(("SET", self.layout.lock(digest), token, "NX", "PX", lease_ms), bool)
+        keys = [self.layout.lock(digest)]
+        return script_call(LOCK_TRY, keys, [token, lease_ms], lambda r: _int(r) == 1)
 
     def lock_renew(self, lock_key: str, token: str, lease_ms: int) -> Call[bool]:
         return script_call(RENEW, [lock_key], [token, lease_ms], lambda r: _int(r) == 1)

@@ -124,6 +124,14 @@ class Write(Op[bool]):
     row: SealedRow
     replaces: tuple[bytes, ...] = ()
     key_check: bytes | None = None  # record the check value of row.kid too (once a process)
+    fence: bytes | None = None
+    """A fetch's write: the nonce of the row it read before fetching (``ABSENT``: none).
+    Refused if another row took that place since (a newer token written by a process that
+    took the key's lock after ours lapsed). ``None``: unconditional (a plain set)."""
+
+
+ABSENT = b""
+"""``Write.fence`` of a fetch that found no row under its digest."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +148,26 @@ class Clear(Op[int]):
     """Drop every row and back-off mark for every process; returns the new generation."""
 
     writes: ClassVar[bool] = True
+
+
+@dataclass(frozen=True, slots=True)
+class Sweep(Op[int]):
+    """Drop up to ``limit`` of the rows a clear() fenced off but left in place; returns
+    how many are still left (0: the clear is complete). Each step is short, however many
+    rows there were."""
+
+    writes: ClassVar[bool] = True
+    limit: int = 200  # about a millisecond of a Redis server's time
+
+
+@dataclass(frozen=True, slots=True)
+class Fence(Op[int]):
+    """Raise the store's clear() generation to at least ``generation`` (a store restored
+    from a backup, or whose generation was lost or rewound, must not revive what a clear()
+    this process saw removed); returns the generation now."""
+
+    writes: ClassVar[bool] = True
+    generation: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,9 +192,11 @@ class Touch(Op[None]):
 
 @dataclass(frozen=True, slots=True)
 class GetBackoff(Op["Backoff | None"]):
-    """The back-off mark of a key, if any."""
+    """The back-off mark of a key, if any. A mark is honoured at most ``longest`` seconds
+    after it was written, by the store's own clock where it has one (Redis ``TIME``)."""
 
     digest: bytes
+    longest: float = float("inf")
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,16 +223,25 @@ class GetKeyChecks(Op[KeyChecks]):
 
 @dataclass(frozen=True, slots=True)
 class ListRows(Op[list[RowInfo]]):
-    """Metadata of every row, most recently used first within each kind."""
+    """Metadata of the rows at positions ``start`` to ``start + count`` (``None``: to the
+    end) in the order system rows, then user rows, most recently used first within each
+    kind; positions whose row has gone meanwhile give nothing. Pages keep each step short."""
+
+    start: int = 0
+    count: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class RowsNotUnder(Op[list[SealedRow]]):
-    """Up to ``limit`` rows sealed under a key other than ``kid`` (for re-sealing)."""
+    """Up to ``limit`` rows sealed under a key other than ``kid`` (for re-sealing), among the
+    ``scan`` positions from ``start`` (``None``: to the end) in the order system rows, then
+    user rows, least recently used first. Windows keep each step short."""
 
     kid: str
     limit: int
     skip: tuple[bytes, ...] = ()
+    start: int = 0
+    scan: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,11 +319,13 @@ class Backend(Protocol):
 
 
 __all__ = [
+    "ABSENT",
     "Backend",
     "Backoff",
     "Clear",
     "Delete",
     "Facts",
+    "Fence",
     "GetBackoff",
     "GetFacts",
     "GetKeyChecks",
@@ -303,6 +344,7 @@ __all__ = [
     "Snapshot",
     "StorageError",
     "StorageUnavailable",
+    "Sweep",
     "Touch",
     "Write",
 ]

@@ -55,6 +55,7 @@ from .contract import (
     Clear,
     Delete,
     Facts,
+    Fence,
     GetBackoff,
     GetFacts,
     GetKeyChecks,
@@ -72,6 +73,7 @@ from .contract import (
     Snapshot,
     StorageError,
     StorageUnavailable,
+    Sweep,
     Touch,
     Write,
 )
@@ -176,6 +178,9 @@ _INSERT_IF_GENERATION = (
     "INSERT OR REPLACE INTO tokens (k, kind, kid, nonce, ct, expires_at, gen, last_used,"
     " created_at) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE (" + _GENERATION + ") = ?"
 )
+# Write.fence: no other row of its generation took the place of the one the fetch read.
+_TAKEN = "SELECT 1 FROM tokens WHERE k = ? AND gen = ? AND nonce IS NOT ?"
+_FENCED = " AND NOT EXISTS (" + _TAKEN + ")"
 
 
 def read(conn: _Conn, digests: tuple[bytes, ...]) -> Snapshot:
@@ -220,12 +225,20 @@ def plan_write(op: Write) -> Plan[bool]:
     Without rows to replace it is one statement, atomic by itself: no transaction around
     it, so the write lock is held for one step (writers of other processes wait less).
     """
+    fence: tuple[Any, ...] = ()
+    if op.fence is not None:  # ABSENT: no row may have been written meanwhile
+        fence = (op.row.digest, op.row.generation, op.fence or None)
     if _one_statement(op):
-        done = yield (_INSERT_IF_GENERATION, (*op.row, op.row.generation))
+        sql = _INSERT_IF_GENERATION + (_FENCED if fence else "")
+        done = yield (sql, (*op.row, op.row.generation, *fence))
         return done.changes > 0
     rows = yield (_GENERATION, ())
     if not rows or rows[0][0] != op.row.generation:
         return False
+    if fence:
+        taken = yield (_TAKEN, fence)
+        if taken:
+            return False
     if op.key_check is not None:
         yield (
             "INSERT OR IGNORE INTO key_checks (kid, check_value) VALUES (?, ?)",
@@ -257,6 +270,23 @@ def plan_clear(op: Clear) -> Plan[int]:
         raise sqlite3.DatabaseError("meta table has no generation")
     yield ("DELETE FROM tokens", ())
     yield ("DELETE FROM backoff", ())
+    return int(rows[0][0])
+
+
+def plan_sweep(op: Sweep) -> Plan[int]:
+    """Nothing is left behind: a clear() deletes every row in its own transaction."""
+    return 0
+    yield  # a plan that needs no statement
+
+
+def plan_fence(op: Fence) -> Plan[int]:
+    rows = yield (
+        "UPDATE meta SET value = max(value, ?) WHERE rowid = 1 AND name = 'generation'"
+        " RETURNING value",
+        (op.generation,),
+    )
+    if not rows:
+        raise sqlite3.DatabaseError("meta table has no generation")
     return int(rows[0][0])
 
 
@@ -332,17 +362,17 @@ def plan_key_checks(op: GetKeyChecks) -> Plan[KeyChecks]:
 def plan_list(op: ListRows) -> Plan[list[RowInfo]]:
     rows = yield (
         "SELECT kind, k, expires_at, last_used, created_at, kid FROM tokens"
-        " ORDER BY kind, last_used DESC",
-        (),
+        " ORDER BY kind, last_used DESC LIMIT ? OFFSET ?",
+        (-1 if op.count is None else op.count, op.start),
     )
     return [RowInfo(kind, bytes(k), *rest) for kind, k, *rest in rows]
 
 
 def plan_rows_not_under(op: RowsNotUnder) -> Plan[list[SealedRow]]:
     rows = yield (
-        "SELECT k, kind, kid, nonce, ct, expires_at, gen, last_used, created_at FROM tokens"
-        " WHERE kid != ? LIMIT ?",
-        (op.kid, op.limit + len(op.skip)),
+        "SELECT k, kind, kid, nonce, ct, expires_at, gen, last_used, created_at FROM ("
+        "SELECT * FROM tokens ORDER BY kind, last_used LIMIT ? OFFSET ?) WHERE kid != ? LIMIT ?",
+        (-1 if op.scan is None else op.scan, op.start, op.kid, op.limit + len(op.skip)),
     )
     skip = set(op.skip)
     found = [SealedRow(bytes(k), *rest) for k, *rest in rows]
@@ -373,6 +403,8 @@ PLANS: dict[type[Op[Any]], Callable[[Any], Plan[Any]]] = {
     Write: plan_write,
     Delete: plan_delete,
     Clear: plan_clear,
+    Sweep: plan_sweep,
+    Fence: plan_fence,
     Prune: plan_prune,
     Touch: plan_touch,
     GetBackoff: plan_get_backoff,
@@ -414,7 +446,7 @@ def _one_statement(op: Op[Any]) -> bool:
         return not op.replaces and op.key_check is None
     if isinstance(op, Delete):
         return len(op.digests) == 1
-    return isinstance(op, Touch | SetBackoff)
+    return isinstance(op, Touch | SetBackoff | Sweep | Fence)
 
 
 def _step(plan: Plan[T], rows: Rows | None) -> Stmt | StopIteration:
