@@ -127,52 +127,60 @@ def check_options(pool: Any) -> None:
 class Watchdog:
     """Disconnects a thread's connection whose command outlived its deadline.
 
-    All deadlines are ``seconds`` after arming, so the oldest armed connection is always the
-    next one due: one thread sleeps until then, and only while something is armed.
+    Arming and disarming are one dict operation each (atomic under the GIL; a hit must not
+    pay for a lock or a thread switch). All deadlines are ``seconds`` after arming, so the
+    oldest armed connection is the next one due: one thread looks every quarter of
+    ``seconds``, and only while commands are being sent.
     """
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
-        self._armed: dict[Any, float] = {}
-        self._cond = threading.Condition(threading.Lock())
+        self.armed: dict[Any, float] = {}
+        self._mutex = threading.Lock()
         self._running = False
 
     def arm(self, conn: Any) -> None:
-        deadline = time.monotonic() + self.seconds
-        with self._cond:
-            self._armed[conn] = deadline
-            if not self._running:
-                self._running = True
-                threading.Thread(
-                    target=self._run, name="agw-cache-redis-deadlines", daemon=True
-                ).start()
-            elif len(self._armed) == 1:
-                self._cond.notify()
-
-    def disarm(self, conn: Any) -> None:
-        with self._cond:
-            self._armed.pop(conn, None)
+        self.armed[conn] = time.monotonic() + self.seconds
+        if not self._running:
+            with self._mutex:
+                if not self._running:
+                    self._running = True
+                    name = "agw-cache-redis-deadlines"
+                    threading.Thread(target=self._run, name=name, daemon=True).start()
 
     def _run(self) -> None:
-        with self._cond:
-            while True:
-                if not self._armed:
-                    if not self._cond.wait(WATCHDOG_IDLE_SECONDS) and not self._armed:
-                        self._running = False
-                        return
+        step = self.seconds / 4
+        quiet_since = time.monotonic()
+        while True:
+            time.sleep(step)
+            now = time.monotonic()
+            due = []
+            for conn, deadline in list(self.armed.items()):  # (one C call: a snapshot)
+                if deadline > now:
+                    break
+                due.append((conn, deadline))
+            for conn, deadline in due:
+                current = self.armed.pop(conn, None)
+                if current is not deadline:  # its command ended, and maybe another began
+                    if current is not None:
+                        self.armed[conn] = current
                     continue
-                conn, deadline = next(iter(self._armed.items()))
-                left = deadline - time.monotonic()
-                if left > 0:
-                    self._cond.wait(left)
-                    continue
-                del self._armed[conn]
-                # Under the lock: the command cannot end and its connection be taken by
-                # another command meanwhile. The reader then fails (whatever redis-py raises
-                # for a socket closed under it) and the connection reports Overran instead.
+                # The reader fails (with whatever redis-py raises for a socket closed under
+                # it) and reports Overran instead.
                 conn.agw_overran = True
                 with contextlib.suppress(OSError):
                     conn.disconnect()
+            if self.armed:
+                quiet_since = now
+            elif now - quiet_since > WATCHDOG_IDLE_SECONDS:
+                with self._mutex:
+                    self._running = False
+                if not self.armed:
+                    return
+                with self._mutex:  # armed just now: keep watching, unless a new watcher does
+                    if self._running:
+                        return
+                    self._running = True
 
 
 class _Watched:
@@ -210,11 +218,11 @@ class _Watched:
         self.agw_pending -= 1
         if self.agw_pending <= 0:
             self.agw_pending = 0
-            self.agw_watchdog.disarm(self)
+            self.agw_watchdog.armed.pop(self, None)
 
     def _agw_failed(self) -> None:
         self.agw_pending = 0
-        self.agw_watchdog.disarm(self)
+        self.agw_watchdog.armed.pop(self, None)
         if self.agw_overran:
             raise Overran(f"command took over {self.agw_watchdog.seconds:g} s") from None
 
@@ -262,8 +270,12 @@ class Gate:
         self._mutex = threading.Lock()
 
     def enter(self) -> None:
+        slots = self.slots
         with self._mutex:
-            if self.slots.admit():
+            if slots.busy < slots.size and not slots.turns:  # slots.admit(), inlined: hot
+                slots.busy += 1
+                if slots.busy > slots.peak:
+                    slots.peak = slots.busy
                 return
             turn = threading.Lock()
             turn.acquire()

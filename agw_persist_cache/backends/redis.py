@@ -37,6 +37,7 @@ from typing import Any, ClassVar, TypeVar, cast
 from urllib.parse import parse_qsl, urlsplit
 
 import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MovedError, ResponseError
 
 from .._config import CacheConfig
@@ -170,6 +171,43 @@ def _command(client: Any, scripts: dict[str, Any], call: Call[Any]) -> Callable[
     return partial(script, call.command[3 : 3 + n], call.command[3 + n :], client)
 
 
+def _read(pool: Any, call: Call[Any]) -> Any:
+    """The hit's read: the public calls ``execute_command`` makes, without its per-command
+    machinery, and the wire bytes packed once. A connection the server closed while idle
+    is tried once more (redis-py disconnects it; the pool opens a new one), as the
+    ``Retry`` of every other command does."""
+    for attempt in (1, 2):
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command(_packed(conn, call))
+            return conn.read_response()
+        except RedisConnectionError:
+            if attempt == 2:
+                raise
+        finally:
+            pool.release(conn)
+
+
+async def _aread(pool: Any, call: Call[Any]) -> Any:
+    """Async twin of :func:`_read`."""
+    for attempt in (1, 2):
+        conn = await pool.get_connection()
+        try:
+            await conn.send_packed_command(_packed(conn, call))
+            return await conn.read_response()
+        except RedisConnectionError:
+            if attempt == 2:
+                raise
+        finally:
+            await pool.release(conn)
+
+
+def _packed(conn: Any, call: Call[Any]) -> Any:
+    if call.packed is None:
+        call.packed = conn.pack_command(*call.command)
+    return call.packed
+
+
 def _moved(exc: ResponseError) -> MovedError | None:
     """The redirect in a MOVED reply (redis-py parses it only on its cluster client)."""
     if isinstance(exc, MovedError):
@@ -183,6 +221,8 @@ def _send(wire: Wire, call: Call[T], breaker: Breaker, seen: int) -> Any:
     wire.gate.enter()
     try:
         breaker.check(seen)
+        if call.reused:
+            return _read(wire.pool, call)
         return _command(wire.client, wire.scripts, call)()
     finally:
         if wire.gate.leave():
@@ -195,6 +235,8 @@ async def _asend(wire: LoopWire, call: Call[T], breaker: Breaker, seen: int, tim
     try:
         breaker.check(seen)
         async with asyncio.timeout(timeout):
+            if call.reused:
+                return await _aread(wire.client.connection_pool, call)
             return await _command(wire.client, wire.scripts, call)()
     finally:
         if wire.gate.leave():
