@@ -139,7 +139,7 @@ def test_loops_that_shut_down_close_their_pools_and_others_are_forgotten(
 
 
 def test_two_thousand_cold_keys_in_one_loop_make_one_request_each(redis_url: str) -> None:
-    keys = scaled(2000, 0.25)
+    keys = scaled(2000, 1.0)
     cache = _cache(redis_url)
     counts: dict[str, int] = {}
 
@@ -169,7 +169,7 @@ def test_two_thousand_cold_keys_in_one_loop_make_one_request_each(redis_url: str
 def test_many_processes_of_many_users_make_one_request_per_user(
     redis_url: str, tmp_path: Path
 ) -> None:
-    procs, users = scaled(16, 0.25), scaled(100, 0.3)
+    procs, users = scaled(16, 0.5), scaled(100, 0.5)
     counter, key = tmp_path / "fetches", new_key()
     with Workers("spawn", timeout=240) as workers:
         workers.start(

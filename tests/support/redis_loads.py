@@ -57,10 +57,8 @@ class DripProxy:
                 return
             server = socket.create_connection(("127.0.0.1", self.target_port))
             self._socks += [client, server]
-            threading.Thread(target=self._pump, args=(client, server, 65536, 0.0), daemon=True).start()
-            threading.Thread(
-                target=self._pump, args=(server, client, self.chunk, self.every), daemon=True
-            ).start()
+            for args in ((client, server, 65536, 0.0), (server, client, self.chunk, self.every)):
+                threading.Thread(target=self._pump, args=args, daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, size: int, pause: float) -> None:
         with contextlib.suppress(OSError):
