@@ -238,27 +238,31 @@ def watched_class(url: str, watchdog: Watchdog) -> type:
 
 
 class _Slots:
-    """A gate's bookkeeping: commands in flight, the peak of this burst, who waits."""
+    """A gate's bookkeeping: commands in flight, the peak of this burst, who waits, and
+    whether the pool is being trimmed (alone: no command gets a connection meanwhile)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.busy = 0
         self.peak = 0
+        self.trimming = False
         self.turns: collections.deque[Any] = collections.deque()
 
     def admit(self) -> bool:
-        if self.busy < self.size and not self.turns:
+        if self.busy < self.size and not self.turns and not self.trimming:
             self.busy += 1
             self.peak = max(self.peak, self.busy)
             return True
         return False
 
     def freed(self) -> bool:
-        """A slot nobody waited for is free; True when a burst just ended."""
-        self.busy -= 1
-        if self.busy == 0 and self.peak > IDLE_CONNECTIONS:
+        """The last holder leaves and nobody waits. True when that ends a burst: it then
+        keeps its slot, alone, to trim the pool, and calls the gate's ``trimmed()``."""
+        if self.busy == 1 and self.peak > IDLE_CONNECTIONS:
             self.peak = 0
+            self.trimming = True
             return True
+        self.busy -= 1
         return False
 
 
@@ -272,7 +276,7 @@ class Gate:
     def enter(self) -> None:
         slots = self.slots
         with self._mutex:
-            if slots.busy < slots.size and not slots.turns:  # slots.admit(), inlined: hot
+            if slots.busy < slots.size and not slots.turns and not slots.trimming:  # admit(): hot
                 slots.busy += 1
                 if slots.busy > slots.peak:
                     slots.peak = slots.busy
@@ -292,12 +296,18 @@ class Gate:
             raise
 
     def leave(self) -> bool:
-        """Give the slot to the next waiter, or free it; True when a burst just ended."""
+        """Give the slot to the next waiter, or free it; True when a burst just ended (then
+        trim the pool and call :meth:`trimmed`)."""
         with self._mutex:
             if self.slots.turns:
                 self.slots.turns.popleft().release()
                 return False
             return self.slots.freed()
+
+    def trimmed(self) -> None:
+        with self._mutex:
+            self.slots.trimming = False
+        self.leave()
 
 
 class LoopGate:
@@ -329,6 +339,10 @@ class LoopGate:
                 return False
         return self.slots.freed()
 
+    def trimmed(self) -> None:
+        self.slots.trimming = False
+        self.leave()
+
 
 # -- pools -------------------------------------------------------------------------------------
 
@@ -350,13 +364,17 @@ class Wire:
         self.scripts: dict[str, Any] = {}
 
     def trim(self) -> None:
-        """Close the idle connections (a burst is over)."""
-        with contextlib.suppress(*STORE_ERRORS):
-            self.pool.disconnect(inuse_connections=False)
+        """Close the idle connections (a burst is over; no command runs meanwhile)."""
+        try:
+            with contextlib.suppress(*STORE_ERRORS):
+                self.pool.disconnect(inuse_connections=False)
+        finally:
+            self.gate.trimmed()
 
     def close(self) -> None:
         """Close the idle connections; those in use by other threads close when dropped."""
-        self.trim()
+        with contextlib.suppress(*STORE_ERRORS):
+            self.pool.disconnect(inuse_connections=False)
 
 
 class LoopWire:
@@ -373,8 +391,12 @@ class LoopWire:
         self.sentinel: AsyncGenerator[None, None] | None = None
 
     async def trim(self) -> None:
-        with contextlib.suppress(*STORE_ERRORS):
-            await self.client.connection_pool.disconnect(inuse_connections=False)
+        """Close the idle connections (a burst is over; no task gets one meanwhile)."""
+        try:
+            with contextlib.suppress(*STORE_ERRORS):
+                await self.client.connection_pool.disconnect(inuse_connections=False)
+        finally:
+            self.gate.trimmed()
 
     async def close(self) -> None:
         with contextlib.suppress(*STORE_ERRORS):
