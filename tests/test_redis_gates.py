@@ -17,8 +17,8 @@ from agw_persist_cache.backends._redis_conn import IDLE_CONNECTIONS, Gate, LoopG
 
 
 def test_threads_beyond_the_size_wait_their_turn_in_order() -> None:
-    gate, inside, most, order = Gate(2), [0], [0], []
-    lock = threading.Lock()
+    gate, inside, most, order = Gate(1), [0], [0], []
+    lock, go = threading.Lock(), threading.Event()
 
     def caller(i: int) -> None:
         gate.enter()
@@ -26,21 +26,23 @@ def test_threads_beyond_the_size_wait_their_turn_in_order() -> None:
             inside[0] += 1
             most[0] = max(most[0], inside[0])
             order.append(i)
-        time.sleep(0.02)
+        go.wait(10)
+        time.sleep(0.01)
         with lock:
             inside[0] -= 1
         gate.leave()
 
-    threads = []
-    for i in range(8):
-        threads.append(threading.Thread(target=caller, args=(i,)))
-        threads[-1].start()
-        time.sleep(0.005)  # arrive in order
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(8)]
+    for i, t in enumerate(threads):
+        t.start()
+        deadline = time.monotonic() + 10
+        while len(order) + len(gate.slots.turns) <= i and time.monotonic() < deadline:
+            time.sleep(0.001)  # in, or in the queue: the next one arrives after it
+    go.set()
     for t in threads:
         t.join(10)
-    assert most[0] == 2
-    assert sorted(order) == list(range(8))
-    assert order[2:] == sorted(order[2:])  # the waiters, first come first served
+    assert most[0] == 1
+    assert order == list(range(8))  # one at a time, first come first served
     assert gate.slots.busy == 0
 
 
