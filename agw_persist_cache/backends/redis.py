@@ -19,7 +19,7 @@ keeper thread while its holder fetches and released by compare-and-delete, which
 ``PUBLISH``-es the digest: a holder killed with ``kill -9`` frees the key within one lease.
 Waiters of a process share one pub/sub connection (open while someone waits, and 2 s after);
 a release wakes them all to read the token side by side (LANDED), and they try the lock
-every 250 ms besides, since pub/sub may drop messages (``_redis_keeper``). A MOVED reply
+every 250 ms besides, since pub/sub may drop messages (``_redis_lock``). A MOVED reply
 (Redis Cluster) moves the cache to the node that owns its one hash-tag slot.
 """
 
@@ -31,9 +31,9 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Any, ClassVar, TypeVar, cast
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 import redis
@@ -50,7 +50,7 @@ from ._redis_conn import (
     check_options,
     pool_options,
 )
-from ._redis_keeper import Keeper, Wakeups
+from ._redis_lock import Attempt, Keeper, Listen, Try, Wakeups, lock_flow
 from ._redis_ops import Call, Codec, Garbage, Layout
 from .contract import KeyLock, LockResult, Op, Read, Snapshot, StorageError
 
@@ -423,90 +423,6 @@ def _with_node(url: str, host: str, port: int) -> str:
 # -- the key lock ----------------------------------------------------------------------------------
 
 
-class _Try:
-    """Step: one ``SET NX PX`` attempt; answered with True if it took the lock."""
-
-
-class _Listen:
-    """Step: start receiving wake-ups for this key."""
-
-
-TRY = _Try()
-LISTEN = _Listen()
-LockFlow = Generator["_Try | _Listen | float", bool, LockResult]
-
-
-def lock_flow(wait: float | None, poll: float | None = None) -> LockFlow:
-    """The waiting logic of a key lock, without I/O: yields a try, a listen, or the seconds
-    to sleep (answered with whether a release woke it); returns the outcome. Written once
-    for both drivers.
-
-    A release of the key ends the wait with LANDED: the holder has just stored the token
-    (or failed), and every waiter reads it at once instead of taking the lock in turn.
-    Without a wake-up (pub/sub is best effort; a holder killed with -9 sends none) the
-    lock is tried every ``poll`` seconds, so a dead holder's key is taken within its lease.
-    """
-    poll = POLL_SECONDS if poll is None else poll
-    if (yield TRY):
-        return LockResult.HELD
-    if wait is None:
-        return LockResult.BUSY
-    deadline = time.monotonic() + wait
-    yield LISTEN
-    if (yield TRY):  # released between the first try and listening
-        return LockResult.HELD
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return LockResult.TIMEOUT
-        if (yield min(poll, left)):
-            return LockResult.LANDED
-        if (yield TRY):
-            return LockResult.HELD
-
-
-class _Attempt:
-    """One acquisition, stepped by a driver: iterate for the lock flow's next step, set
-    ``answer``; on leaving, the wake-up is forgotten and a ``StorageError`` ends it in ERROR."""
-
-    def __init__(self, lock: RedisKeyLock, wait: float | None, wake: Callable[[], None]) -> None:
-        self.lock = lock
-        self.flow = lock_flow(wait)
-        self.wake = wake
-        self.answer = False
-        self.started = False
-        self.listening = False
-        self.result = LockResult.ERROR
-
-    def __iter__(self) -> _Attempt:
-        return self
-
-    def __next__(self) -> _Try | _Listen | float:
-        try:
-            if not self.started:
-                self.started = True
-                return next(self.flow)
-            return self.flow.send(self.answer)
-        except StopIteration as done:
-            self.result = cast(LockResult, done.value)
-            raise StopIteration from None
-
-    def listen(self) -> None:
-        self.listening = self.lock._backend.wakeups.listen(self.lock._hex, self.wake)
-
-    def __enter__(self) -> _Attempt:
-        return self
-
-    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
-        if self.listening:
-            self.lock._backend.wakeups.forget(self.lock._hex, self.wake)
-        if isinstance(exc, StorageError):
-            self.lock.error = str(exc)
-            self.result = LockResult.ERROR
-            return True
-        return False
-
-
 class RedisKeyLock:
     """One key's lock; the :class:`~.contract.KeyLock` of the Redis backend."""
 
@@ -523,6 +439,9 @@ class RedisKeyLock:
         token = secrets.token_hex(16)
         return token, self._backend.codec.lock_try(self._digest, token, self._backend.lease_ms)
 
+    def _attempt(self, wait: float | None, wake: Callable[[], None]) -> Attempt:
+        return Attempt(self._backend.wakeups, self._hex, lock_flow(wait, POLL_SECONDS), wake, self)
+
     def _took(self, token: str) -> bool:
         self._token = token
         self._backend.keeper.hold(self._backend.layout.lock(self._digest), token)
@@ -530,12 +449,12 @@ class RedisKeyLock:
 
     def acquire(self, wait: float | None) -> LockResult:
         woken = threading.Event()
-        with _Attempt(self, wait, woken.set) as attempt:
+        with self._attempt(wait, woken.set) as attempt:
             for step in attempt:
-                if isinstance(step, _Try):
+                if isinstance(step, Try):
                     token, call = self._try_call()
                     attempt.answer = self._backend.run(call) and self._took(token)
-                elif isinstance(step, _Listen):
+                elif isinstance(step, Listen):
                     attempt.listen()
                 else:
                     attempt.answer = woken.wait(step)
@@ -550,12 +469,12 @@ class RedisKeyLock:
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 loop.call_soon_threadsafe(woken.set)
 
-        with _Attempt(self, wait, wake) as attempt:
+        with self._attempt(wait, wake) as attempt:
             for step in attempt:
-                if isinstance(step, _Try):
+                if isinstance(step, Try):
                     token, call = self._try_call()
                     attempt.answer = await self._backend.arun(call) and self._took(token)
-                elif isinstance(step, _Listen):
+                elif isinstance(step, Listen):
                     attempt.listen()
                 else:
                     try:

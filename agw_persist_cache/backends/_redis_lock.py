@@ -1,5 +1,6 @@
-"""The background threads of the Redis key lock: lease renewal, releases on behalf of event
-loops, and the pub/sub subscription that wakes waiters when a key is released."""
+"""The Redis key lock without the backend: its waiting logic (written once for both
+drivers), and its background threads: lease renewal, releases on behalf of event loops, and
+the pub/sub subscription that wakes waiters when a key is released."""
 
 from __future__ import annotations
 
@@ -7,13 +8,13 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable, Generator
+from typing import Any, Protocol, TypeVar, cast
 
 from .._config import CacheConfig
 from ._redis_conn import STORE_ERRORS
 from ._redis_ops import Call, Codec, Layout
-from .contract import StorageError
+from .contract import LockResult, StorageError
 
 T = TypeVar("T")
 
@@ -37,6 +38,94 @@ class LockHost(Protocol):
     def run(self, call: Call[T]) -> T: ...
 
     def pubsub_client(self) -> Any: ...
+
+
+class Try:
+    """Step: one ``SET NX PX`` attempt; answered with True if it took the lock."""
+
+
+class Listen:
+    """Step: start receiving wake-ups for this key."""
+
+
+TRY = Try()
+LISTEN = Listen()
+LockFlow = Generator["Try | Listen | float", bool, LockResult]
+
+
+def lock_flow(wait: float | None, poll: float) -> LockFlow:
+    """The waiting logic of a key lock, without I/O: yields a try, a listen, or the seconds
+    to sleep (answered with whether a release woke it); returns the outcome. Written once
+    for both drivers.
+
+    A release of the key ends the wait with LANDED: the holder has just stored the token
+    (or failed), and every waiter reads it at once instead of taking the lock in turn.
+    Without a wake-up (pub/sub is best effort; a holder killed with -9 sends none) the
+    lock is tried every ``poll`` seconds, so a dead holder's key is taken within its lease.
+    """
+    if (yield TRY):
+        return LockResult.HELD
+    if wait is None:
+        return LockResult.BUSY
+    deadline = time.monotonic() + wait
+    yield LISTEN
+    if (yield TRY):  # released between the first try and listening
+        return LockResult.HELD
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return LockResult.TIMEOUT
+        if (yield min(poll, left)):
+            return LockResult.LANDED
+        if (yield TRY):
+            return LockResult.HELD
+
+
+class Attempt:
+    """One acquisition, stepped by a driver: iterate for the lock flow's next step, set
+    ``answer``; on leaving, the wake-up is forgotten and a ``StorageError`` ends it in ERROR
+    (recorded on ``lock.error``)."""
+
+    def __init__(
+        self, wakeups: Wakeups, hexd: str, flow: LockFlow, wake: Callable[[], None], lock: Any
+    ) -> None:
+        self.wakeups = wakeups
+        self.hexd = hexd
+        self.flow = flow
+        self.wake = wake
+        self.lock = lock
+        self.answer = False
+        self.started = False
+        self.listening = False
+        self.result = LockResult.ERROR
+
+    def __iter__(self) -> Attempt:
+        return self
+
+    def __next__(self) -> Try | Listen | float:
+        try:
+            if not self.started:
+                self.started = True
+                return next(self.flow)
+            return self.flow.send(self.answer)
+        except StopIteration as done:
+            self.result = cast(LockResult, done.value)
+            raise StopIteration from None
+
+    def listen(self) -> None:
+        self.listening = self.wakeups.listen(self.hexd, self.wake)
+
+    def __enter__(self) -> Attempt:
+        return self
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
+        if self.listening:
+            self.wakeups.forget(self.hexd, self.wake)
+        if isinstance(exc, StorageError):
+            self.lock.error = str(exc)
+            self.result = LockResult.ERROR
+            return True
+        return False
 
 
 class Keeper:
