@@ -128,19 +128,28 @@ class Watchdog:
     """Disconnects a thread's connection whose command outlived its deadline.
 
     Arming and disarming are one dict operation each (atomic under the GIL; a hit must not
-    pay for a lock or a thread switch). All deadlines are ``seconds`` after arming, so the
-    oldest armed connection is the next one due: one thread looks every quarter of
-    ``seconds``, and only while commands are being sent.
+    pay for a lock or a thread switch). One thread looks every quarter of ``seconds``, and
+    only while commands are being sent.
     """
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.armed: dict[Any, float] = {}
+        self.calls = threading.local()  # .deadline: of the call this thread is making
         self._mutex = threading.Lock()
         self._running = False
 
+    def begin(self) -> None:
+        """This thread starts a call: its commands (a new connection's AUTH, SELECT and
+        CLIENT SETINFO included) share one deadline."""
+        self.calls.deadline = time.monotonic() + self.seconds
+
+    def end(self) -> None:
+        self.calls.deadline = None
+
     def arm(self, conn: Any) -> None:
-        self.armed[conn] = time.monotonic() + self.seconds
+        deadline = getattr(self.calls, "deadline", None)
+        self.armed[conn] = deadline or time.monotonic() + self.seconds
         if not self._running:
             with self._mutex:
                 if not self._running:
@@ -156,9 +165,8 @@ class Watchdog:
             now = time.monotonic()
             due = []
             for conn, deadline in list(self.armed.items()):  # (one C call: a snapshot)
-                if deadline > now:
-                    break
-                due.append((conn, deadline))
+                if deadline <= now:
+                    due.append((conn, deadline))
             for conn, deadline in due:
                 current = self.armed.pop(conn, None)
                 if current is not deadline:  # its command ended, and maybe another began

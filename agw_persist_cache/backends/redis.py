@@ -219,12 +219,14 @@ def _moved(exc: ResponseError) -> MovedError | None:
 def _send(wire: Wire, call: Call[T], breaker: Breaker, seen: int) -> Any:
     """One command on this process's pool, after its turn at the gate."""
     wire.gate.enter()
+    wire.watchdog.begin()
     try:
         breaker.check(seen)
         if call.reused:
             return _read(wire.pool, call)
         return _command(wire.client, wire.scripts, call)()
     finally:
+        wire.watchdog.end()
         if wire.gate.leave():
             wire.trim()
 
