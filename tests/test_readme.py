@@ -79,7 +79,7 @@ NOT_RUN = {
     "Using sap-cloud-sdk? Change one import | bash | pip install 'agw-persist-cache[sap]'": (
         "installs from the package index; the tests run on the checkout's editable install"
     ),
-    "Many hosts | bash | pip install 'agw-persist-cache[redis]'     # redis-py >= 5 (sync and redis.asyncio)": (  # noqa: E501  (a README line)
+    "Many hosts | bash | pip install 'agw-persist-cache[redis]'     # redis-py >= 5.3.1 (sync and redis.asyncio)": (  # noqa: E501  (a README line)
         "installs from the package index and names a placeholder Redis host; the Redis tests "
         "run the same URL forms against their own redis-server"
     ),

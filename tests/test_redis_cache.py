@@ -382,7 +382,8 @@ async def test_tls_rediss_url_with_a_test_ca(open_api: ApiFactory, tmp_path: Pat
         await api.set("scope", "t")
         assert await api.get("scope") == "t"
         assert api.cache.stats().storage_errors == 0
-        plain = open_api(config=make_config(url=server.url.replace("rediss://", "redis://")))
+        no_tls = server.url.replace("rediss://", "redis://").partition("?")[0]
+        plain = open_api(config=make_config(url=no_tls))
         assert await plain.fetch("scope", lambda: "direct") == "direct"  # TLS port, no TLS
     finally:
         server.stop()

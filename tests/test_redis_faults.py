@@ -1,8 +1,9 @@
 """Faults of a real ``redis-server`` and of the hosts using it: killed (SIGKILL) under load and
-restarted, frozen (SIGSTOP), a lock holder killed with ``kill -9``, a clear during another
-host's fetch, and a cold stampede across hosts. Hosts are spawned processes with homes and
-cache directories of their own, sharing only the Redis URL, run through
-:class:`support.procs.Workers`."""
+restarted, frozen (SIGSTOP), dripping its replies through a proxy, a lock holder killed with
+``kill -9``, a clear during another host's fetch, a cold stampede across hosts, a burst of
+threads, a TLS certificate for another host, and URLs that name no server. Hosts are spawned
+processes with homes and cache directories of their own, sharing only the Redis URL, run
+through :class:`support.procs.Workers`."""
 
 from __future__ import annotations
 
@@ -25,15 +26,17 @@ from support.redis_hosts import (
     soak,
     stampede,
 )
+from support.redis_loads import DripProxy, client_count
 from support.redis_server import (  # noqa: F401  # fixtures
     RedisServer,
     count_commands,
     own_redis_fixture,
     redis_server_fixture,
     redis_url_fixture,
+    tls_server,
 )
 
-from agw_persist_cache import CacheConfig, PersistentTokenCache
+from agw_persist_cache import CacheConfig, CacheConfigError, PersistentTokenCache
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -240,3 +243,108 @@ def test_a_read_only_replica_and_an_out_of_memory_server_degrade_to_fetching(
                 assert ("ReadOnly" in reason) if setup is None else ("maxmemory" in reason)
     finally:
         replica.stop()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_dripping_server_cannot_stretch_a_command_past_its_timeout(
+    redis_server: RedisServer, redis_url: str, mode: str
+) -> None:
+    timeout = 0.5
+    writer = PersistentTokenCache(url=redis_url, config=CacheConfig(keys=[key := new_key()]))
+    writer.set_system_token("scope", "x" * 1200)  # a reply of ~1.3 KB: 4 s at 32 B / 100 ms
+    writer.close()
+    proxy = DripProxy(redis_server.port)
+    config = CacheConfig(keys=[key], socket_timeout_seconds=timeout, circuit_breaker_seconds=30)
+    cache = PersistentTokenCache(url=proxy.url, config=config)
+    try:
+        t0 = time.monotonic()
+        if mode == "sync":
+            token = cache.get_system_token("scope")
+        else:
+            token = asyncio.run(cache.aget_system_token("scope"))
+        took = time.monotonic() - t0
+        assert token is None  # a miss: Redis took too long to answer
+        assert took < timeout + 0.6, took  # not the 4 s the reply takes to drip in
+        assert "took over" in (cache.stats().disabled_reason or "") or mode == "async"
+        assert cache._backend.unavailable is not None
+    finally:
+        cache.close()
+        proxy.close()
+
+
+def test_a_burst_of_a_hundred_threads_leaves_a_small_idle_pool(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    from agw_persist_cache.backends._redis_conn import IDLE_CONNECTIONS, MAX_CONNECTIONS
+
+    cache = PersistentTokenCache(url=redis_url, config=CacheConfig(keys=[new_key()]))
+    for i in range(10):
+        cache.set_system_token(f"scope-{i}", f"tok-{i}")
+    start, peak, errors = threading.Barrier(100), [0], []
+
+    def burst(i: int) -> None:
+        start.wait(30)
+        for _ in range(20):
+            if cache.get_system_token(f"scope-{i % 10}") != f"tok-{i % 10}":
+                errors.append(i)
+        if i == 0:
+            peak[0] = client_count(redis_server)
+
+    threads = [threading.Thread(target=burst, args=(i,)) for i in range(100)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    assert 0 < peak[0] <= MAX_CONNECTIONS
+    assert client_count(redis_server) <= IDLE_CONNECTIONS  # the burst's surplus is closed
+    stats = cache.stats()
+    assert (stats.hits, stats.storage_errors) == (2000, 0)
+    cache.close()
+
+
+def test_rediss_refuses_a_certificate_issued_to_another_host(tmp_path: Path) -> None:
+    server = tls_server(tmp_path / "tls", names=("redis.other.example",)).start()
+    try:
+        cache = PersistentTokenCache(url=server.url, config=CacheConfig(keys=[new_key()]))
+        assert cache.set_system_token("scope", "t") is False
+        reason = cache.stats().disabled_reason or ""
+        assert "certificate" in reason.lower() or "hostname" in reason.lower(), reason
+        cache.close()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://",
+        "redis://:@",
+        "rediss://",
+        "valkey://",
+        "redis://:secret@/0",
+        "redis://127.0.0.1:6379/0?ssl_cert_reqs=none",
+        "unix://",
+    ],
+)
+def test_a_url_without_a_host_or_with_tls_options_without_tls_is_refused_at_once(
+    url: str,
+) -> None:
+    with pytest.raises(CacheConfigError) as refused:
+        PersistentTokenCache(url=url, config=CacheConfig(keys=[new_key()]))
+    assert "None" not in str(refused.value)
+    assert "secret" not in str(refused.value)
+
+
+def test_a_call_skipped_by_a_breaker_closed_meanwhile_still_says_why(redis_url: str) -> None:
+    from agw_persist_cache.backends.contract import StorageError
+    from agw_persist_cache.backends.redis import Tripped
+
+    cache = PersistentTokenCache(url=redis_url, config=CacheConfig(keys=[new_key()]))
+    backend = cache._backend
+    with pytest.raises(StorageError) as skipped, backend._guarded():
+        backend.breaker.failed("TimeoutError")  # another call failed while this one waited
+        backend.breaker.succeeded()  # and a probe closed the breaker again
+        raise Tripped
+    assert str(skipped.value) == "redis unavailable: skipped after a failure"
+    cache.close()

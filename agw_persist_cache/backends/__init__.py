@@ -31,6 +31,8 @@ def open_backend(
         ) from None
     try:
         return RedisBackend(url, config, warnings)
+    except CacheConfigError:
+        raise  # says what is wrong with the URL already
     except ValueError:  # redis-py's URL parser (its message may quote the URL: not shown)
         raise CacheConfigError(
             "cache URL is not a valid Redis URL; expected redis://[user:password@]host:port/db, "

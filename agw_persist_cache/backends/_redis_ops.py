@@ -191,9 +191,10 @@ def _facts(reply: Any) -> contract.Facts:
 class Call(Generic[T]):
     """One command to send and how to read its reply.
 
-    ``script``: the Lua source when ``command`` is an EVALSHA (sent as EVAL once if the
-    server does not know the script yet, e.g. after a restart). ``packed``: the command in
-    wire format, kept by a call that is sent again and again (a key's read).
+    ``script``: the Lua source when ``command`` is an EVALSHA (the driver sends it through
+    redis-py's ``register_script``, which loads the source into a server that does not know
+    it yet, e.g. after a restart). ``packed``: the command in wire format, kept by a call
+    that is sent again and again (a key's read).
     """
 
     command: tuple[Any, ...]
@@ -201,10 +202,6 @@ class Call(Generic[T]):
     script: str | None = None
     packed: list[bytes] | None = None
     reused: bool = False
-
-    def fallback(self) -> tuple[Any, ...]:
-        assert self.script is not None
-        return ("EVAL", self.script, *self.command[2:])
 
 
 def script_call(

@@ -184,12 +184,12 @@ def acl_server(directory: Path, user: str, password: str) -> RedisServer:
     return server
 
 
-def tls_server(directory: Path) -> RedisServer:
-    """A TLS-only server with a certificate from a CA made now (trustme)."""
+def tls_server(directory: Path, names: Sequence[str] = ("127.0.0.1", "localhost")) -> RedisServer:
+    """A TLS-only server with a certificate for ``names`` from a CA made now (trustme)."""
     import trustme
 
     ca = trustme.CA()
-    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    leaf = ca.issue_cert(*names)
     directory.mkdir(parents=True, exist_ok=True)
     ca_file, cert_file, key_file = (directory / n for n in ("ca.pem", "cert.pem", "key.pem"))
     ca.cert_pem.write_to_path(str(ca_file))
