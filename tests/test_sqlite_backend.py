@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from _core_support import raw_exec, raw_rows
+from _tls import TEST_CACHE_KEY
 
 from agw_persist_cache import CacheConfig, PersistentTokenCache
 from agw_persist_cache.backends.contract import (
@@ -328,6 +329,28 @@ def test_a_failed_operation_raises_a_storage_error_naming_no_row(db_path: Path) 
     assert "backoff" in str(info.value)
     assert raw_rows(db_path, "SELECT value FROM meta") == [(0,)]  # the whole clear rolled back
     store.close()
+
+
+@pytest.mark.parametrize("bug", [TypeError, ValueError])
+async def test_a_bug_inside_the_backend_propagates_and_is_not_storage_trouble(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch, bug: type[Exception]
+) -> None:
+    cache = PersistentTokenCache(db_path, config=CacheConfig(keys=[TEST_CACHE_KEY]))
+    cache.set_system_token("warm", {"access_token": "t", "expires_in": 3600})
+
+    def broken(op: object) -> object:
+        raise bug("a bug of ours")
+
+    monkeypatch.setattr("agw_persist_cache.backends.sqlite.transaction", broken)
+    with pytest.raises(bug, match="a bug of ours"):
+        cache.set_system_token("scope", {"access_token": "t2", "expires_in": 3600})
+    with pytest.raises(bug, match="a bug of ours"):
+        await cache.aset_system_token("scope", {"access_token": "t2", "expires_in": 3600})
+    monkeypatch.undo()
+    stats = cache.stats()
+    assert (stats.storage_errors, stats.mode, stats.disabled_reason) == (0, "healthy", None)
+    assert cache.set_system_token("scope", {"access_token": "t3", "expires_in": 3600})
+    cache.close()
 
 
 async def test_the_async_driver_runs_the_same_plans(db_path: Path) -> None:

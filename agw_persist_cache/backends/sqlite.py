@@ -155,8 +155,9 @@ class NoCache(FileNotFoundError):
     """A read-only look found no cache file at the path (nothing was created)."""
 
 
-# aiosqlite raises ValueError("no active connection") once its worker thread is gone.
-_FAILURES = (sqlite3.Error, OSError, filelock.Timeout, SchemaTooNew, ValueError)
+# The store's trouble; anything else (our bugs) propagates. (aiosqlite's own ValueError is
+# reported as sqlite3's by the async driver and when a connection is opened or closed.)
+_FAILURES = (sqlite3.Error, OSError, filelock.Timeout, SchemaTooNew)
 
 
 # -- plans: the SQL of each operation and the decisions between its statements -------------------
@@ -476,13 +477,31 @@ async def arun(conn: aiosqlite.Connection, plan: Plan[T]) -> T:
     try:
         step = _step(plan, None)
         while not isinstance(step, StopIteration):
-            before = conn.total_changes  # read from the loop's thread: no hop
-            found = await conn.execute_fetchall(*step)
-            step = _step(plan, rows_of(found, conn.total_changes - before))  # type: ignore[arg-type]  # aiosqlite types rows as Row
+            step = _step(plan, await _astatement(conn, step))
         return cast(T, step.value)
     finally:
+        await _arollback(conn)
+
+
+# aiosqlite raises ValueError("no active connection") once its worker thread is gone: that,
+# and only that (not a ValueError of our plans), is the store's trouble like sqlite3's errors.
+
+
+async def _astatement(conn: aiosqlite.Connection, step: Stmt) -> Rows:
+    try:
+        before = conn.total_changes  # read from the loop's thread: no hop
+        found = await conn.execute_fetchall(*step)
+        return rows_of(found, conn.total_changes - before)  # type: ignore[arg-type]  # aiosqlite types rows as Row
+    except ValueError as exc:
+        raise sqlite3.OperationalError(f"aiosqlite: {exc}") from None
+
+
+async def _arollback(conn: aiosqlite.Connection) -> None:
+    try:
         if conn.in_transaction:
             await conn.execute("ROLLBACK")
+    except ValueError as exc:
+        raise sqlite3.OperationalError(f"aiosqlite: {exc}") from None
 
 
 # -- the backend -------------------------------------------------------------------------------
@@ -1013,7 +1032,7 @@ class SqliteBackend:
         self._check_fork()
         state = self._loops.pop(asyncio.get_running_loop(), None)
         if state is not None:
-            with contextlib.suppress(*_FAILURES):
+            with contextlib.suppress(*_FAILURES, ValueError):  # ValueError: aiosqlite's
                 await state.conn.close()
         await asyncio.to_thread(self.close)
 
