@@ -121,7 +121,9 @@ def open_and_write(db: str, worker: Worker) -> None:
     worker.wait()
     index = worker.index
     with PersistentTokenCache(db) as cache:
-        cache.set_system_token(f"scope-{index}", f"token-{index}")
+        if not cache.set_system_token(f"scope-{index}", f"token-{index}"):
+            stats = cache.stats()  # the memory tier would answer the get: say why instead
+            raise SystemExit(f"not stored: {stats.degraded_reason or stats.disabled_reason}")
         if cache.get_system_token(f"scope-{index}") != f"token-{index}":
             raise SystemExit(3)
 

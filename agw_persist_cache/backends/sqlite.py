@@ -980,14 +980,14 @@ class SqliteBackend:
             found = examine(self.path)  # again: another process may have made it meanwhile
             # SQLite gives the -wal and -shm files the mode of the database file.
             if found is Found.ABSENT:
-                os.close(os.open(self.path, _CREATE, 0o600))
+                _create(self.path)
             try:
                 self._migrate()
             except sqlite3.DatabaseError as exc:
                 if isinstance(exc, sqlite3.OperationalError) or found is not Found.MARKED:
                     raise  # only a file with our mark is ever moved aside
                 move_aside(self.path, exc, self.warnings)
-                os.close(os.open(self.path, _CREATE, 0o600))
+                _create(self.path)
                 self._migrate()
             self._identity = _identity_of(self.path)
             self._next_check = time.monotonic() + IDENTITY_CHECK_SECONDS
@@ -1042,6 +1042,23 @@ _ABANDONED: list[object] = []
 
 _READ_OP = Read(())
 _CREATE = os.O_RDWR | os.O_CREAT | os.O_EXCL | files.NOFOLLOW
+
+
+def _create(path: Path) -> None:
+    """A new, private database file whose first page already carries our mark.
+
+    Written in rollback mode, before the switch to WAL: set later (a migration), the mark
+    would sit in the -wal until a checkpoint, and a process looking at the file meanwhile
+    (another worker opening it, outside the init lock) would find an unmarked database it
+    must judge by its tables while they are being made."""
+    os.close(os.open(path, _CREATE, 0o600))
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    finally:
+        conn.close()
+
+
 __all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "NoCache", "SchemaTooNew", "SqliteBackend"]
 
 
