@@ -282,12 +282,8 @@ class Gate:
         self._mutex = threading.Lock()
 
     def enter(self) -> None:
-        slots = self.slots
         with self._mutex:
-            if slots.busy < slots.size and not slots.turns and not slots.trimming:  # admit(): hot
-                slots.busy += 1
-                if slots.busy > slots.peak:
-                    slots.peak = slots.busy
+            if self.slots.admit():
                 return
             turn = threading.Lock()
             turn.acquire()
@@ -374,8 +370,7 @@ class Wire:
     def trim(self) -> None:
         """Close the idle connections (a burst is over; no command runs meanwhile)."""
         try:
-            with contextlib.suppress(*STORE_ERRORS):
-                self.pool.disconnect(inuse_connections=False)
+            self.close()
         finally:
             self.gate.trimmed()
 
