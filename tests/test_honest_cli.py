@@ -32,6 +32,14 @@ def _seed(path: Path, key: str | None, rows: int = 3) -> None:
             assert cache.set_system_token(f"scope-{i}", f"token-{i}") is True
 
 
+def _seed_under_env_key(path: Path, monkeypatch: pytest.MonkeyPatch, rows: int = 3) -> str:
+    """A cache of ``rows`` tokens sealed under a new key, which ``AGW_CACHE_KEY`` names."""
+    key = new_key()
+    monkeypatch.setenv("AGW_CACHE_KEY", key)
+    _seed(path, key, rows)
+    return key
+
+
 def _fetch() -> dict[str, object]:
     return {"access_token": "fetched", "expires_in": 3600}
 
@@ -42,9 +50,7 @@ def _fetch() -> dict[str, object]:
 def test_diagnostics_report_a_damaged_file_and_leave_it_where_it_is(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    key = new_key()
-    monkeypatch.setenv("AGW_CACHE_KEY", key)
-    _seed(db_path, key, rows=50)
+    _seed_under_env_key(db_path, monkeypatch, rows=50)
     damage_pages(db_path)
     before = photograph(db_path.parent)
     stats = agw_cache("--path", str(db_path), "stats")
@@ -66,9 +72,7 @@ def test_diagnostics_report_a_damaged_file_and_leave_it_where_it_is(
 def test_a_worker_quarantines_a_damaged_file_of_ours_once(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    key = new_key()
-    monkeypatch.setenv("AGW_CACHE_KEY", key)
-    _seed(db_path, key, rows=50)
+    _seed_under_env_key(db_path, monkeypatch, rows=50)
     damage_pages(db_path)
     for _ in range(2):  # two workers, one after the other
         with PersistentTokenCache(db_path) as worker:
@@ -87,10 +91,8 @@ def test_a_worker_quarantines_a_damaged_file_of_ours_once(
 def test_changing_commands_refuse_a_newer_schema_without_claiming_success(
     db_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
 ) -> None:
-    key = new_key()
-    monkeypatch.setenv("AGW_CACHE_KEY", key)
+    key = _seed_under_env_key(db_path, monkeypatch)
     monkeypatch.setenv("AGW_CACHE_NEW_KEY", key)
-    _seed(db_path, key)
     raw_exec(db_path, "PRAGMA user_version = 999")
     ran = agw_cache("--path", str(db_path), command)
     assert ran.code == 1, ran.text
@@ -102,9 +104,7 @@ def test_changing_commands_refuse_a_newer_schema_without_claiming_success(
 def test_clear_on_a_cache_of_ours_says_what_it_did(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    key = new_key()
-    monkeypatch.setenv("AGW_CACHE_KEY", key)
-    _seed(db_path, key)
+    _seed_under_env_key(db_path, monkeypatch)
     ran = agw_cache("--path", str(db_path), "clear")
     assert ran.code == 0, ran.text
     assert f"cleared 3 rows from {db_path}" in ran.out
@@ -118,10 +118,8 @@ def test_clear_on_a_cache_of_ours_says_what_it_did(
 def test_relative_paths_work_for_every_diagnostic(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
-    key = new_key()
-    monkeypatch.setenv("AGW_CACHE_KEY", key)
     monkeypatch.chdir(tmp_path)
-    _seed(Path("tokens.db"), key)
+    _seed_under_env_key(Path("tokens.db"), monkeypatch)
     where: tuple[str, ...] = ("--path", "tokens.db")
     if how == "AGW_CACHE_PATH":
         monkeypatch.setenv("AGW_CACHE_PATH", "tokens.db")

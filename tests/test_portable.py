@@ -69,12 +69,15 @@ print("doctor", agw_persist_cache.cli.main(["--path", str(path), "doctor"]))
 """
 
 
-def _python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _python(
+    *args: str | Path, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """This interpreter run with ``args`` in the checkout; its output captured as text."""
     return subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         cwd=ROOT,
         env=env,
         check=False,
@@ -82,7 +85,7 @@ def _python(code: str, env: dict[str, str] | None = None) -> subprocess.Complete
 
 
 def test_the_package_imports_and_caches_without_what_windows_lacks() -> None:
-    done = _python(WINDOWS_LIKE)
+    done = _python("-c", WINDOWS_LIKE)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[:2] == ["token token 1 0 None", "False"]
@@ -92,7 +95,7 @@ def test_the_package_imports_and_caches_without_what_windows_lacks() -> None:
 
 def test_importing_the_package_needs_no_fcntl() -> None:
     code = "import sys; sys.modules['fcntl'] = None; import agw_persist_cache; print('ok')"
-    done = _python(code)
+    done = _python("-c", code)
     assert (done.returncode, done.stdout) == (0, "ok\n"), done.stderr
 
 
@@ -111,6 +114,7 @@ def _forced_env(tmp_path: Path, *, fcntl: bool) -> dict[str, str]:
 def test_lock_and_cache_modules_pass_on_the_portable_path(tmp_path: Path, fcntl: bool) -> None:
     env = _forced_env(tmp_path, fcntl=fcntl)
     probe = _python(
+        "-c",
         textwrap.dedent("""\
             import importlib.util, filelock
             from agw_persist_cache.backends import _filelocks
@@ -120,30 +124,16 @@ def test_lock_and_cache_modules_pass_on_the_portable_path(tmp_path: Path, fcntl:
                 fcntl = None
             print(fcntl is not None, _filelocks.use_ofd(), filelock.FileLock.__name__)
         """),
-        env,
+        env=env,
     )
     lock = "UnixFileLock" if fcntl else "SoftFileLock"
     assert probe.stdout.split() == [str(fcntl), "False", lock], probe.stderr
     started = time.monotonic()
     inner = tmp_path / "inner"  # its own: a nested run must not prune the outer run's dirs
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "--basetemp",
-            inner,
-            *MODULES,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1400,
-        cwd=ROOT,
+    run = _python(
+        *("-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", inner, *MODULES),
         env=env,
-        check=False,
+        timeout=1400,
     )
     tail = "\n".join(run.stdout.splitlines()[-40:])
     assert run.returncode == 0, tail + run.stderr[-2000:]
