@@ -19,7 +19,7 @@ from typing import TextIO
 from . import _files as files
 from ._cli_common import EXIT_OK, EXIT_PROBLEMS, open_cache
 from ._config import ENV_KEY, ENV_PATH, resolve_path, split_location
-from ._stats import CacheStats
+from ._health import Down
 from .backends._sqlite_files import DAMAGED, SIDE_FILES, Found, examine, sibling
 
 NETWORK_FILESYSTEMS = frozenset(
@@ -228,8 +228,8 @@ def _opened(path_arg: str | None, path: Path) -> Iterator[Check]:
         store_problem = cache._backend.unavailable
         # The cache's own judgement of its key (what a process warns about at its first miss).
         verdict = None if stats.disabled_reason else cache._run(cache._shelf.key_verdict())
-        stats = cache.stats()  # the mode after every read above
-    yield _mode(stats)
+        down = cache._shelf.health.down  # the mode after every read above
+    yield _mode(down)
     if store_problem:
         name = "file" if DAMAGED in store_problem else "schema"
         yield Check("FAIL", name, f"cache disabled: {store_problem}")
@@ -275,14 +275,14 @@ def _opened(path_arg: str | None, path: Path) -> Iterator[Check]:
         yield Check("ok", "locks", f"{lock_dir}")
 
 
-def _mode(stats: CacheStats) -> Check:
+def _mode(down: Down | None) -> Check:
     """Healthy, or degraded: what a worker does when it cannot use the store either."""
-    if stats.mode == "healthy":
+    if down is None:
         return Check("ok", "mode", "healthy: the store answered; processes share their tokens")
     return Check(
         "warn",
         "mode",
-        f"degraded ({stats.degraded_reason}): a worker that meets this serves the tokens it "
+        f"degraded ({down.reason}): a worker that meets this serves the tokens it "
         "holds from memory and fetches each missing one once per process until the store is "
         "back",
     )
