@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from _core_support import new_key, raw_exec, raw_rows
-from _paths_support import agw_cache, damage_pages, photograph
+from _paths_support import Ran, agw_cache, damage_pages, photograph
 
 from agw_persist_cache import CacheConfig, PersistentTokenCache
 
@@ -40,6 +40,13 @@ def _seed_under_env_key(path: Path, monkeypatch: pytest.MonkeyPatch, rows: int =
     return key
 
 
+def _diagnose(path: Path) -> tuple[Ran, Ran, Ran, Ran]:
+    """The read-only commands on ``path``: stats, stats --json, list, doctor."""
+    commands = (("stats",), ("stats", "--json"), ("list",), ("doctor",))
+    stats, as_json, listed, doctor = (agw_cache("--path", str(path), *c) for c in commands)
+    return stats, as_json, listed, doctor
+
+
 def _fetch() -> dict[str, object]:
     return {"access_token": "fetched", "expires_in": 3600}
 
@@ -53,10 +60,7 @@ def test_diagnostics_report_a_damaged_file_and_leave_it_where_it_is(
     _seed_under_env_key(db_path, monkeypatch, rows=50)
     damage_pages(db_path)
     before = photograph(db_path.parent)
-    stats = agw_cache("--path", str(db_path), "stats")
-    as_json = agw_cache("--path", str(db_path), "stats", "--json")
-    listed = agw_cache("--path", str(db_path), "list")
-    doctor = agw_cache("--path", str(db_path), "doctor")
+    stats, as_json, listed, doctor = _diagnose(db_path)
     for ran in (stats, as_json, listed, doctor):
         assert ran.code == 1, ran.text
         assert "moved it aside" not in ran.text and "started an empty one" not in ran.text
@@ -159,10 +163,7 @@ def test_an_unusable_key_file_disables_the_cache_and_every_output_says_so(
     _seed(db_path, None, rows=rows)
     key_file = db_path.with_name("tokens.db.key")
     _break_key_file(key_file, how)
-    stats = agw_cache("--path", str(db_path), "stats")
-    as_json = agw_cache("--path", str(db_path), "stats", "--json")
-    listed = agw_cache("--path", str(db_path), "list")
-    doctor = agw_cache("--path", str(db_path), "doctor")
+    stats, as_json, listed, doctor = _diagnose(db_path)
     for ran in (stats, as_json, listed, doctor):
         assert ran.code == 1, ran.text
     assert "status              DISABLED" in stats.out and str(key_file) in stats.out
