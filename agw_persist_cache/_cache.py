@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any, Literal, TypeAlias, TypeVar
 
-from . import _otel, _survey
+from . import _fork, _otel, _survey
 from ._closing import Closing
 from ._config import ENV_KEY, CacheConfig, resolve_path, split_location
 from ._crypto import keys_from_config
@@ -26,7 +26,7 @@ from ._locks import KeyLocks
 from ._log import Warnings
 from ._shelf import TokenShelf
 from ._stats import CacheStats, Counters, EntryInfo
-from .backends import _forkgate, open_backend
+from .backends import open_backend
 
 Kind: TypeAlias = Literal["system", "user"]
 T = TypeVar("T")
@@ -77,7 +77,7 @@ class PersistentTokenCache(Closing):
         _otel.register(self)
 
     def _fork_reset(self) -> None:
-        self._forks = _forkgate.forks
+        self._forks = _fork.forks
         self._driver = Driver(self._backend, KeyLocks(self._backend), self._shelf.health)
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -110,12 +110,12 @@ class PersistentTokenCache(Closing):
     # -- the two drivers -------------------------------------------------------------------------
 
     def _run(self, flight: Flight[T], fetch: Fetch | None = None) -> T:
-        if self._forks != _forkgate.forks:
+        if self._forks != _fork.forks:
             self._fork_reset()
         return self._driver.run(flight, fetch)
 
     async def _arun(self, flight: Flight[T], afetch: AFetch | None = None) -> T:
-        if self._forks != _forkgate.forks:
+        if self._forks != _fork.forks:
             self._fork_reset()
         if self._shelf.needs_key_file:  # read or create it off the event loop's thread
             await asyncio.to_thread(self._shelf.ring)

@@ -19,6 +19,32 @@ CLOEXEC = getattr(os, "O_CLOEXEC", 0)  # Windows has none: its descriptors are n
 NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # Windows has none (nor FIFOs to block on)
 
 
+KEY_SUFFIX = ".key"
+LOCKS_SUFFIX = ".locks"
+SIDE_SUFFIXES = ("-wal", "-shm")
+
+
+def sibling(path: Path, suffix: str) -> Path:
+    """The file named like ``path`` plus ``suffix``, beside it: every name derived from the
+    cache path is spelled with one of the suffixes above."""
+    return path.with_name(path.name + suffix)
+
+
+def key_file_of(path: Path) -> Path:
+    """The key file of the cache at ``path`` (when no key is given explicitly)."""
+    return sibling(path, KEY_SUFFIX)
+
+
+def lock_dir_of(path: Path) -> Path:
+    """The directory of the cache's lock files."""
+    return sibling(path, LOCKS_SUFFIX)
+
+
+def side_files_of(path: Path) -> tuple[Path, ...]:
+    """SQLite's ``-wal`` and ``-shm`` beside the database."""
+    return tuple(sibling(path, suffix) for suffix in SIDE_SUFFIXES)
+
+
 def euid() -> int | None:
     """The effective user id; None on Windows, where ACLs guard files, not owner and mode bits
     (``st_uid`` is always 0 and ``st_mode`` reports 0666 there), so those checks do not apply."""

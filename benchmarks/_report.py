@@ -59,7 +59,8 @@ CORE = (
     "backends/sqlite",
     "backends/_filelocks",
     "backends/_ofdlocks",
-    "backends/_forkgate",
+    "_fork",
+    "_steps",
 )
 
 

@@ -10,7 +10,7 @@ primary-key reads run inline on the calling thread for both (a ~5 µs read beats
 Resources stay bounded whatever the caller's threading model: sync work borrows from
 a small pool of connections (no connection per thread), each event loop gets one
 aiosqlite connection that is closed once its loop has closed, and a forked child
-starts afresh (see ``_forkgate``). WAL mode, ``synchronous=NORMAL``, a busy timeout,
+starts afresh (see ``_fork``). WAL mode, ``synchronous=NORMAL``, a busy timeout,
 ``BEGIN IMMEDIATE`` writes; versioned SQL from ``migrations/`` applied under a file
 lock and tracked in ``PRAGMA user_version``.
 """
@@ -35,10 +35,10 @@ import aiosqlite
 import filelock
 
 from .. import _files as files
+from .. import _fork
 from .._config import CacheConfig
 from .._files import make_private_dirs
 from .._log import Warnings, warn_unopenable
-from . import _forkgate
 from ._filelocks import KeyLockFiles, file_lock
 from ._sqlite_files import (
     APPLICATION_ID,
@@ -583,7 +583,7 @@ class SqliteBackend:
 
     def _reset(self) -> None:
         """Fresh per-process state (at construction and in a forked child)."""
-        self._forks = _forkgate.forks
+        self._forks = _fork.forks
         self._mutex = threading.Lock()
         self._ready = False
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we use
@@ -601,7 +601,7 @@ class SqliteBackend:
     def _check_fork(self) -> None:
         # Connections inherited across fork are dropped, never used or closed: closing one
         # in the child could checkpoint or unlink the parent's WAL under its feet.
-        if self._forks != _forkgate.forks:
+        if self._forks != _fork.forks:
             _ABANDONED.extend(self._idle)
             _ABANDONED.extend(self._idle_quick)
             _ABANDONED.extend(state.conn for state in self._loops.values())
@@ -663,7 +663,7 @@ class SqliteBackend:
             timeout=0 if quick else self.config.busy_timeout_seconds,
             factory=_Conn,
         )
-        conn.epoch, conn.forks = self._epoch, _forkgate.forks
+        conn.epoch, conn.forks = self._epoch, _fork.forks
         conn.hits, conn.seen = conn.cursor(), {}
         for stmt in self._pragmas[1:] if quick else self._pragmas:
             conn.execute(stmt)
@@ -705,7 +705,7 @@ class SqliteBackend:
             self._returned.notify()
 
     def _give_back(self, conn: _Conn, quick: bool = False) -> None:
-        if conn.forks != _forkgate.forks:
+        if conn.forks != _fork.forks:
             return  # a connection of the parent's: never reuse nor close it
         idle = self._idle_quick if quick else self._idle
         if len(idle) < (QUICK_IDLE if quick else POOL_IDLE) and conn.epoch == self._epoch:
@@ -813,7 +813,7 @@ class SqliteBackend:
 
     def execute(self, op: Op[T]) -> T:
         """Perform ``op`` on a pooled connection, in this thread; raise ``StorageError``."""
-        if self._forks != _forkgate.forks:
+        if self._forks != _fork.forks:
             self._check_fork()
         if type(op) is Read:
             return self._read(op.digests)  # type: ignore[return-value]  # T is Snapshot here
@@ -823,7 +823,7 @@ class SqliteBackend:
             raise StorageError(f"{self.path} was opened read-only")
         self._check_identity(op)
         best_effort = quick(op)
-        gate = _forkgate.enter()
+        gate = _fork.enter()
         try:
             conn = self._borrow(best_effort)
             try:
@@ -835,7 +835,7 @@ class SqliteBackend:
                 return cast(T, None)  # skipped while another process writes
             raise self._failed(exc) from None
         finally:
-            _forkgate.leave(gate)
+            _fork.leave(gate)
 
     async def aexecute(self, op: Op[T]) -> T:
         """Perform ``op`` without blocking the loop on file I/O; raise ``StorageError``."""
@@ -851,7 +851,7 @@ class SqliteBackend:
                 self._give_back(conn)
             return self.execute(op)
         self._check_identity(op)
-        gate = _forkgate.enter()
+        gate = _fork.enter()
         try:
             state = await self._loop_conn()
             async with state.lock:
@@ -859,12 +859,12 @@ class SqliteBackend:
         except _FAILURES as exc:
             raise self._failed(exc) from None
         finally:
-            _forkgate.leave(gate)
+            _fork.leave(gate)
 
     def read_inline(self, op: Read) -> Snapshot | None:
         """A hit from an event loop: a ~5 µs read beats a ~60 µs hop to aiosqlite's thread,
         but only with a connection already open (opening is file work: never on the loop)."""
-        if not self._idle or self._forks != _forkgate.forks:
+        if not self._idle or self._forks != _fork.forks:
             return None
         return self._read(op.digests)
 
@@ -876,11 +876,11 @@ class SqliteBackend:
         """
         if self._identity is not None and time.monotonic() >= self._next_check:
             self._check_identity(_READ_OP)
-        gate = object()  # _forkgate.enter(), inline: add, then look for a fork under way
-        _forkgate.inside.add(gate)
-        if _forkgate.forking:
-            _forkgate.inside.discard(gate)
-            gate = _forkgate.enter()
+        gate = object()  # _fork.enter(), inline: add, then look for a fork under way
+        _fork.inside.add(gate)
+        if _fork.forking:
+            _fork.inside.discard(gate)
+            gate = _fork.enter()
         try:
             try:
                 conn = self._idle.pop()
@@ -896,7 +896,7 @@ class SqliteBackend:
         except _FAILURES as exc:
             raise self._failed(exc) from None
         finally:
-            _forkgate.inside.discard(gate)
+            _fork.inside.discard(gate)
 
     def _finish(self, op: Op[T], result: T) -> T:
         if isinstance(result, Facts):  # sizes come from the file system, not from SQL
@@ -926,13 +926,13 @@ class SqliteBackend:
         """Open the file now (creating it if absent and allowed), before anything is made
         beside it (the key file): a path that is not ours gets nothing. ``StorageError``
         (the store disabled, with its reason) otherwise."""
-        gate = _forkgate.enter()
+        gate = _fork.enter()
         try:
             self._ensure_ready()
         except _FAILURES as exc:
             raise self._failed(exc) from None
         finally:
-            _forkgate.leave(gate)
+            _fork.leave(gate)
 
     def prepare_dirs(self) -> None:
         """Create the directory (0700) and the lock directory beside the database, after
