@@ -17,7 +17,7 @@ from ._errors import (
 )
 from ._expiry import CachedToken, TokenData
 from ._instrument import instrument
-from ._stats import CacheStats, EntryInfo
+from ._stats import CacheStats, EntryInfo, KeyVerdict
 from ._version import __version__
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "CachedToken",
     "EntryInfo",
     "FetchBackoffError",
+    "KeyVerdict",
     "PersistentTokenCache",
     "TokenData",
     "TokenFetchError",

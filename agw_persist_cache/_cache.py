@@ -21,11 +21,12 @@ from ._config import ENV_KEY, CacheConfig, resolve_path, split_location
 from ._crypto import keys_from_config
 from ._errors import CacheConfigError, CacheUsageError
 from ._expiry import CachedToken, TokenData
+from ._files import lock_dir_of
 from ._flight import AFetch, Driver, Fetch, Flight, Hit, Key, fill
 from ._locks import KeyLocks
 from ._log import Warnings
 from ._shelf import TokenShelf
-from ._stats import CacheStats, Counters, EntryInfo
+from ._stats import CacheStats, Counters, EntryInfo, KeyVerdict
 from .backends import open_backend
 
 Kind: TypeAlias = Literal["system", "user"]
@@ -64,7 +65,7 @@ class PersistentTokenCache(Closing):
                 "a shared (redis://) cache needs the same explicit key on every host: set "
                 f"{ENV_KEY} or CacheConfig.keys (a per-host key file cannot work there)"
             )
-        self.lock_dir: Path = self.path.with_name(self.path.name + ".locks")
+        self.lock_dir: Path = lock_dir_of(self.path)
         warnings = Warnings()
         self._backend = open_backend(self.path, url, self.config, warnings, read_only=read_only)
         self._shelf = TokenShelf(
@@ -371,6 +372,15 @@ class PersistentTokenCache(Closing):
     async def areseal(self, *, batch: int = 256) -> int:
         """Async twin of ``reseal``."""
         return await self._arun(_survey.reseal(self._shelf, batch))
+
+    def check_keys(self) -> KeyVerdict | None:
+        """Whether the configured keys open the stored rows (and which key ids wrote them);
+        None without a usable key or without rows. One bounded read, whatever the size."""
+        return self._run(self._shelf.key_verdict())
+
+    async def acheck_keys(self) -> KeyVerdict | None:
+        """Async twin of ``check_keys``."""
+        return await self._arun(self._shelf.key_verdict())
 
     def close(self) -> None:
         """Close this process's connections (the store and other processes are unaffected)."""

@@ -20,7 +20,7 @@ from . import _files as files
 from ._cli_common import EXIT_OK, EXIT_PROBLEMS, open_cache
 from ._config import ENV_KEY, ENV_PATH, resolve_path, split_location
 from ._health import Down
-from .backends._sqlite_files import DAMAGED, SIDE_FILES, Found, examine, sibling
+from .backends._sqlite_files import DAMAGED, Found, examine
 
 NETWORK_FILESYSTEMS = frozenset(
     {
@@ -156,9 +156,9 @@ def _user() -> str:
 
 
 def _files_of(path: Path) -> list[Path]:
-    names = [path, *(sibling(path, s) for s in (*SIDE_FILES, ".key"))]
+    names = [path, *files.side_files_of(path), files.key_file_of(path)]
     with contextlib.suppress(OSError):
-        names += sorted(sibling(path, ".locks").iterdir())
+        names += sorted(files.lock_dir_of(path).iterdir())
     return [p for p in names if os.path.lexists(p)]
 
 
@@ -227,7 +227,7 @@ def _opened(path_arg: str | None, path: Path) -> Iterator[Check]:
         key_problem = cache._shelf.key_problem
         store_problem = cache._backend.unavailable
         # The cache's own judgement of its key (what a process warns about at its first miss).
-        verdict = None if stats.disabled_reason else cache._run(cache._shelf.key_verdict())
+        verdict = None if stats.disabled_reason else cache.check_keys()
         down = cache._shelf.health.down  # the mode after every read above
     yield _mode(down)
     if store_problem:
@@ -266,7 +266,7 @@ def _opened(path_arg: str | None, path: Path) -> Iterator[Check]:
         )
     else:
         yield Check("ok", "key", f"source {key_source}{where}; key ids {', '.join(key_ids)}")
-    lock_dir = sibling(path, ".locks")
+    lock_dir = files.lock_dir_of(path)
     if not lock_dir.is_dir():
         yield Check("warn", "locks", f"lock dir {lock_dir} is missing (a worker makes it)")
     elif not os.access(lock_dir, os.W_OK | os.X_OK):

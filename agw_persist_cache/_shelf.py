@@ -32,13 +32,13 @@ from ._crypto import (
 )
 from ._errors import CacheStorageError
 from ._expiry import CachedToken, TokenData, normalize
-from ._files import read_private
+from ._files import key_file_of, read_private
 from ._flight import Flight, Hit, Key, Lookup, fill
 from ._health import KEY, READ, Health
 from ._identity import check_identity
 from ._log import Warnings, warn_unopenable
 from ._memory import Kept, MemoryTier
-from ._stats import Counters
+from ._stats import Counters, KeyVerdict
 from .backends.contract import (
     Backend,
     Clear,
@@ -96,7 +96,7 @@ class TokenShelf:
         self.key_file: Path | None = None
         if explicit is None:
             kf = config.key_file
-            self.key_file = Path(os.fspath(kf)) if kf else path.with_name(path.name + ".key")
+            self.key_file = Path(os.fspath(kf)) if kf else key_file_of(path)
         self._keyring: Keyring | None = Keyring(explicit.keys) if explicit else None
         self.memory = MemoryTier(config.memory_tokens)
         self.health = Health(backend.location, config.memory_tokens)
@@ -503,14 +503,14 @@ class TokenShelf:
 
     # -- trouble, counted once -----------------------------------------------------------------
 
-    def key_verdict(self) -> Flight[tuple[bool, tuple[str, ...]] | None]:
+    def key_verdict(self) -> Flight[KeyVerdict | None]:
         """Whether the configured keys open the stored rows, and the key ids that wrote
         them; None without a key or without rows. A bounded read, whatever the size."""
         ring = self.ring()
         found: KeyChecks = yield GetKeyChecks()
         if ring is None or not found.rows:
             return None
-        return ring.opens(found)
+        return KeyVerdict(*ring.opens(found))
 
     def _compare_keys(self) -> Flight[None]:
         """Once per process, at the first miss: rows written under keys we do not have are

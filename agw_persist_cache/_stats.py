@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 @dataclass
@@ -22,6 +23,13 @@ class Counters:
     refreshes: int = 0
     backoff_rejections: int = 0
     served_from_memory: int = 0
+
+
+class KeyVerdict(NamedTuple):
+    """Whether the configured keys open the stored rows, and the key ids that wrote them."""
+
+    opens: bool
+    key_ids: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,6 @@ APPLICATION_ID = int.from_bytes(b"AGWC", "big")
 OUR_TABLES = frozenset({"tokens", "meta", "backoff", "key_checks"})
 SQLITE_MAGIC = b"SQLite format 3\x00"
 HEADER_BYTES = 100
-SIDE_FILES = ("-wal", "-shm")
 DAMAGED = "is damaged"
 """In the reason a read-only look gives for a damaged file of ours (doctor names it so)."""
 
@@ -38,16 +37,12 @@ class Found(enum.Enum):
     LEGACY = "legacy"  # SQLite without the mark but with only our tables (a version-1 cache)
 
 
-def sibling(path: Path, suffix: str) -> Path:
-    return path.with_name(path.name + suffix)
-
-
 def examine(path: Path) -> Found:
     """What ``path`` holds, changing nothing anywhere; ``NotOurs`` for whatever the cache did
     not make (a text file, another application's database, a link, a directory, a FIFO,
     another user's or an open-mode file), ``OSError`` when it cannot be looked at."""
-    for suffix in SIDE_FILES:
-        files.check(sibling(path, suffix))
+    for side in files.side_files_of(path):
+        files.check(side)
     try:
         header = files.read_private(path, HEADER_BYTES)
     except FileNotFoundError:
@@ -84,7 +79,7 @@ def marked(path: Path) -> bool:
 def read_only_uri(path: Path) -> str:
     """An SQLite URI that opens ``path`` read-only and creates nothing beside it (no ``-shm``
     unless a ``-wal`` is there to be read); absolute, so relative paths work."""
-    wal = os.path.lexists(sibling(path, "-wal"))
+    wal = os.path.lexists(files.side_files_of(path)[0])
     return f"{path.absolute().as_uri()}?mode=ro{'' if wal else '&immutable=1'}"
 
 
@@ -105,8 +100,8 @@ def move_aside(path: Path, exc: BaseException, warnings: Warnings) -> None:
     """Rename a damaged file of ours (with its ``-wal`` and ``-shm``) to
     ``<name>.corrupt-<time>-<pid>``: kept for a post-mortem, out of the workers' way."""
     stamp = f"corrupt-{int(time.time())}-{os.getpid()}"
-    for suffix in ("", *SIDE_FILES):
-        src = sibling(path, suffix)
+    for suffix in ("", *files.SIDE_SUFFIXES):
+        src = files.sibling(path, suffix)
         with contextlib.suppress(FileNotFoundError):
             src.rename(src.with_name(f"{path.name}.{stamp}{suffix}"))
     warnings.once(

@@ -48,7 +48,6 @@ from ._sqlite_files import (
     marked,
     move_aside,
     read_only_uri,
-    sibling,
 )
 from .contract import (
     Backoff,
@@ -564,7 +563,7 @@ class SqliteBackend:
         self.path = path
         self.read_only = read_only  # diagnostics: open an existing file, create and write nothing
         self.location = str(path)
-        self.lock_dir = path.with_name(path.name + ".locks")
+        self.lock_dir = files.lock_dir_of(path)
         self.config = config
         self.files = KeyLockFiles(self.lock_dir, stripes=config.lock_stripes)
         self.warnings = warnings or Warnings()
@@ -1019,7 +1018,7 @@ class SqliteBackend:
 
     def sizes(self) -> tuple[int, int]:
         """(database bytes, WAL bytes)."""
-        return _size(self.path), _size(sibling(self.path, "-wal"))
+        return _size(self.path), _size(files.side_files_of(self.path)[0])
 
     def close(self) -> None:
         """Close this process's connections (the file and other processes are unaffected)."""
