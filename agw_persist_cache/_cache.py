@@ -1,36 +1,46 @@
-"""PersistentTokenCache: the public API, each call one flight run by a sync or async driver.
+"""PersistentTokenCache: the public API. Each call goes down once, and never back up.
 
-The entry-level methods (``get_entry``, ``set_entry``, ``invalidate_entry``,
-``fetch_entry``, their ``a`` twins) are the core; the token-level names of
-sap-cloud-sdk's ``_TokenCache`` are thin aliases of them. The decisions live once, in
-``_shelf`` and ``_flight``: every method here builds a flight and hands it to
-:meth:`_run` (plain calls) or :meth:`_arun` (awaits).
+A get-or-fetch (``system_token``, ``user_token``, ``fetch_entry`` and their ``a`` twins),
+file by file:
+
+1. ``_cache`` (here): checks that ``fetch`` can be called, and hands the call to
+   :class:`~._flight.Flights`.
+2. ``_flight``: derives the key once (``_shelf.TokenShelf.key``, with ``_crypto``'s
+   digests) and reads the store once (``backends``: one SELECT on SQLite, one GET on
+   Redis); ``_shelf`` judges the row (opened by ``_crypto``, or remembered by ``_memory``).
+   A clean hit returns here.
+3. Otherwise ``_flight`` runs one flow with ``_steps``' driver: the read's follow-up write,
+   or the single flight of a miss: join the key's flight in this process (``_locks``),
+   take the cross-process lock (``backends``: an OFD byte-range lock, a stripe file, or a
+   Redis lease), read again, check back-off, call ``fetch``, hand the token to this
+   process's waiters, store it (``_writes.store``: sealed by ``_shelf`` and ``_crypto``),
+   give the lock back.
+
+Sets and invalidations are flows of ``_writes``; clear and prune too; ``stats``,
+``list_entries``, ``check_keys`` and ``reseal`` are flows of ``_survey``. All run through
+the same two drivers of ``_flight`` (plain calls, awaits).
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
-import threading
 from pathlib import Path
-from typing import Any, Literal, TypeAlias, TypeVar
+from typing import Literal, TypeAlias
 
-from . import _fork, _otel, _survey
+from . import _otel, _survey, _writes
 from ._closing import Closing
 from ._config import ENV_KEY, CacheConfig, resolve_path, split_location
 from ._crypto import keys_from_config
 from ._errors import CacheConfigError, CacheUsageError
 from ._expiry import CachedToken, TokenData
 from ._files import lock_dir_of
-from ._flight import AFetch, Driver, Fetch, Flight, Hit, Key, fill
-from ._locks import KeyLocks
+from ._flight import AFetch, Fetch, Flights
 from ._log import Warnings
 from ._shelf import TokenShelf
 from ._stats import CacheStats, Counters, EntryInfo, KeyVerdict
 from .backends import open_backend
 
 Kind: TypeAlias = Literal["system", "user"]
-T = TypeVar("T")
 
 
 class PersistentTokenCache(Closing):
@@ -71,16 +81,11 @@ class PersistentTokenCache(Closing):
         self._shelf = TokenShelf(
             self.path, self.config, self._backend, warnings, read_only=read_only
         )
+        self._flights = Flights(self._shelf, self._backend)
         self._counters = self._shelf.counters  # what OpenTelemetry's callbacks read
         self._health = self._shelf.health
         self.backend_name: str = self._backend.name
-        self._fork_reset()
         _otel.register(self)
-
-    def _fork_reset(self) -> None:
-        self._forks = _fork.forks
-        self._driver = Driver(self._backend, KeyLocks(self._backend), self._shelf.health)
-        self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
     def counters(self) -> Counters:
@@ -108,40 +113,19 @@ class PersistentTokenCache(Closing):
         ring = self._shelf.ring()
         return ring.kids if ring else ()
 
-    # -- the two drivers -------------------------------------------------------------------------
-
-    def _run(self, flight: Flight[T], fetch: Fetch | None = None) -> T:
-        if self._forks != _fork.forks:
-            self._fork_reset()
-        return self._driver.run(flight, fetch)
-
-    async def _arun(self, flight: Flight[T], afetch: AFetch | None = None) -> T:
-        if self._forks != _fork.forks:
-            self._fork_reset()
-        if self._shelf.needs_key_file:  # read or create it off the event loop's thread
-            await asyncio.to_thread(self._shelf.ring)
-        return await self._driver.arun(flight, afetch)
-
     # -- entry-level API: the core ---------------------------------------------------------------
 
     def get_entry(
         self, kind: Kind, scope_key: str, *, user_jwt: str | None = None
     ) -> CachedToken | None:
         """The cached token, or None (missing, expired within the buffer, unreadable)."""
-        hit = self._shelf.hit(kind, scope_key, user_jwt, self._backend.execute)
-        return hit.entry if hit else self._run(self._shelf.get(kind, scope_key, user_jwt))
+        return self._flights.get(kind, scope_key, user_jwt)
 
     async def aget_entry(
         self, kind: Kind, scope_key: str, *, user_jwt: str | None = None
     ) -> CachedToken | None:
         """Async twin of ``get_entry``: a hit stays on the loop's thread, with no hop."""
-        hit = self._inline_hit(kind, scope_key, user_jwt)
-        return hit.entry if hit else await self._arun(self._shelf.get(kind, scope_key, user_jwt))
-
-    def _inline_hit(self, kind: str, scope_key: str, user_jwt: str | None) -> Hit | None:
-        if self._shelf.needs_key_file:
-            return None  # reading the key file is file work: off the loop, in _arun
-        return self._shelf.hit(kind, scope_key, user_jwt, self._backend.read_inline)
+        return await self._flights.aget(kind, scope_key, user_jwt)
 
     def set_entry(
         self,
@@ -158,7 +142,7 @@ class PersistentTokenCache(Closing):
         counted in ``stats().sets_not_stored`` and warned about (``set_*_token`` return
         False).
         """
-        return self._run(self._shelf.set(kind, scope_key, token_data, user_jwt, expires_at))[0]
+        return self._set(kind, scope_key, user_jwt, token_data, expires_at)[0]
 
     async def aset_entry(
         self,
@@ -170,8 +154,29 @@ class PersistentTokenCache(Closing):
         expires_at: float | None = None,
     ) -> CachedToken:
         """Async twin of ``set_entry``."""
-        flight = self._shelf.set(kind, scope_key, token_data, user_jwt, expires_at)
-        return (await self._arun(flight))[0]
+        return (await self._aset(kind, scope_key, user_jwt, token_data, expires_at))[0]
+
+    def _set(
+        self,
+        kind: str,
+        scope_key: str,
+        user_jwt: str | None,
+        token_data: TokenData,
+        expires_at: float | None,
+    ) -> tuple[CachedToken, bool]:
+        flow = _writes.set_token
+        return self._flights.on_key(flow, kind, scope_key, user_jwt, token_data, expires_at)
+
+    async def _aset(
+        self,
+        kind: str,
+        scope_key: str,
+        user_jwt: str | None,
+        token_data: TokenData,
+        expires_at: float | None,
+    ) -> tuple[CachedToken, bool]:
+        flow = _writes.set_token
+        return await self._flights.aon_key(flow, kind, scope_key, user_jwt, token_data, expires_at)
 
     def invalidate_entry(
         self, kind: Kind, scope_key: str, *, user_jwt: str | None = None, token: str | None = None
@@ -183,13 +188,13 @@ class PersistentTokenCache(Closing):
         ``CacheStorageError`` if the store could not be changed (a revoked token must not
         stay in service silently).
         """
-        return self._run(self._shelf.invalidate(kind, scope_key, user_jwt, token))
+        return self._flights.on_key(_writes.invalidate, kind, scope_key, user_jwt, token)
 
     async def ainvalidate_entry(
         self, kind: Kind, scope_key: str, *, user_jwt: str | None = None, token: str | None = None
     ) -> bool:
         """Async twin of ``invalidate_entry``."""
-        return await self._arun(self._shelf.invalidate(kind, scope_key, user_jwt, token))
+        return await self._flights.aon_key(_writes.invalidate, kind, scope_key, user_jwt, token)
 
     def fetch_entry(
         self, kind: Kind, scope_key: str, fetch: Fetch, *, user_jwt: str | None = None
@@ -197,47 +202,14 @@ class PersistentTokenCache(Closing):
         """Get-or-fetch with single flight: one ``fetch`` per key for every process on the
         host; a token near its expiry is refreshed in a background thread."""
         _check_fetch(fetch)
-        hit = self._shelf.hit(kind, scope_key, user_jwt, self._backend.execute)
-        if hit is not None and not hit.due:
-            return hit.entry  # (a refresh due, a miss: the flight looks again and decides)
-
-        def refresh_later(key: Key) -> None:
-            threading.Thread(
-                target=self._refresh, args=(key, fetch), name="agw-cache-refresh", daemon=True
-            ).start()
-
-        return self._run(self._shelf.fetch(kind, scope_key, user_jwt, refresh_later), fetch)
+        return self._flights.fetch(kind, scope_key, user_jwt, fetch)
 
     async def afetch_entry(
         self, kind: Kind, scope_key: str, afetch: AFetch, *, user_jwt: str | None = None
     ) -> CachedToken:
         """Async twin of ``fetch_entry`` (the refresh runs as a task of this loop)."""
         _check_fetch(afetch)
-        hit = self._inline_hit(kind, scope_key, user_jwt)
-        if hit is not None and not hit.due:
-            return hit.entry
-
-        def refresh_later(key: Key) -> None:
-            task = asyncio.get_running_loop().create_task(self._arefresh(key, afetch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-        flight = self._shelf.fetch(kind, scope_key, user_jwt, refresh_later)
-        return await self._arun(flight, afetch)
-
-    def _refresh(self, key: Key, fetch: Fetch) -> None:
-        try:
-            self._shelf.refreshed(self._run(fill(self._shelf, key, refresh=True), fetch))
-        except Exception as exc:
-            self._shelf.refreshed(exc)
-
-    async def _arefresh(self, key: Key, afetch: AFetch) -> None:
-        try:
-            outcome = await self._arun(fill(self._shelf, key, refresh=True), afetch)
-        except Exception as exc:
-            self._shelf.refreshed(exc)
-        else:
-            self._shelf.refreshed(outcome)
+        return await self._flights.afetch(kind, scope_key, user_jwt, afetch)
 
     # -- the system / user API of sap-cloud-sdk's _TokenCache, plus get-or-fetch ---------------
 
@@ -251,7 +223,7 @@ class PersistentTokenCache(Closing):
         """Store a system token (``expires_at`` epoch seconds overrides the response).
 
         Returns whether it was stored (False: counted and warned, e.g. disk full)."""
-        return self._run(self._shelf.set("system", scope_key, token_data, None, expires_at))[1]
+        return self._set("system", scope_key, None, token_data, expires_at)[1]
 
     def invalidate_system_token(self, scope_key: str) -> None:
         """Forget a system token in every process."""
@@ -270,7 +242,7 @@ class PersistentTokenCache(Closing):
         expires_at: float | None = None,
     ) -> bool:
         """Store a user token; returns whether it was stored."""
-        return self._run(self._shelf.set("user", scope_key, token_data, user_jwt, expires_at))[1]
+        return self._set("user", scope_key, user_jwt, token_data, expires_at)[1]
 
     def invalidate_user_token(self, user_jwt: str, scope_key: str) -> None:
         """Forget a user token in every process."""
@@ -292,8 +264,7 @@ class PersistentTokenCache(Closing):
         self, scope_key: str, token_data: TokenData, *, expires_at: float | None = None
     ) -> bool:
         """Async twin of ``set_system_token``."""
-        flight = self._shelf.set("system", scope_key, token_data, None, expires_at)
-        return (await self._arun(flight))[1]
+        return (await self._aset("system", scope_key, None, token_data, expires_at))[1]
 
     async def ainvalidate_system_token(self, scope_key: str) -> None:
         """Async twin of ``invalidate_system_token``."""
@@ -312,8 +283,7 @@ class PersistentTokenCache(Closing):
         expires_at: float | None = None,
     ) -> bool:
         """Async twin of ``set_user_token``."""
-        flight = self._shelf.set("user", scope_key, token_data, user_jwt, expires_at)
-        return (await self._arun(flight))[1]
+        return (await self._aset("user", scope_key, user_jwt, token_data, expires_at))[1]
 
     async def ainvalidate_user_token(self, user_jwt: str, scope_key: str) -> None:
         """Async twin of ``invalidate_user_token``."""
@@ -333,54 +303,54 @@ class PersistentTokenCache(Closing):
         """Empty the cache for every process; in-flight fetches will not write back.
 
         Raises ``CacheStorageError`` if the store could not be changed."""
-        self._run(self._shelf.clear())
+        self._flights.run(_writes.clear)
 
     async def aclear(self) -> None:
         """Async twin of ``clear``."""
-        await self._arun(self._shelf.clear())
+        await self._flights.arun(_writes.clear)
 
     def prune(self) -> int:
         """Remove expired rows, then least recently used ones over the size limits; returns
         how many went. Raises ``CacheStorageError`` if the store could not be changed."""
-        return self._run(self._shelf.prune())
+        return self._flights.run(_writes.prune)
 
     async def aprune(self) -> int:
         """Async twin of ``prune``."""
-        return await self._arun(self._shelf.prune())
+        return await self._flights.arun(_writes.prune)
 
     def stats(self) -> CacheStats:
         """Counters of this process and facts about the store shared by all."""
-        return self._run(_survey.facts(self._shelf))
+        return self._flights.run(_survey.facts)
 
     async def astats(self) -> CacheStats:
         """Async twin of ``stats``."""
-        return await self._arun(_survey.facts(self._shelf))
+        return await self._flights.arun(_survey.facts)
 
     def list_entries(self) -> list[EntryInfo]:
         """One record per row: metadata only, never a token, scope or user."""
-        return self._run(_survey.entries(self._shelf))
+        return self._flights.run(_survey.entries)
 
     async def alist_entries(self) -> list[EntryInfo]:
         """Async twin of ``list_entries``."""
-        return await self._arun(_survey.entries(self._shelf))
+        return await self._flights.arun(_survey.entries)
 
     def reseal(self, *, batch: int = 256) -> int:
         """Re-seal every row not under the primary key, in small transactions (workers keep
         reading and writing meanwhile); rows no configured key opens are left to expire."""
-        return self._run(_survey.reseal(self._shelf, batch))
+        return self._flights.run(_survey.reseal, batch)
 
     async def areseal(self, *, batch: int = 256) -> int:
         """Async twin of ``reseal``."""
-        return await self._arun(_survey.reseal(self._shelf, batch))
+        return await self._flights.arun(_survey.reseal, batch)
 
     def check_keys(self) -> KeyVerdict | None:
         """Whether the configured keys open the stored rows (and which key ids wrote them);
         None without a usable key or without rows. One bounded read, whatever the size."""
-        return self._run(self._shelf.key_verdict())
+        return self._flights.run(_survey.key_verdict)
 
     async def acheck_keys(self) -> KeyVerdict | None:
         """Async twin of ``check_keys``."""
-        return await self._arun(self._shelf.key_verdict())
+        return await self._flights.arun(_survey.key_verdict)
 
     def close(self) -> None:
         """Close this process's connections (the store and other processes are unaffected)."""
@@ -388,7 +358,7 @@ class PersistentTokenCache(Closing):
 
     async def aclose(self) -> None:
         """Async twin of ``close``; also cancels this loop's background refreshes."""
-        for task in list(self._tasks):
+        for task in list(self._flights.tasks):
             task.cancel()
         await self._backend.aclose()
 

@@ -1,30 +1,33 @@
-"""Single flight, written once: every multi-step decision of the cache is a generator.
+"""Get-or-fetch with single flight, and the runs of every flow of one cache.
 
-A flight yields *steps* and receives their results, with no I/O of its own (the
-httpx ``Auth.auth_flow`` pattern). The steps: a storage operation of the contract
-(:class:`~.backends.contract.Op`), :class:`Join` (the key's flight in this process: lead
-it, or wait for its leader's one result), :class:`TakeLock` (the key's cross-process
-lock), :class:`Land` (hand the token to every waiter of the key in this process at once),
-:data:`UNLOCK` (give back the locks) and :data:`FETCH` (call the caller's token fetch).
-Two small drivers perform them: :meth:`Driver.run` with plain calls and
-:meth:`Driver.arun` with awaits. A step that fails is thrown into the flight, which
-decides; locks are given back and waiters released whatever happens.
+:class:`Flights` is what ``PersistentTokenCache`` calls, once per call. A get or a
+get-or-fetch derives the key once (``_shelf``), reads the store once: a clean hit returns
+from there. Anything else becomes one *flow* (a generator of steps, see ``_steps``) run by
+:meth:`Flights.run`-style drivers: the lookup's follow-up write, or the single flight of a
+miss (:meth:`Flights._fill`): join the key's flight in this process (``_locks``), take the
+key's cross-process lock (the backend's), read again under it, honour back-off, call the
+caller's fetch, hand the token to this process's waiters, store it (``_writes``), let go.
+Sets, invalidations, clears, prunes and reports are flows of ``_writes`` and ``_survey``,
+run the same way. The steps: a storage operation (``backends.contract.Op``), :class:`Join`,
+:class:`TakeLock`, :class:`Land`, :data:`UNLOCK` and :data:`FETCH`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Generic, NamedTuple, Protocol, TypeAlias, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
-from ._config import CacheConfig
+from . import _fork, _survey, _writes
 from ._errors import FetchBackoffError, TokenFetchError
 from ._expiry import CachedToken, TokenData, normalize
-from ._health import READ, WRITE, Health
+from ._health import READ, WRITE
 from ._locks import InFlight, Joined, KeyLocks, Release
-from ._memory import Ident, MemoryTier
-from ._stats import Counters
+from ._memory import Ident
+from ._shelf import Key, Lookup, TokenShelf
+from ._steps import Flow, adrive, drive
 from .backends.contract import (
     ABSENT,
     Backend,
@@ -33,6 +36,7 @@ from .backends.contract import (
     GetBackoff,
     LockResult,
     Op,
+    OpFlow,
     Read,
     SetBackoff,
     Snapshot,
@@ -41,6 +45,8 @@ from .backends.contract import (
 )
 
 T = TypeVar("T")
+Fetch: TypeAlias = Callable[[], TokenData]
+AFetch: TypeAlias = Callable[[], Awaitable[TokenData]]
 
 CALLERS_BUGS: tuple[type[BaseException], ...] = (
     TypeError,  # also CacheUsageError: a fetch returning something that is not a token
@@ -56,35 +62,13 @@ CALLERS_BUGS: tuple[type[BaseException], ...] = (
 other exception of a fetch is the identity service's trouble (bad credentials, a 5xx, a
 timeout, a response that does not parse): every process backs off the key for a while."""
 
-
-@dataclass(frozen=True, slots=True)
-class Key:
-    """What identifies a cached token: kind, scope and user (as a hash), and its digests.
-
-    A ``local`` key has no digests: the process has no usable key for the store, so the
-    token lives in its memory tier only."""
-
-    kind: str
-    scope_key: str
-    uhash: str
-    digests: tuple[bytes, ...]  # one per configured key; new rows go under the first
-    read: Read  # the lookup of this key, built once
-    ident: Ident  # (kind, scope_key, uhash): the memory tier's and the flights' key
-    local: bool = False
-
-    @property
-    def digest(self) -> bytes:
-        return self.digests[0]
-
-    def __repr__(self) -> str:
-        shown = self.digest.hex()[:12] + "..." if self.digests else "local"
-        return f"Key(kind={self.kind!r}, digest={shown})"
+CAUSE_WORD_MAX = 64
 
 
 @dataclass(frozen=True, slots=True)
 class Join:
     """Join the key's flight in this process within ``wait`` seconds (``None``: only lead,
-    never wait); yields the leader's token or a :class:`~._locks.Joined`."""
+    never wait); answered with the leader's token or a :class:`~._locks.Joined`."""
 
     ident: Ident
     wait: float | None
@@ -93,7 +77,7 @@ class Join:
 @dataclass(frozen=True, slots=True)
 class TakeLock:
     """Take the key's cross-process lock within ``wait`` seconds (``None``: one try);
-    yields a LockResult."""
+    answered with a LockResult."""
 
     digest: bytes
     wait: float | None
@@ -117,178 +101,411 @@ class _Marker:
 
 
 UNLOCK = _Marker("UNLOCK")
-"""Give back every lock this flight holds (other processes' waiters then read the store)."""
+"""Give back every lock this flow holds (other processes' waiters then read the store)."""
 FETCH = _Marker("FETCH")
-"""Call the caller's fetch; its result (or exception) comes back into the flight."""
-
-Step: TypeAlias = "Op[Any] | Join | TakeLock | Land | _Marker"
-Flight: TypeAlias = Generator[Step, Any, T]
-Fetch: TypeAlias = Callable[[], TokenData]
-AFetch: TypeAlias = Callable[[], Awaitable[TokenData]]
+"""Call the caller's fetch; its result (or exception) comes back into the flow."""
 
 
-class Lookup(NamedTuple):
-    """What a stored row means now: a usable entry (or None), a write to do, refresh due."""
+class Flights:
+    """One cache's calls: the hot read, the single flight, and the drivers of every flow."""
 
-    entry: CachedToken | None
-    followup: Op[Any] | None
-    due: bool
+    def __init__(self, shelf: TokenShelf, backend: Backend) -> None:
+        self.shelf = shelf
+        self.backend = backend
+        self.config = shelf.config
+        self.health = shelf.health
+        self._after_fork()
+        _fork.in_child(self._after_fork)
 
+    def _after_fork(self) -> None:
+        """Fresh in-process flights and tasks (a forked child's are not the parent's)."""
+        self.locks = KeyLocks(self.backend)
+        self.tasks: set[asyncio.Task[Any]] = set()
 
-class Hit(NamedTuple):
-    """A clean hit: the token, and whether it is due for a refresh ahead of its expiry."""
+    # -- per key: derive the key once, read once ------------------------------------------------
 
-    entry: CachedToken
-    due: bool
+    def get(self, kind: str, scope_key: str, user_jwt: str | None) -> CachedToken | None:
+        key = self.shelf.key(kind, scope_key, user_jwt)
+        seen = self._look(key, self.backend.execute)
+        if _settled(seen, self.shelf.keys_compared):
+            return seen.entry  # type: ignore[union-attr]  # _settled: not None
+        return self._drive(self._lookup(key, seen)).entry
 
+    async def aget(self, kind: str, scope_key: str, user_jwt: str | None) -> CachedToken | None:
+        key = await self._akey(kind, scope_key, user_jwt)
+        seen = self._look(key, self.backend.read_inline)  # a hit stays on the loop's thread
+        if _settled(seen, self.shelf.keys_compared):
+            return seen.entry  # type: ignore[union-attr]  # _settled: not None
+        return (await self._adrive(self._lookup(key, seen))).entry
 
-class Shelf(Protocol):
-    """What a flight needs of the cache around it."""
+    def fetch(self, kind: str, scope_key: str, user_jwt: str | None, fetch: Fetch) -> CachedToken:
+        key = self.shelf.key(kind, scope_key, user_jwt)
+        seen = self._look(key, self.backend.execute)
+        if seen is not None and seen.entry is not None and seen.followup is None and not seen.due:
+            return seen.entry
+        entry, refresh = self._drive(self._get_or_fetch(key, seen), fetch)
+        if refresh:
+            _fork.start_thread("agw-cache-refresh", self._refresh, key, fetch)
+        return entry
 
-    config: CacheConfig
-    counters: Counters
-    memory: MemoryTier
+    async def afetch(
+        self, kind: str, scope_key: str, user_jwt: str | None, afetch: AFetch
+    ) -> CachedToken:
+        key = await self._akey(kind, scope_key, user_jwt)
+        seen = self._look(key, self.backend.read_inline)
+        if seen is not None and seen.entry is not None and seen.followup is None and not seen.due:
+            return seen.entry
+        entry, refresh = await self._adrive(self._get_or_fetch(key, seen), afetch)
+        if refresh:  # a task of this loop
+            task = asyncio.get_running_loop().create_task(self._arefresh(key, afetch))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        return entry
 
-    def uses_store(self, key: Key) -> bool:
-        """Whether ``key``'s flight goes through the store now (else: memory only)."""
+    def on_key(
+        self,
+        flow: Callable[..., OpFlow[T]],
+        kind: str,
+        scope_key: str,
+        user_jwt: str | None,
+        *args: Any,
+    ) -> T:
+        """Run ``flow(shelf, key, *args)`` (a set, an invalidation) for the key."""
+        key = self.shelf.key(kind, scope_key, user_jwt)
+        return self._drive(flow(self.shelf, key, *args))
 
-    def judge(self, key: Key, snap: Snapshot, now: float) -> Lookup:
-        """Open and check the row of a read."""
+    async def aon_key(
+        self,
+        flow: Callable[..., OpFlow[T]],
+        kind: str,
+        scope_key: str,
+        user_jwt: str | None,
+        *args: Any,
+    ) -> T:
+        """Async twin of :meth:`on_key`."""
+        key = await self._akey(kind, scope_key, user_jwt)
+        return await self._adrive(flow(self.shelf, key, *args))
 
-    def remembered(self, key: Key, now: float) -> CachedToken | None:
-        """The token the memory tier holds for ``key`` (the store could not answer)."""
+    def run(self, flow: Callable[..., OpFlow[T]], *args: Any) -> T:
+        """Run ``flow(shelf, *args)``: a whole-store flow (clear, prune, stats, ...)."""
+        return self._drive(flow(self.shelf, *args))
 
-    def keep(self, key: Key, entry: CachedToken) -> None:
-        """Remember a token the store did not take (this process serves it from memory)."""
+    async def arun(self, flow: Callable[..., OpFlow[T]], *args: Any) -> T:
+        """Async twin of :meth:`run`."""
+        if self.shelf.needs_key_file:  # read or create it off the event loop's thread
+            await asyncio.to_thread(self.shelf.ring)
+        return await self._adrive(flow(self.shelf, *args))
 
-    def store(
-        self, key: Key, entry: CachedToken, generation: int | None, fence: bytes | None = None
-    ) -> Flight[bool]:
-        """Seal and write ``entry`` unless a clear moved ``generation`` (or, with ``fence``,
-        a newer row took the one read)."""
+    async def _akey(self, kind: str, scope_key: str, user_jwt: str | None) -> Key:
+        if self.shelf.needs_key_file:  # read or create it off the event loop's thread
+            await asyncio.to_thread(self.shelf.ring)
+        return self.shelf.key(kind, scope_key, user_jwt)
 
-    def prune_if_due(self) -> Flight[int]:
-        """Prune if this process has not for a while."""
+    def _look(self, key: Key, read: Callable[[Read], Snapshot | None]) -> Lookup | None:
+        """The one read before any lock, judged and counted; None when ``read`` could not
+        answer at once (then the flow reads) or the key is local (memory only)."""
+        if key.local:
+            return None
+        try:
+            snap = read(key.read)
+        except StorageError as exc:
+            self._failed(key.read, exc)
+            return self.shelf.unreadable(key, exc)
+        if snap is None:
+            return None
+        if self.shelf.down:
+            self.health.succeeded(READ)
+        return self.shelf.seen(key, snap)
 
-    def storage_failed(self, exc: StorageError) -> None:
-        """Count a storage problem: it never fails a get-or-fetch."""
+    # -- the flows of a get and a get-or-fetch --------------------------------------------------
 
-    def lock_trouble(self, result: LockResult, key: Key) -> None:
-        """Count and warn about a lock that was not had (timeout or I/O error)."""
+    def _lookup(self, key: Key, seen: Lookup | None) -> Flow[Any, Lookup]:
+        """Finish a read: make it if not made yet, write what it calls for, and at the
+        process's first miss compare the keys."""
+        shelf = self.shelf
+        if seen is None:
+            if key.local:
+                return shelf.unreadable(key, None)
+            try:
+                seen = shelf.seen(key, (yield key.read))
+            except StorageError as exc:
+                return shelf.unreadable(key, exc)
+        try:
+            if seen.followup is not None:
+                yield seen.followup
+            if seen.entry is None and not shelf.keys_compared and not key.local:
+                yield from _survey.compare_keys(shelf)
+        except StorageError as exc:
+            shelf.storage_failed(exc)
+        return seen
 
-    def timed(self, what: str, key: Key, seconds: float, ok: bool = True) -> None:
-        """A fetch (``what="fetch"``) or a lock wait (``"lock"``) took ``seconds``."""
+    def _get_or_fetch(self, key: Key, seen: Lookup | None) -> Flow[Any, tuple[CachedToken, bool]]:
+        """A hit (and whether to refresh it in the background), or the single flight."""
+        lookup = yield from self._lookup(key, seen)
+        if lookup.entry is not None:
+            return lookup.entry, lookup.due and self.shelf.may_refresh(key)
+        entry = yield from self._fill(key, refresh=False)
+        assert entry is not None  # only a refresh ends without a token
+        return entry, False
 
+    def _fill(self, key: Key, *, refresh: bool) -> Flow[Any, CachedToken | None]:
+        """The single flight of a miss: join the key's flight in this process; its leader
+        takes the cross-process lock, reads again, honours back-off, fetches and stores
+        (unless a clear came meanwhile), then hands the token to every waiter at once.
 
-def fill(shelf: Shelf, key: Key, *, refresh: bool) -> Flight[CachedToken | None]:
-    """The single flight of a miss: join the key's flight in this process; its leader takes
-    the cross-process lock, re-reads, honours back-off, fetches and stores (unless a clear
-    came meanwhile), then hands the token to every waiter at once.
-
-    With ``refresh`` (refresh-ahead in the background): only tries, never waits, and a
-    token no longer due for refresh means another process already refreshed it (None).
-    """
-    config = shelf.config
-    wait = None if refresh else config.lock_timeout_seconds
-    deadline = time.monotonic() + (wait or 0.0)
-    asked = time.monotonic()
-    while True:  # this process's flight of the key
-        _raise_if_backing_off(shelf, shelf.memory.backoff(key.ident, time.time()))
-        joined = yield Join(key.ident, _left(wait, deadline))
-        if isinstance(joined, CachedToken):  # the leader's token, handed to all at once
-            shelf.timed("lock", key, time.monotonic() - asked)
-            return None if refresh else joined
-        if joined is Joined.BUSY:
-            return None  # this process is fetching it already
-        if joined is not Joined.AGAIN:  # LEAD, or TIMEOUT / ALONE: fetch anyway
-            break
-    locked = LockResult.HELD
-    if joined is Joined.TIMEOUT:
-        shelf.lock_trouble(LockResult.TIMEOUT, key)
-    elif joined is Joined.LEAD and shelf.uses_store(key):  # every process's flight of the key
-        while True:
-            locked = yield TakeLock(key.digest, _left(wait, deadline))
-            if locked is not LockResult.LANDED:
-                break
-            # The flight ahead of ours has just ended: read before queueing again.
-            early = yield from _peek(shelf, key)
-            if early is not None:
+        With ``refresh`` (refresh-ahead in the background): only tries, never waits, and a
+        token no longer due for refresh means another process already refreshed it (None).
+        """
+        shelf, config = self.shelf, self.config
+        wait = None if refresh else config.lock_timeout_seconds
+        asked = time.monotonic()
+        deadline = asked + (wait or 0.0)
+        while True:  # this process's flight of the key
+            _raise_if_backing_off(shelf, shelf.memory.backoff(key.ident, time.time()))
+            joined = yield Join(key.ident, _left(wait, deadline))
+            if isinstance(joined, CachedToken):  # the leader's token, handed to all at once
                 shelf.timed("lock", key, time.monotonic() - asked)
-                return None if refresh else early
-        if locked is LockResult.BUSY or (refresh and locked is not LockResult.HELD):
-            return None  # someone else is refreshing this very key
-        if locked is not LockResult.HELD:
-            shelf.lock_trouble(locked, key)
-    shelf.timed("lock", key, time.monotonic() - asked)
-    now = time.time()
-    generation: int | None = None
-    fence = ABSENT  # the row this fetch replaces: a newer one written meanwhile stays
-    backoff: Backoff | None = None
-    if shelf.uses_store(key):
-        try:
-            snap: Snapshot = yield key.read  # another process may have just written it
-            generation = snap.generation
-            if snap.row is not None and snap.row.digest == key.digest:
-                fence = snap.row.nonce
-            lookup = shelf.judge(key, snap, now)
-            if lookup.followup is not None:
-                done = yield lookup.followup
-                if isinstance(lookup.followup, Fence):  # the store had gone back: now not
-                    generation = done
-            if lookup.entry is not None and not (refresh and lookup.due):
-                return None if refresh else lookup.entry
-            backoff = yield GetBackoff(key.digest, config.fetch_backoff_seconds)
-            if backoff is not None:
-                backoff = yield from _capped(shelf, key, backoff, now)
-        except StorageError as exc:
-            shelf.storage_failed(exc)
-    if generation is None:  # the store could not answer: the memory tier is the cache
-        kept = shelf.remembered(key, now)
-        if kept is not None:
-            return None if refresh else kept
-    _raise_if_backing_off(shelf, backoff)
-    shelf.counters.fetches += 1
-    started = time.time()
-    try:
-        data = yield FETCH
-    except Exception as exc:
-        failure: Exception | None = exc
-    else:
-        failure = None
-    shelf.timed("fetch", key, time.time() - started, ok=failure is None)
-    if failure is not None:  # not raised inside the except: a storage error stays unchained
-        if config.fetch_backoff_seconds > 0 and not isinstance(failure, CALLERS_BUGS):
-            status = failure.status if isinstance(failure, TokenFetchError) else None
-            until = time.time() + config.fetch_backoff_seconds
-            mark = Backoff(until, type(failure).__name__, status)
-            shelf.memory.mark(key.ident, mark)
-            if generation is not None:
+                return None if refresh else joined
+            if joined is Joined.BUSY:
+                return None  # this process is fetching it already
+            if joined is not Joined.AGAIN:  # LEAD, or TIMEOUT / ALONE: fetch anyway
+                break
+        if joined is Joined.TIMEOUT:
+            shelf.lock_trouble(LockResult.TIMEOUT)
+        elif joined is Joined.LEAD and shelf.uses_store(key):  # every process's flight
+            while True:
+                locked = yield TakeLock(key.digest, _left(wait, deadline))
+                if locked is not LockResult.LANDED:
+                    break
+                # The flight ahead of ours has just ended: read before queueing again.
                 try:
-                    yield SetBackoff(key.digest, mark)
-                except StorageError as exc:
-                    shelf.storage_failed(exc)
-        raise failure
-    entry = normalize(data, now=started, expires_at=None, config=config)
-    if generation is None:
-        shelf.keep(key, entry)  # before the waiters go: a caller after them finds it
-    yield Land(entry)  # this process's waiters have it now, before the store is written
-    if generation is not None:
+                    early = (yield from self._stored(key))[2].entry
+                except StorageError:
+                    early = None  # met again, and counted, under the lock
+                if early is not None:
+                    shelf.timed("lock", key, time.monotonic() - asked)
+                    return None if refresh else early
+            if locked is LockResult.BUSY or (refresh and locked is not LockResult.HELD):
+                return None  # someone else is refreshing this very key
+            if locked is not LockResult.HELD:
+                shelf.lock_trouble(locked)
+        shelf.timed("lock", key, time.monotonic() - asked)
+        now = time.time()
+        generation: int | None = None
+        fence = ABSENT  # the row this fetch replaces: a newer one written meanwhile stays
+        backoff: Backoff | None = None
+        if shelf.uses_store(key):
+            try:  # another process may have just written it
+                generation, fence, lookup = yield from self._stored(key)
+                if lookup.entry is not None and not (refresh and lookup.due):
+                    return None if refresh else lookup.entry
+                backoff = yield GetBackoff(key.digest, config.fetch_backoff_seconds)
+                if backoff is not None:
+                    backoff = yield from _capped(shelf, key, backoff, now)
+            except StorageError as exc:
+                shelf.storage_failed(exc)
+        if generation is None:  # the store could not answer: the memory tier is the cache
+            kept = shelf.remembered(key, now)
+            if kept is not None:
+                return None if refresh else kept
+        _raise_if_backing_off(shelf, backoff)
+        shelf.counters.fetches += 1
+        started = time.time()
         try:
-            yield from shelf.store(key, entry, generation, fence)
-        except StorageError as exc:
-            shelf.storage_failed(exc)
-            generation = None  # waited once already: no more writes in this call
-            shelf.keep(key, entry)
-    yield UNLOCK  # other processes' waiters read it from the store now
-    if generation is not None:
+            data = yield FETCH
+        except Exception as exc:
+            failure: Exception | None = exc
+        else:
+            failure = None
+        shelf.timed("fetch", key, time.time() - started, ok=failure is None)
+        if failure is not None:  # not raised inside the except: a storage error stays unchained
+            yield from self._back_off(key, failure, stored=generation is not None)
+            raise failure
+        entry = normalize(data, now=started, expires_at=None, config=config)
+        if generation is None:
+            shelf.keep(key, entry)  # before the waiters go: a caller after them finds it
+        yield Land(entry)  # this process's waiters have it now, before the store is written
+        if generation is not None:
+            try:
+                yield from _writes.store(shelf, key, entry, generation, fence)
+            except StorageError as exc:
+                shelf.storage_failed(exc)
+                generation = None  # waited once already: no more writes in this call
+                shelf.keep(key, entry)
+        yield UNLOCK  # other processes' waiters read it from the store now
+        if generation is not None:
+            try:
+                yield from _writes.prune_if_due(shelf)  # best effort: never waits
+            except StorageError as exc:
+                shelf.storage_failed(exc)
+        return entry
+
+    def _stored(self, key: Key) -> Flow[Any, tuple[int, bytes, Lookup]]:
+        """What the store holds for ``key`` now: the generation, the nonce of the row a
+        fetch would replace (``ABSENT``: none), and what it means (its follow-up done)."""
+        snap: Snapshot = yield key.read
+        generation = snap.generation
+        row = snap.row
+        fence = row.nonce if row is not None and row.digest == key.digest else ABSENT
+        lookup = self.shelf.judge(key, snap, time.time())
+        if lookup.followup is not None:
+            done = yield lookup.followup
+            if isinstance(lookup.followup, Fence):  # the store had gone back: now not
+                generation = done
+        return generation, fence, lookup
+
+    def _back_off(self, key: Key, failure: Exception, *, stored: bool) -> Flow[Any, None]:
+        """A failed fetch: unless it is the caller's bug, every caller of the key in this
+        process (and, ``stored``, in every process) fails fast for a while."""
+        seconds = self.config.fetch_backoff_seconds
+        if seconds <= 0 or isinstance(failure, CALLERS_BUGS):
+            return
+        status = failure.status if isinstance(failure, TokenFetchError) else None
+        mark = Backoff(time.time() + seconds, type(failure).__name__, status)
+        self.shelf.memory.mark(key.ident, mark)
+        if stored:
+            try:
+                yield SetBackoff(key.digest, mark)
+            except StorageError as exc:
+                self.shelf.storage_failed(exc)
+
+    # -- refresh-ahead ---------------------------------------------------------------------------
+
+    def _refresh(self, key: Key, fetch: Fetch) -> None:
         try:
-            yield from shelf.prune_if_due()  # best effort: never waits for the write lock
+            self.shelf.refreshed(self._drive(self._fill(key, refresh=True), fetch))
+        except Exception as exc:
+            self.shelf.refreshed(exc)
+
+    async def _arefresh(self, key: Key, afetch: AFetch) -> None:
+        try:
+            outcome = await self._adrive(self._fill(key, refresh=True), afetch)
+        except Exception as exc:
+            self.shelf.refreshed(exc)
+        else:
+            self.shelf.refreshed(outcome)
+
+    # -- the drivers -----------------------------------------------------------------------------
+
+    def _drive(self, flow: Flow[Any, T], fetch: Fetch | None = None) -> T:
+        with _Run(self, fetch) as run:
+            run.result = drive(flow, run.perform)
+        return run.result  # type: ignore[no-any-return]  # what the flow returned
+
+    async def _adrive(self, flow: Flow[Any, T], afetch: AFetch | None = None) -> T:
+        with _Run(self, afetch) as run:
+            run.result = await adrive(flow, run.aperform)
+        return run.result  # type: ignore[no-any-return]  # what the flow returned
+
+    def execute(self, op: Op[T]) -> T:
+        """``op`` on the store; the health hears how it went."""
+        try:
+            result = self.backend.execute(op)
         except StorageError as exc:
-            shelf.storage_failed(exc)
-    return entry
+            raise self._failed(op, exc) from None
+        return self._done(op, result)
+
+    async def aexecute(self, op: Op[T]) -> T:
+        """Async twin of :meth:`execute`."""
+        try:
+            result = await self.backend.aexecute(op)
+        except StorageError as exc:
+            raise self._failed(op, exc) from None
+        return self._done(op, result)
+
+    def _failed(self, op: Op[Any], exc: StorageError) -> StorageError:
+        quiet = isinstance(exc, StorageUnavailable)  # the store said why when it gave up
+        self.health.failed(str(exc), WRITE if op.writes else READ, quiet=quiet)
+        return exc
+
+    def _done(self, op: Op[Any], result: T) -> T:
+        if self.health.state:
+            self.health.succeeded(WRITE if op.writes else READ)
+        return result
 
 
-def _capped(shelf: Shelf, key: Key, backoff: Backoff, now: float) -> Flight[Backoff]:
+class _Run:
+    """One flow's run: performs its steps; on leaving, gives back the locks it still holds
+    and ends the key's flight in this process if it leads one (its waiters get the result
+    when it is a token, else look again)."""
+
+    __slots__ = ("fetch", "flights", "held", "leading", "result")
+
+    def __init__(self, flights: Flights, fetch: Callable[[], Any] | None) -> None:
+        self.flights = flights
+        self.fetch = fetch
+        self.held: list[Release] = []
+        self.leading: tuple[Ident, InFlight] | None = None
+        self.result: Any = None
+
+    def perform(self, step: Any) -> Any:
+        locks = self.flights.locks
+        if isinstance(step, Op):
+            return self.flights.execute(step)
+        if isinstance(step, Join):
+            return self._joined(step.ident, locks.join(step.ident, step.wait))
+        if isinstance(step, TakeLock):
+            return self._locked(locks.acquire(step.digest, step.wait))
+        if step is FETCH:
+            return self.fetch()  # type: ignore[misc]  # given with every flow that fetches
+        return self._local(step)
+
+    async def aperform(self, step: Any) -> Any:
+        locks = self.flights.locks
+        if isinstance(step, Op):
+            return await self.flights.aexecute(step)
+        if isinstance(step, Join):
+            return self._joined(step.ident, await locks.ajoin(step.ident, step.wait))
+        if isinstance(step, TakeLock):
+            return self._locked(await locks.aacquire(step.digest, step.wait))
+        if step is FETCH:
+            return await self.fetch()  # type: ignore[misc]  # given with every flow that fetches
+        return self._local(step)
+
+    def _joined(self, ident: Ident, outcome: tuple[Any, InFlight | None]) -> Any:
+        if outcome[1] is not None:
+            self.leading = (ident, outcome[1])
+        return outcome[0]
+
+    def _locked(self, taken: tuple[LockResult, Release]) -> LockResult:
+        self.held.append(taken[1])
+        return taken[0]
+
+    def _local(self, step: Any) -> None:
+        """The steps with nothing to wait for: land the flight, give back the locks."""
+        if isinstance(step, Land):
+            self._land(step.entry)
+        elif step is UNLOCK:
+            self._unlock()
+        else:
+            raise TypeError(f"not a step: {step!r}")
+
+    def _land(self, entry: CachedToken | None) -> None:
+        leading, self.leading = self.leading, None
+        if leading is not None:
+            self.flights.locks.land(leading[0], leading[1], entry)
+
+    def _unlock(self) -> None:
+        while self.held:  # the last taken first
+            self.held.pop()()
+
+    def __enter__(self) -> _Run:
+        return self
+
+    def __exit__(self, exc_type: object, *exc_info: object) -> None:
+        self._unlock()
+        result = self.result if exc_type is None else None
+        if isinstance(result, tuple):  # a get-or-fetch: (token, refresh)
+            result = result[0]
+        self._land(result if isinstance(result, CachedToken) else None)
+
+
+def _settled(seen: Lookup | None, keys_compared: bool) -> bool:
+    """A get's read needs no flow: nothing to write, and no first miss to look into."""
+    return seen is not None and seen.followup is None and (seen.entry is not None or keys_compared)
+
+
+def _capped(shelf: TokenShelf, key: Key, backoff: Backoff, now: float) -> OpFlow[Backoff]:
     """A stored mark honoured at most ``fetch_backoff_seconds`` from ``now``: one written
     under a clock ahead of ours, or planted, is cut to that in the store too (Redis answers by
     the server's clock and never needs it)."""
@@ -303,7 +520,7 @@ def _capped(shelf: Shelf, key: Key, backoff: Backoff, now: float) -> Flight[Back
     return backoff
 
 
-def _raise_if_backing_off(shelf: Shelf, backoff: Backoff | None) -> None:
+def _raise_if_backing_off(shelf: TokenShelf, backoff: Backoff | None) -> None:
     if backoff is None or shelf.config.fetch_backoff_seconds <= 0:
         return
     # Capped on read too: a stepped clock never blocks a key for longer.
@@ -315,9 +532,6 @@ def _raise_if_backing_off(shelf: Shelf, backoff: Backoff | None) -> None:
         )
 
 
-CAUSE_WORD_MAX = 64
-
-
 def cause_word(text: str) -> str:
     """A mark's cause as shown in errors and logs: a Python class name, else ``"error"``
     (a mark is written by anyone with access to the store: its text is never echoed raw)."""
@@ -325,157 +539,5 @@ def cause_word(text: str) -> str:
     return text if ok else "error"
 
 
-def _peek(shelf: Shelf, key: Key) -> Flight[CachedToken | None]:
-    """The usable token stored now, without the cross-process lock (None on any trouble:
-    it is met again, and counted, under the lock)."""
-    try:
-        snap: Snapshot = yield key.read
-    except StorageError:
-        return None
-    return shelf.judge(key, snap, time.time()).entry
-
-
 def _left(wait: float | None, deadline: float) -> float | None:
     return None if wait is None else max(0.0, deadline - time.monotonic())
-
-
-# -- drivers ------------------------------------------------------------------------------------
-
-
-class _Steps(Generic[T]):
-    """Steps through one flight: iterate for the next step, answer or fail it.
-
-    Used as a context manager, it gives back every lock still held when it ends, and lands
-    the key's flight in this process if this flight leads it.
-    """
-
-    def __init__(self, flight: Flight[T], locks: KeyLocks) -> None:
-        self.flight = flight
-        self.locks = locks
-        self.held: list[Release] = []
-        self.leading: tuple[Ident, InFlight] | None = None
-        self.result: T
-        self._answer: Any = None
-        self._error: BaseException | None = None
-
-    def __iter__(self) -> _Steps[T]:
-        return self
-
-    def __next__(self) -> Step:
-        error, self._error = self._error, None
-        try:
-            if error is not None:
-                return self.flight.throw(error)
-            return self.flight.send(self._answer)
-        except StopIteration as done:
-            self.result = done.value
-            raise StopIteration from None
-
-    def answer(self, value: Any) -> None:
-        self._answer = value
-
-    def fail(self, error: BaseException) -> None:
-        self._answer, self._error = None, error
-
-    def joined(self, ident: Ident, outcome: tuple[Any, InFlight | None]) -> None:
-        if outcome[1] is not None:
-            self.leading = (ident, outcome[1])
-        self.answer(outcome[0])
-
-    def locked(self, taken: tuple[LockResult, Release]) -> None:
-        self.held.append(taken[1])
-        self.answer(taken[0])
-
-    def land(self, entry: CachedToken | None) -> None:
-        """Release every waiter of the key's flight in this process with ``entry``."""
-        self._answer = None
-        leading, self.leading = self.leading, None
-        if leading is not None:
-            self.locks.land(leading[0], leading[1], entry)
-
-    def unlock(self) -> None:
-        """Give back every lock held, the last taken first."""
-        self._answer = None
-        while self.held:
-            self.held.pop()()
-
-    def __enter__(self) -> _Steps[T]:
-        return self
-
-    def __exit__(self, exc_type: object, *exc_info: object) -> None:
-        self.unlock()
-        result = getattr(self, "result", None) if exc_type is None else None
-        self.land(result if isinstance(result, CachedToken) else None)
-        self.flight.close()
-
-
-class Driver:
-    """Performs steps for one cache: on its backend, its locks and a caller's fetch; tells
-    ``health`` how each storage operation went."""
-
-    def __init__(self, backend: Backend, locks: KeyLocks, health: Health) -> None:
-        self.backend = backend
-        self.locks = locks
-        self.health = health
-
-    def _failed(self, op: Op[Any], exc: StorageError) -> None:
-        quiet = isinstance(exc, StorageUnavailable)  # the store said why when it gave up
-        self.health.failed(str(exc), WRITE if op.writes else READ, quiet=quiet)
-
-    def _done(self, op: Op[Any]) -> None:
-        if self.health.state:
-            self.health.succeeded(WRITE if op.writes else READ)
-
-    def run(self, flight: Flight[T], fetch: Fetch | None = None) -> T:
-        """Perform ``flight`` with plain calls."""
-        with _Steps(flight, self.locks) as steps:
-            for step in steps:
-                try:
-                    if isinstance(step, Join):
-                        steps.joined(step.ident, self.locks.join(step.ident, step.wait))
-                    elif isinstance(step, TakeLock):
-                        steps.locked(self.locks.acquire(step.digest, step.wait))
-                    elif isinstance(step, Land):
-                        steps.land(step.entry)
-                    elif step is UNLOCK:
-                        steps.unlock()
-                    elif step is FETCH:
-                        steps.answer(fetch())  # type: ignore[misc]  # given with FETCH
-                    else:
-                        op: Op[Any] = step  # type: ignore[assignment]  # the only step left
-                        try:
-                            steps.answer(self.backend.execute(op))
-                        except StorageError as exc:
-                            self._failed(op, exc)
-                            raise
-                        self._done(op)
-                except Exception as exc:
-                    steps.fail(exc)
-        return steps.result
-
-    async def arun(self, flight: Flight[T], afetch: AFetch | None = None) -> T:
-        """Perform ``flight`` with awaits."""
-        with _Steps(flight, self.locks) as steps:
-            for step in steps:
-                try:
-                    if isinstance(step, Join):
-                        steps.joined(step.ident, await self.locks.ajoin(step.ident, step.wait))
-                    elif isinstance(step, TakeLock):
-                        steps.locked(await self.locks.aacquire(step.digest, step.wait))
-                    elif isinstance(step, Land):
-                        steps.land(step.entry)
-                    elif step is UNLOCK:
-                        steps.unlock()
-                    elif step is FETCH:
-                        steps.answer(await afetch())  # type: ignore[misc]  # given with FETCH
-                    else:
-                        op: Op[Any] = step  # type: ignore[assignment]  # the only step left
-                        try:
-                            steps.answer(await self.backend.aexecute(op))
-                        except StorageError as exc:
-                            self._failed(op, exc)
-                            raise
-                        self._done(op)
-                except Exception as exc:
-                    steps.fail(exc)
-        return steps.result

@@ -24,9 +24,11 @@ All are daemons: only committed data matters, and it is on disk before any retur
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +43,8 @@ _resume.set()
 # How long fork() waits for operations in flight; past it, fork goes ahead (an
 # operation stuck that long is waiting on a lock, not using SQLite's memory).
 _DRAIN_SECONDS = 10.0
-_CHILD_HOOKS: list[Callable[[], None]] = []
+_CHILD_HOOKS: list[Callable[[], Callable[[], None] | None]] = []
+_prune_at = 64
 
 THREADS: dict[str, str] = {
     "agw-cache-refresh": "PersistentTokenCache: one per background refresh-ahead fetch",
@@ -64,8 +67,17 @@ def start_thread(name: str, target: Callable[..., Any], *args: Any) -> threading
 
 
 def in_child(hook: Callable[[], None]) -> None:
-    """Call ``hook`` in every forked child, right after the fork (no-op where no fork)."""
-    _CHILD_HOOKS.append(hook)
+    """Call ``hook`` in every forked child, right after the fork (no-op where no fork).
+
+    A bound method is held weakly: registering does not keep its object alive."""
+    global _prune_at
+    if len(_CHILD_HOOKS) >= _prune_at:  # forget the hooks of objects gone meanwhile
+        _CHILD_HOOKS[:] = [ref for ref in _CHILD_HOOKS if ref() is not None]
+        _prune_at = max(64, 2 * len(_CHILD_HOOKS))
+    if inspect.ismethod(hook):
+        _CHILD_HOOKS.append(weakref.WeakMethod(hook))
+    else:
+        _CHILD_HOOKS.append(lambda: hook)
 
 
 def enter() -> object:
@@ -106,7 +118,9 @@ def _after_in_child() -> None:
     inside = set()
     _resume = threading.Event()
     _resume.set()
-    for hook in _CHILD_HOOKS:
+    live = [(ref, hook) for ref in _CHILD_HOOKS if (hook := ref()) is not None]
+    _CHILD_HOOKS[:] = [ref for ref, _hook in live]
+    for _ref, hook in live:
         hook()
 
 

@@ -1,6 +1,6 @@
-"""Whole-store flights: the facts for ``stats()``, the metadata for ``list_entries()``, and
-re-sealing under the primary key. Each is a flight (see ``_flight``) over a
-:class:`~._shelf.TokenShelf`, run by the cache's drivers."""
+"""Whole-store flows: the facts for ``stats()``, the metadata for ``list_entries()``, whether
+the keys open the rows, and re-sealing under the primary key. Each is a flow of storage
+operations over a :class:`~._shelf.TokenShelf`, run by ``_flight``."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ import time
 from typing import Any
 
 from ._crypto import UnsealError
-from ._flight import Flight
 from ._shelf import TokenShelf
-from ._stats import CacheStats, EntryInfo
+from ._stats import CacheStats, EntryInfo, KeyVerdict
 from .backends.contract import (
     Facts,
     GetFacts,
+    GetKeyChecks,
+    KeyChecks,
     ListRows,
+    OpFlow,
     Replace,
     RowInfo,
     RowsNotUnder,
@@ -39,7 +41,7 @@ _NO_FACTS: dict[str, Any] = {
 }
 
 
-def facts(shelf: TokenShelf) -> Flight[CacheStats]:
+def facts(shelf: TokenShelf) -> OpFlow[CacheStats]:
     """This process's counters and mode, and the store's facts (none when it fails)."""
     shelf.ring()  # a key file that cannot be used disables the cache: say so
     try:
@@ -61,7 +63,7 @@ def facts(shelf: TokenShelf) -> Flight[CacheStats]:
     )
 
 
-def entries(shelf: TokenShelf) -> Flight[list[EntryInfo]]:
+def entries(shelf: TokenShelf) -> OpFlow[list[EntryInfo]]:
     """Every row's metadata, read in pages (on Redis each page is a short script); none when
     the store fails."""
     rows: list[RowInfo] = []
@@ -79,7 +81,7 @@ def entries(shelf: TokenShelf) -> Flight[list[EntryInfo]]:
     ]
 
 
-def reseal(shelf: TokenShelf, batch: int) -> Flight[int]:
+def reseal(shelf: TokenShelf, batch: int) -> OpFlow[int]:
     """Re-seal every row not under the primary key; rows no key opens are left to expire.
 
     Windows of ``batch`` positions at a time (each a short step); rows written meanwhile
@@ -108,3 +110,39 @@ def reseal(shelf: TokenShelf, batch: int) -> Flight[int]:
         if not resealed:
             break
     return done
+
+
+def key_verdict(shelf: TokenShelf) -> OpFlow[KeyVerdict | None]:
+    """Whether the configured keys open the stored rows, and the key ids that wrote them;
+    None without a key or without rows. A bounded read, whatever the size."""
+    ring = shelf.ring()
+    found: KeyChecks = yield GetKeyChecks()
+    if ring is None or not found.rows:
+        return None
+    return KeyVerdict(*ring.opens(found))
+
+
+def compare_keys(shelf: TokenShelf) -> OpFlow[None]:
+    """Once per process, at the first miss: rows written under keys we do not have are
+    a wrong key (digests are keyed, so they would only ever miss). Say so, and count."""
+    shelf.keys_compared = True
+    try:
+        verdict = yield from key_verdict(shelf)
+    except StorageError:
+        shelf.keys_compared = False  # not compared after all: the next miss tries again
+        raise
+    ring = shelf.ring()
+    if verdict is not None and not verdict.opens and ring is not None:
+        facts: Facts = yield GetFacts(time.time())  # how many rows: for the message only
+        rows = facts.entries_system + facts.entries_user
+        shelf.trouble(
+            "key_mismatch",
+            "key-mismatch",
+            "the configured key does not open the token cache at %s: %d rows were written "
+            "under key ids %s, this process has %s. Deploy the same AGW_CACHE_KEY to every "
+            "process (`agw-cache doctor` checks it)",
+            shelf.backend.location,
+            rows,
+            ", ".join(verdict.key_ids) or "-",
+            ", ".join(ring.kids),
+        )

@@ -119,6 +119,7 @@ def instances(cache: PersistentTokenCache, tmp_path: Path) -> dict[str, list[obj
         "PersistentTokenCache": [cache],
         "CacheStats": [cache.stats()],
         "EntryInfo": cache.list_entries(),
+        "KeyVerdict": [cache.check_keys()],
         "CachedToken": [
             CachedToken(TOKEN, 1.0, MappingProxyType({"client_secret": CLIENT_SECRET})),
             cache.get_entry("user", SCOPE, user_jwt=USER_JWT),

@@ -15,9 +15,9 @@ store cannot be opened at all); the cache decides per call whether that is hidde
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Generic, NamedTuple, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, NamedTuple, Protocol, TypeAlias, TypeVar
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
@@ -258,6 +258,11 @@ class Replace(Op[bool]):
     key_check: bytes | None = None
 
 
+OpFlow: TypeAlias = Generator[Op[Any], Any, T]
+"""A flow of operations: a decision that yields each operation it needs and receives its
+result (or has its ``StorageError`` thrown in); run by ``_steps.drive`` / ``adrive``."""
+
+
 # -- the per-key cross-process lock --------------------------------------------------------------
 
 
@@ -304,6 +309,10 @@ class Backend(Protocol):
         """``op`` answered at once if that needs no waiting on I/O (an event loop may call
         it: SQLite with a pooled connection ready), else None (then ``aexecute`` it)."""
 
+    def prepare(self) -> None:
+        """Make the store's place ready before anything is created beside it (a key file):
+        raise :class:`StorageError` if it is not the cache's to use. No-op for a server."""
+
     def key_lock(self, digest: bytes) -> KeyLock:
         """A fresh, unheld cross-process lock for one key."""
 
@@ -334,6 +343,7 @@ __all__ = [
     "ListRows",
     "LockResult",
     "Op",
+    "OpFlow",
     "Prune",
     "Read",
     "Replace",

@@ -372,6 +372,9 @@ class RedisBackend:
         """Never: a read is a network round trip, which an event loop must await."""
         return None
 
+    def prepare(self) -> None:
+        """Nothing to prepare: the store is a server."""
+
     def key_lock(self, digest: bytes) -> KeyLock:
         """The key's leased lock in Redis."""
         self._check_fork()
