@@ -41,6 +41,7 @@ from ._stats import CacheStats, Counters, EntryInfo, KeyVerdict
 from .backends import open_backend
 
 Kind: TypeAlias = Literal["system", "user"]
+_SET = _writes.set_token
 
 
 class PersistentTokenCache(Closing):
@@ -142,7 +143,7 @@ class PersistentTokenCache(Closing):
         counted in ``stats().sets_not_stored`` and warned about (``set_*_token`` return
         False).
         """
-        return self._set(kind, scope_key, user_jwt, token_data, expires_at)[0]
+        return self._flights.on_key(_SET, kind, scope_key, user_jwt, token_data, expires_at)[0]
 
     async def aset_entry(
         self,
@@ -154,29 +155,8 @@ class PersistentTokenCache(Closing):
         expires_at: float | None = None,
     ) -> CachedToken:
         """Async twin of ``set_entry``."""
-        return (await self._aset(kind, scope_key, user_jwt, token_data, expires_at))[0]
-
-    def _set(
-        self,
-        kind: str,
-        scope_key: str,
-        user_jwt: str | None,
-        token_data: TokenData,
-        expires_at: float | None,
-    ) -> tuple[CachedToken, bool]:
-        flow = _writes.set_token
-        return self._flights.on_key(flow, kind, scope_key, user_jwt, token_data, expires_at)
-
-    async def _aset(
-        self,
-        kind: str,
-        scope_key: str,
-        user_jwt: str | None,
-        token_data: TokenData,
-        expires_at: float | None,
-    ) -> tuple[CachedToken, bool]:
-        flow = _writes.set_token
-        return await self._flights.aon_key(flow, kind, scope_key, user_jwt, token_data, expires_at)
+        flights = self._flights
+        return (await flights.aon_key(_SET, kind, scope_key, user_jwt, token_data, expires_at))[0]
 
     def invalidate_entry(
         self, kind: Kind, scope_key: str, *, user_jwt: str | None = None, token: str | None = None
@@ -223,7 +203,7 @@ class PersistentTokenCache(Closing):
         """Store a system token (``expires_at`` epoch seconds overrides the response).
 
         Returns whether it was stored (False: counted and warned, e.g. disk full)."""
-        return self._set("system", scope_key, None, token_data, expires_at)[1]
+        return self._flights.on_key(_SET, "system", scope_key, None, token_data, expires_at)[1]
 
     def invalidate_system_token(self, scope_key: str) -> None:
         """Forget a system token in every process."""
@@ -242,7 +222,7 @@ class PersistentTokenCache(Closing):
         expires_at: float | None = None,
     ) -> bool:
         """Store a user token; returns whether it was stored."""
-        return self._set("user", scope_key, user_jwt, token_data, expires_at)[1]
+        return self._flights.on_key(_SET, "user", scope_key, user_jwt, token_data, expires_at)[1]
 
     def invalidate_user_token(self, user_jwt: str, scope_key: str) -> None:
         """Forget a user token in every process."""
@@ -264,7 +244,9 @@ class PersistentTokenCache(Closing):
         self, scope_key: str, token_data: TokenData, *, expires_at: float | None = None
     ) -> bool:
         """Async twin of ``set_system_token``."""
-        return (await self._aset("system", scope_key, None, token_data, expires_at))[1]
+        return (
+            await self._flights.aon_key(_SET, "system", scope_key, None, token_data, expires_at)
+        )[1]
 
     async def ainvalidate_system_token(self, scope_key: str) -> None:
         """Async twin of ``invalidate_system_token``."""
@@ -283,7 +265,9 @@ class PersistentTokenCache(Closing):
         expires_at: float | None = None,
     ) -> bool:
         """Async twin of ``set_user_token``."""
-        return (await self._aset("user", scope_key, user_jwt, token_data, expires_at))[1]
+        return (
+            await self._flights.aon_key(_SET, "user", scope_key, user_jwt, token_data, expires_at)
+        )[1]
 
     async def ainvalidate_user_token(self, user_jwt: str, scope_key: str) -> None:
         """Async twin of ``invalidate_user_token``."""

@@ -17,17 +17,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
 from . import _fork, _survey, _writes
 from ._errors import FetchBackoffError, TokenFetchError
 from ._expiry import CachedToken, TokenData, normalize
-from ._health import READ, WRITE
-from ._locks import InFlight, Joined, KeyLocks, Release
-from ._memory import Ident
+from ._locks import Joined
+from ._run import FETCH, UNLOCK, Join, Land, Runner, TakeLock
 from ._shelf import Key, Lookup, TokenShelf
-from ._steps import Flow, adrive, drive
+from ._steps import Flow
 from .backends.contract import (
     ABSENT,
     Backend,
@@ -35,18 +33,18 @@ from .backends.contract import (
     Fence,
     GetBackoff,
     LockResult,
-    Op,
     OpFlow,
     Read,
     SetBackoff,
     Snapshot,
     StorageError,
-    StorageUnavailable,
 )
 
 T = TypeVar("T")
 Fetch: TypeAlias = Callable[[], TokenData]
 AFetch: TypeAlias = Callable[[], Awaitable[TokenData]]
+KeyFlow: TypeAlias = Callable[..., OpFlow[T]]
+"""A flow of one key: called with the shelf, the key and its own arguments."""
 
 CALLERS_BUGS: tuple[type[BaseException], ...] = (
     TypeError,  # also CacheUsageError: a fetch returning something that is not a token
@@ -65,47 +63,6 @@ timeout, a response that does not parse): every process backs off the key for a 
 CAUSE_WORD_MAX = 64
 
 
-@dataclass(frozen=True, slots=True)
-class Join:
-    """Join the key's flight in this process within ``wait`` seconds (``None``: only lead,
-    never wait); answered with the leader's token or a :class:`~._locks.Joined`."""
-
-    ident: Ident
-    wait: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class TakeLock:
-    """Take the key's cross-process lock within ``wait`` seconds (``None``: one try);
-    answered with a LockResult."""
-
-    digest: bytes
-    wait: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class Land:
-    """Hand ``entry`` to every waiter of the key's flight in this process at once."""
-
-    entry: CachedToken
-
-
-class _Marker:
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return self.name
-
-
-UNLOCK = _Marker("UNLOCK")
-"""Give back every lock this flow holds (other processes' waiters then read the store)."""
-FETCH = _Marker("FETCH")
-"""Call the caller's fetch; its result (or exception) comes back into the flow."""
-
-
 class Flights:
     """One cache's calls: the hot read, the single flight, and the drivers of every flow."""
 
@@ -113,14 +70,9 @@ class Flights:
         self.shelf = shelf
         self.backend = backend
         self.config = shelf.config
-        self.health = shelf.health
-        self._after_fork()
-        _fork.in_child(self._after_fork)
-
-    def _after_fork(self) -> None:
-        """Fresh in-process flights and tasks (a forked child's are not the parent's)."""
-        self.locks = KeyLocks(self.backend)
-        self.tasks: set[asyncio.Task[Any]] = set()
+        self.runner = Runner(backend, shelf.health)
+        self.tasks: set[asyncio.Task[Any]] = set()  # this loop's background refreshes
+        _fork.in_child(self.runner.after_fork)
 
     # -- per key: derive the key once, read once ------------------------------------------------
 
@@ -129,21 +81,21 @@ class Flights:
         seen = self._look(key, self.backend.execute)
         if _settled(seen, self.shelf.keys_compared):
             return seen.entry  # type: ignore[union-attr]  # _settled: not None
-        return self._drive(self._lookup(key, seen)).entry
+        return self.runner.drive(self._lookup(key, seen)).entry
 
     async def aget(self, kind: str, scope_key: str, user_jwt: str | None) -> CachedToken | None:
         key = await self._akey(kind, scope_key, user_jwt)
         seen = self._look(key, self.backend.read_inline)  # a hit stays on the loop's thread
         if _settled(seen, self.shelf.keys_compared):
             return seen.entry  # type: ignore[union-attr]  # _settled: not None
-        return (await self._adrive(self._lookup(key, seen))).entry
+        return (await self.runner.adrive(self._lookup(key, seen))).entry
 
     def fetch(self, kind: str, scope_key: str, user_jwt: str | None, fetch: Fetch) -> CachedToken:
         key = self.shelf.key(kind, scope_key, user_jwt)
         seen = self._look(key, self.backend.execute)
-        if seen is not None and seen.entry is not None and seen.followup is None and not seen.due:
-            return seen.entry
-        entry, refresh = self._drive(self._get_or_fetch(key, seen), fetch)
+        if _fresh(seen):
+            return seen.entry  # type: ignore[union-attr, return-value]  # _fresh: a token
+        entry, refresh = self.runner.drive(self._get_or_fetch(key, seen), fetch)
         if refresh:
             _fork.start_thread("agw-cache-refresh", self._refresh, key, fetch)
         return entry
@@ -153,48 +105,34 @@ class Flights:
     ) -> CachedToken:
         key = await self._akey(kind, scope_key, user_jwt)
         seen = self._look(key, self.backend.read_inline)
-        if seen is not None and seen.entry is not None and seen.followup is None and not seen.due:
-            return seen.entry
-        entry, refresh = await self._adrive(self._get_or_fetch(key, seen), afetch)
+        if _fresh(seen):
+            return seen.entry  # type: ignore[union-attr, return-value]  # _fresh: a token
+        entry, refresh = await self.runner.adrive(self._get_or_fetch(key, seen), afetch)
         if refresh:  # a task of this loop
             task = asyncio.get_running_loop().create_task(self._arefresh(key, afetch))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
         return entry
 
-    def on_key(
-        self,
-        flow: Callable[..., OpFlow[T]],
-        kind: str,
-        scope_key: str,
-        user_jwt: str | None,
-        *args: Any,
-    ) -> T:
+    def on_key(self, flow: KeyFlow[T], kind: str, scope: str, jwt: str | None, *args: Any) -> T:
         """Run ``flow(shelf, key, *args)`` (a set, an invalidation) for the key."""
-        key = self.shelf.key(kind, scope_key, user_jwt)
-        return self._drive(flow(self.shelf, key, *args))
+        key = self.shelf.key(kind, scope, jwt)
+        return self.runner.drive(flow(self.shelf, key, *args))
 
-    async def aon_key(
-        self,
-        flow: Callable[..., OpFlow[T]],
-        kind: str,
-        scope_key: str,
-        user_jwt: str | None,
-        *args: Any,
-    ) -> T:
+    async def aon_key(self, flow: KeyFlow[T], kind: str, scope: str, jwt: str | None, *a: Any) -> T:
         """Async twin of :meth:`on_key`."""
-        key = await self._akey(kind, scope_key, user_jwt)
-        return await self._adrive(flow(self.shelf, key, *args))
+        key = await self._akey(kind, scope, jwt)
+        return await self.runner.adrive(flow(self.shelf, key, *a))
 
     def run(self, flow: Callable[..., OpFlow[T]], *args: Any) -> T:
         """Run ``flow(shelf, *args)``: a whole-store flow (clear, prune, stats, ...)."""
-        return self._drive(flow(self.shelf, *args))
+        return self.runner.drive(flow(self.shelf, *args))
 
     async def arun(self, flow: Callable[..., OpFlow[T]], *args: Any) -> T:
         """Async twin of :meth:`run`."""
         if self.shelf.needs_key_file:  # read or create it off the event loop's thread
             await asyncio.to_thread(self.shelf.ring)
-        return await self._adrive(flow(self.shelf, *args))
+        return await self.runner.adrive(flow(self.shelf, *args))
 
     async def _akey(self, kind: str, scope_key: str, user_jwt: str | None) -> Key:
         if self.shelf.needs_key_file:  # read or create it off the event loop's thread
@@ -209,12 +147,12 @@ class Flights:
         try:
             snap = read(key.read)
         except StorageError as exc:
-            self._failed(key.read, exc)
+            self.runner.failed(key.read, exc)
             return self.shelf.unreadable(key, exc)
         if snap is None:
             return None
         if self.shelf.down:
-            self.health.succeeded(READ)
+            self.runner.done(key.read, snap)
         return self.shelf.seen(key, snap)
 
     # -- the flows of a get and a get-or-fetch --------------------------------------------------
@@ -373,13 +311,13 @@ class Flights:
 
     def _refresh(self, key: Key, fetch: Fetch) -> None:
         try:
-            self.shelf.refreshed(self._drive(self._fill(key, refresh=True), fetch))
+            self.shelf.refreshed(self.runner.drive(self._fill(key, refresh=True), fetch))
         except Exception as exc:
             self.shelf.refreshed(exc)
 
     async def _arefresh(self, key: Key, afetch: AFetch) -> None:
         try:
-            outcome = await self._adrive(self._fill(key, refresh=True), afetch)
+            outcome = await self.runner.adrive(self._fill(key, refresh=True), afetch)
         except Exception as exc:
             self.shelf.refreshed(exc)
         else:
@@ -387,117 +325,10 @@ class Flights:
 
     # -- the drivers -----------------------------------------------------------------------------
 
-    def _drive(self, flow: Flow[Any, T], fetch: Fetch | None = None) -> T:
-        with _Run(self, fetch) as run:
-            run.result = drive(flow, run.perform)
-        return run.result  # type: ignore[no-any-return]  # what the flow returned
 
-    async def _adrive(self, flow: Flow[Any, T], afetch: AFetch | None = None) -> T:
-        with _Run(self, afetch) as run:
-            run.result = await adrive(flow, run.aperform)
-        return run.result  # type: ignore[no-any-return]  # what the flow returned
-
-    def execute(self, op: Op[T]) -> T:
-        """``op`` on the store; the health hears how it went."""
-        try:
-            result = self.backend.execute(op)
-        except StorageError as exc:
-            raise self._failed(op, exc) from None
-        return self._done(op, result)
-
-    async def aexecute(self, op: Op[T]) -> T:
-        """Async twin of :meth:`execute`."""
-        try:
-            result = await self.backend.aexecute(op)
-        except StorageError as exc:
-            raise self._failed(op, exc) from None
-        return self._done(op, result)
-
-    def _failed(self, op: Op[Any], exc: StorageError) -> StorageError:
-        quiet = isinstance(exc, StorageUnavailable)  # the store said why when it gave up
-        self.health.failed(str(exc), WRITE if op.writes else READ, quiet=quiet)
-        return exc
-
-    def _done(self, op: Op[Any], result: T) -> T:
-        if self.health.state:
-            self.health.succeeded(WRITE if op.writes else READ)
-        return result
-
-
-class _Run:
-    """One flow's run: performs its steps; on leaving, gives back the locks it still holds
-    and ends the key's flight in this process if it leads one (its waiters get the result
-    when it is a token, else look again)."""
-
-    __slots__ = ("fetch", "flights", "held", "leading", "result")
-
-    def __init__(self, flights: Flights, fetch: Callable[[], Any] | None) -> None:
-        self.flights = flights
-        self.fetch = fetch
-        self.held: list[Release] = []
-        self.leading: tuple[Ident, InFlight] | None = None
-        self.result: Any = None
-
-    def perform(self, step: Any) -> Any:
-        locks = self.flights.locks
-        if isinstance(step, Op):
-            return self.flights.execute(step)
-        if isinstance(step, Join):
-            return self._joined(step.ident, locks.join(step.ident, step.wait))
-        if isinstance(step, TakeLock):
-            return self._locked(locks.acquire(step.digest, step.wait))
-        if step is FETCH:
-            return self.fetch()  # type: ignore[misc]  # given with every flow that fetches
-        return self._local(step)
-
-    async def aperform(self, step: Any) -> Any:
-        locks = self.flights.locks
-        if isinstance(step, Op):
-            return await self.flights.aexecute(step)
-        if isinstance(step, Join):
-            return self._joined(step.ident, await locks.ajoin(step.ident, step.wait))
-        if isinstance(step, TakeLock):
-            return self._locked(await locks.aacquire(step.digest, step.wait))
-        if step is FETCH:
-            return await self.fetch()  # type: ignore[misc]  # given with every flow that fetches
-        return self._local(step)
-
-    def _joined(self, ident: Ident, outcome: tuple[Any, InFlight | None]) -> Any:
-        if outcome[1] is not None:
-            self.leading = (ident, outcome[1])
-        return outcome[0]
-
-    def _locked(self, taken: tuple[LockResult, Release]) -> LockResult:
-        self.held.append(taken[1])
-        return taken[0]
-
-    def _local(self, step: Any) -> None:
-        """The steps with nothing to wait for: land the flight, give back the locks."""
-        if isinstance(step, Land):
-            self._land(step.entry)
-        elif step is UNLOCK:
-            self._unlock()
-        else:
-            raise TypeError(f"not a step: {step!r}")
-
-    def _land(self, entry: CachedToken | None) -> None:
-        leading, self.leading = self.leading, None
-        if leading is not None:
-            self.flights.locks.land(leading[0], leading[1], entry)
-
-    def _unlock(self) -> None:
-        while self.held:  # the last taken first
-            self.held.pop()()
-
-    def __enter__(self) -> _Run:
-        return self
-
-    def __exit__(self, exc_type: object, *exc_info: object) -> None:
-        self._unlock()
-        result = self.result if exc_type is None else None
-        if isinstance(result, tuple):  # a get-or-fetch: (token, refresh)
-            result = result[0]
-        self._land(result if isinstance(result, CachedToken) else None)
+def _fresh(seen: Lookup | None) -> bool:
+    """A get-or-fetch's read needs no flow: a token, nothing to write, no refresh due."""
+    return seen is not None and seen.entry is not None and seen.followup is None and not seen.due
 
 
 def _settled(seen: Lookup | None, keys_compared: bool) -> bool:

@@ -67,7 +67,7 @@ async def test_64_waiters_are_answered_in_one_pass_of_a_busy_loop(cache: Any) ->
         answered.append(time.perf_counter() - fetch_ended)
 
     running = [asyncio.create_task(blocker()) for _ in range(blockers)]
-    flights = cache._flights.locks._flights  # the key's in-flight record
+    flights = cache._flights.runner.locks._flights  # the key's in-flight record
     leader = asyncio.create_task(cache.asystem_token("scope", afetch))
     while not flights:  # the leader is fetching
         await asyncio.sleep(0.01)
@@ -268,7 +268,7 @@ async def test_a_plain_call_inside_async_code_does_not_wait_for_its_own_loop(
         return "from-the-coroutine"
 
     leader = asyncio.create_task(cache.asystem_token("scope", slow))
-    while not cache._flights.locks._flights:
+    while not cache._flights.runner.locks._flights:
         await asyncio.sleep(0.01)
     t0 = time.monotonic()
     assert cache.system_token("scope", lambda: "from-the-plain-call") == "from-the-plain-call"
