@@ -9,7 +9,6 @@ flow is (httpx's ``auth_flow`` drivers do the same).
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import sys
 from collections.abc import Callable, Iterator
@@ -18,60 +17,28 @@ from types import FrameType
 from typing import Any
 
 import pytest
+from support.imports import graph
 
-import agw_persist_cache
 from agw_persist_cache import CacheConfig, PersistentTokenCache
 from agw_persist_cache.backends.contract import Read
 
 KEY = bytes(range(32))
-PACKAGE = Path(agw_persist_cache.__file__).parent
 RUNNER = "agw_persist_cache._steps"
 BACKENDS = "agw_persist_cache.backends."
 CONTRACT = "agw_persist_cache.backends.contract"
 
 
-def _module_names() -> dict[str, Path]:
-    names = {}
-    for path in PACKAGE.rglob("*.py"):
-        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
-        if parts[-1] == "__init__":
-            parts = parts[:-1]
-        names[".".join(parts)] = path
-    return names
-
-
-def _imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
-    """The package modules ``name`` imports (at any depth of its body)."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level:
-            base = package
-            for _up in range(node.level - 1):
-                base = base.rpartition(".")[0]
-            target = f"{base}.{node.module}" if node.module else base
-            if node.module:  # (``from . import x`` imports the modules, not the package)
-                found.add(target)
-            found.update(f"{target}.{alias.name}" for alias in node.names)
-        elif isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-    return {module for module in found if module in known and module != name}
-
-
 def _ranks() -> dict[str, int]:
     """Each module's floor: one above the highest package module it imports."""
-    known = _module_names()
-    graph = {name: _imports(name, path, known) for name, path in known.items()}
+    imports = graph()
     ranks: dict[str, int] = {}
 
-    def rank(name: str, seen: frozenset[str] = frozenset()) -> int:
-        assert name not in seen, f"import circle through {name}"
+    def rank(name: str) -> int:
         if name not in ranks:
-            below = [rank(other, seen | {name}) for other in graph[name]]
-            ranks[name] = 1 + max(below, default=0)
+            ranks[name] = 1 + max((rank(other) for other in imports[name]), default=0)
         return ranks[name]
 
-    for name in graph:
+    for name in imports:
         rank(name)
     return ranks
 
