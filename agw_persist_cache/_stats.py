@@ -1,9 +1,19 @@
-"""What the cache reports: per-process counters, ``CacheStats`` and ``EntryInfo``."""
+"""What the cache reports: per-process counters, ``CacheStats`` and ``EntryInfo``.
+
+``CacheStats`` is the public mirror of three sources, each spelling its fields once:
+:class:`Counters` (this process's events), the store's
+:class:`~.backends.contract.Facts`, and this process's health; :func:`stats_of` is the one
+place that puts them together (``tests/test_stats.py`` pins that the fields match).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple
+
+from ._health import Health
+from .backends.contract import Facts
 
 
 @dataclass
@@ -46,7 +56,8 @@ class EntryInfo:
 
 @dataclass(frozen=True, slots=True)
 class CacheStats:
-    """This process's counters, and facts about the store shared by all."""
+    """This process's counters, and facts about the store shared by all (assembled by
+    :func:`stats_of`: counters, then facts, then this process's health)."""
 
     hits: int
     misses: int
@@ -81,3 +92,27 @@ class CacheStats:
     """What failed first in the current outage, while degraded."""
     memory_tokens: int = 0
     """Tokens this process holds in its memory tier (at most ``CacheConfig.memory_tokens``)."""
+
+
+def stats_of(
+    counters: Counters,
+    facts: Facts | None,
+    *,
+    disabled_reason: str | None,
+    backend: str,
+    health: Health,
+    memory_tokens: int,
+) -> CacheStats:
+    """The one place a ``CacheStats`` is assembled; ``facts`` None: the store did not answer
+    (its facts are then the empty ``Facts()``)."""
+    down = health.down
+    return CacheStats(
+        **dataclasses.asdict(counters),
+        **(facts or Facts())._asdict(),
+        disabled_reason=disabled_reason,
+        backend=backend,
+        mode=health.mode,
+        degraded_since=None if down is None else down.since,
+        degraded_reason=None if down is None else down.reason,
+        memory_tokens=memory_tokens,
+    )

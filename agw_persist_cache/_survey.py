@@ -4,13 +4,11 @@ operations over a :class:`~._shelf.TokenShelf`, run by ``_flight``."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from typing import Any
 
 from ._crypto import UnsealError
 from ._shelf import TokenShelf
-from ._stats import CacheStats, EntryInfo, KeyVerdict
+from ._stats import CacheStats, EntryInfo, KeyVerdict, stats_of
 from .backends.contract import (
     Facts,
     GetFacts,
@@ -28,18 +26,6 @@ from .backends.contract import (
 LIST_PAGE = 500  # rows of one ListRows step (about a millisecond or two of a Redis server)
 RESEAL_PASSES = 4  # passes of a re-seal over every row
 
-_NO_FACTS: dict[str, Any] = {
-    "entries_system": 0,
-    "entries_user": 0,
-    "entries_expired": 0,
-    "oldest_expiry": None,
-    "newest_expiry": None,
-    "schema_version": None,
-    "key_ids_in_use": (),
-    "file_bytes": 0,
-    "wal_bytes": 0,
-}
-
 
 def facts(shelf: TokenShelf) -> OpFlow[CacheStats]:
     """This process's counters and mode, and the store's facts (none when it fails)."""
@@ -49,16 +35,12 @@ def facts(shelf: TokenShelf) -> OpFlow[CacheStats]:
     except StorageError as exc:
         shelf.storage_failed(exc)
         facts = None
-    found = _NO_FACTS if facts is None else facts._asdict()
-    down = shelf.health.down
-    return CacheStats(
-        **dataclasses.asdict(shelf.counters),
-        **found,
+    return stats_of(
+        shelf.counters,
+        facts,
         disabled_reason=shelf.backend.unavailable or shelf.key_problem,
         backend=shelf.backend.name,
-        mode=shelf.health.mode,
-        degraded_since=None if down is None else down.since,
-        degraded_reason=None if down is None else down.reason,
+        health=shelf.health,
         memory_tokens=len(shelf.memory),
     )
 

@@ -64,17 +64,18 @@ class RowInfo(NamedTuple):
 
 
 class Facts(NamedTuple):
-    """Aggregates for ``stats()``."""
+    """Aggregates for ``stats()``, in the order ``CacheStats`` shows them; ``Facts()`` is what
+    a store that could not answer reports."""
 
-    entries_system: int
-    entries_user: int
-    entries_expired: int
-    oldest_expiry: float | None
-    newest_expiry: float | None
-    schema_version: int | None
-    key_ids_in_use: tuple[str, ...]
-    file_bytes: int
-    wal_bytes: int
+    entries_system: int = 0
+    entries_user: int = 0
+    entries_expired: int = 0
+    oldest_expiry: float | None = None
+    newest_expiry: float | None = None
+    file_bytes: int = 0
+    wal_bytes: int = 0
+    schema_version: int | None = None
+    key_ids_in_use: tuple[str, ...] = ()
 
 
 class KeyChecks(NamedTuple):
