@@ -7,7 +7,9 @@ neither of them imports ``cli``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 from ._cache import PersistentTokenCache
 from ._config import CacheConfig, resolve_path, split_location
@@ -27,34 +29,58 @@ class ProblemError(Exception):
     """The command ran but found the cache unusable for what was asked (exit code 1)."""
 
 
-def require_cache(path: str | None) -> None:
+class Where(NamedTuple):
+    """The store a command works on, as the command line names it: ``--path`` or ``--url``
+    (neither: what the environment names, as for the workers), and ``--namespace`` (Redis).
+
+    Passed down as an argument: the command line never writes ``os.environ``."""
+
+    path: str | None = None
+    url: str | None = None
+    namespace: str | None = None
+
+    def split(self) -> tuple[str | None, str | None]:
+        """(SQLite path, networked store URL) as the cache resolves them."""
+        path, url = split_location(self.path, self.url)
+        return (None if path is None else str(path)), url
+
+    def config(self, keys: Sequence[str | bytes] | None = None) -> CacheConfig:
+        """The configuration the workers would have here, with this location."""
+        config = CacheConfig(path=self.path, url=self.url, keys=keys)
+        if self.namespace is not None:
+            config = dataclasses.replace(config, namespace=self.namespace)
+        return config
+
+
+def require_cache(where: Where) -> None:
     """A command that changes the cache changes one of ours or nothing: an absent path, or
     one that is not ours, raises ``ProblemError`` before anything is opened or created."""
-    sqlite_path, url = split_location(path, None)
+    sqlite_path, url = where.split()
     if url is not None:
         return  # a shared store: there is nothing to create by mistake
-    where = resolve_path(sqlite_path)
+    found_at = resolve_path(sqlite_path)
     try:
-        found = examine(where)
+        found = examine(found_at)
     except NotOurs as exc:
         raise ProblemError(f"{exc}; nothing was changed") from None
     except OSError as exc:
-        raise ProblemError(f"cannot look at {where}: {exc.strerror}; nothing was changed") from None
+        raise ProblemError(
+            f"cannot look at {found_at}: {exc.strerror}; nothing was changed"
+        ) from None
     if found is Found.ABSENT:
-        raise ProblemError(f"no cache at {where}; nothing was created")
+        raise ProblemError(f"no cache at {found_at}; nothing was created")
 
 
 def open_cache(
-    path: str | None, *, keys: Sequence[str | bytes] | None = None, read_only: bool = False
+    where: Where, *, keys: Sequence[str | bytes] | None = None, read_only: bool = False
 ) -> PersistentTokenCache:
-    """The cache the workers use: ``--path`` or ``$AGW_CACHE_PATH``, keys from the environment.
+    """The cache the workers use at ``where``, keys from the environment (or ``keys``).
 
     ``read_only`` (stats, list, doctor): an existing cache is read; nothing is created. The
     other commands need an existing cache of ours (:func:`require_cache`)."""
     if not read_only:
-        require_cache(path)
-    config = CacheConfig(path=path, keys=keys) if keys is not None else CacheConfig(path=path)
-    return PersistentTokenCache(path, config=config, read_only=read_only)
+        require_cache(where)
+    return PersistentTokenCache(config=where.config(keys), read_only=read_only)
 
 
 def format_span(seconds: float) -> str:

@@ -12,14 +12,15 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 from . import _files as files
-from ._cli_common import EXIT_OK, EXIT_PROBLEMS, open_cache
-from ._config import ENV_KEY, ENV_PATH, resolve_path, split_location
-from ._health import Down
+from ._cli_common import EXIT_OK, EXIT_PROBLEMS, Where, open_cache
+from ._config import ENV_KEY, ENV_PATH, ENV_URL, resolve_path
+from ._findings import Finding, key_finding
+from ._health import HEALTHY
+from ._stats import CacheStats
 from .backends._sqlite_files import DAMAGED, Found, examine
 
 NETWORK_FILESYSTEMS = frozenset(
@@ -41,15 +42,6 @@ NETWORK_FILESYSTEMS = frozenset(
         "fuseblk",
     }
 )
-
-
-@dataclass(frozen=True)
-class Check:
-    """One doctor line: ``level`` is ``ok``, ``warn`` or ``FAIL``."""
-
-    level: str
-    name: str
-    detail: str
 
 
 def _unescape_mount(field: str) -> str:
@@ -92,32 +84,32 @@ def _existing_ancestor(path: Path) -> Path:
     return Path("/")
 
 
-def _guarded(name: str, check: Callable[[], Iterator[Check]]) -> Iterator[Check]:
+def _guarded(name: str, check: Callable[[], Iterator[Finding]]) -> Iterator[Finding]:
     """Run one group of checks; whatever it raises becomes a FAIL line, never a traceback."""
     try:
         yield from check()
     except Exception as exc:  # reason: doctor exists for broken set-ups; it reports, not crashes
-        yield Check("FAIL", name, f"{type(exc).__name__}: {exc}")
+        yield Finding("FAIL", name, f"{type(exc).__name__}: {exc}")
 
 
-def _checks(path_arg: str | None, mounts_file: Path) -> Iterator[Check]:
+def _checks(where: Where, mounts_file: Path) -> Iterator[Finding]:
     """The checks in order, reading only; stops early when going on would be unsafe or moot."""
-    _, url = split_location(path_arg, None)
-    if url is not None:  # a shared store ($AGW_CACHE_URL, --url): its own checks
+    sqlite_path, url = where.split()
+    if url is not None:  # a shared store (--url, $AGW_CACHE_URL): its own checks
         from ._doctor_redis import redis_checks
 
-        yield from (Check(*finding) for finding in redis_checks(url))
+        yield from redis_checks(url, where)
         return
-    path = resolve_path(path_arg)
-    source = "--path" if path_arg else (f"${ENV_PATH}" if os.environ.get(ENV_PATH) else "default")
+    path = resolve_path(sqlite_path)
+    source = _source(where)
     try:
         mounts = mounts_file.read_text()
     except OSError as exc:
-        yield Check("warn", "filesystem", f"cannot read {mounts_file} ({exc.strerror})")
+        yield Finding("warn", "filesystem", f"cannot read {mounts_file} ({exc.strerror})")
         mounts = ""
     point, fstype = filesystem_of(_existing_ancestor(path.parent), mounts)
     if is_network_filesystem(fstype):
-        yield Check(
+        yield Finding(
             "FAIL",
             "filesystem",
             f"{path.parent} is on {fstype} (mounted at {point}), a network filesystem: "
@@ -126,28 +118,35 @@ def _checks(path_arg: str | None, mounts_file: Path) -> Iterator[Check]:
             "disk (e.g. /var/tmp/agw-cache/tokens.db) or tmpfs (/dev/shm)",
         )
         return
-    yield Check("ok", "filesystem", f"{fstype} at {point} (local)")
+    yield Finding("ok", "filesystem", f"{fstype} at {point} (local)")
     try:
         os.lstat(path)
     except FileNotFoundError:
-        yield Check("FAIL", "path", f"no cache at {path} (from {source}); nothing was created")
+        yield Finding("FAIL", "path", f"no cache at {path} (from {source}); nothing was created")
         return
     except OSError as exc:
-        yield Check(
+        yield Finding(
             "FAIL",
             "path",
             f"cannot look at {path} as {_user()} ({exc.strerror}); run doctor as the "
             "user the workers run as",
         )
         return
-    yield Check("ok", "path", f"{path} (from {source})")
+    yield Finding("ok", "path", f"{path} (from {source})")
     refused = yield from _ownership(path)
     if refused:
         return  # the cache leaves this path alone; nothing more to learn by opening it
     yield from _guarded("directory", lambda: _directory(path))
     found = yield from _recognized(path)
     if found is not None:
-        yield from _guarded("open", lambda: _opened(path_arg, path))
+        yield from _guarded("open", lambda: _opened(where, path))
+
+
+def _source(where: Where) -> str:
+    """Which setting named the cache file (the doctor's ``path`` line says)."""
+    if where.path or where.url:
+        return "--path" if where.path else "--url"
+    return next((f"${name}" for name in (ENV_URL, ENV_PATH) if os.environ.get(name)), "default")
 
 
 def _user() -> str:
@@ -165,7 +164,7 @@ def _files_of(path: Path) -> list[Path]:
 ASPECTS = {"type": "file", "owner": "owner", "mode": "modes"}
 
 
-def _ownership(path: Path) -> Generator[Check, None, bool]:
+def _ownership(path: Path) -> Generator[Finding, None, bool]:
     """One line per aspect (file type, owner, modes) of every file of the cache; whether
     the database file itself is refused (then nothing is opened)."""
     found: dict[str, list[str]] = {aspect: [] for aspect in ASPECTS}
@@ -184,15 +183,15 @@ def _ownership(path: Path) -> Generator[Check, None, bool]:
     }
     for aspect, name in ASPECTS.items():
         if found[aspect]:
-            yield Check("FAIL", name, "; ".join(found[aspect]))
+            yield Finding("FAIL", name, "; ".join(found[aspect]))
         elif fine.get(aspect):
-            yield Check("ok", name, str(fine[aspect]))
+            yield Finding("ok", name, str(fine[aspect]))
     return refused
 
 
-def _directory(path: Path) -> Iterator[Check]:
+def _directory(path: Path) -> Iterator[Finding]:
     if files.others_may_write(path.parent):
-        yield Check(
+        yield Finding(
             "warn",
             "directory",
             f"{path.parent} is writable by others without the sticky bit: another user could "
@@ -200,98 +199,91 @@ def _directory(path: Path) -> Iterator[Check]:
             "bypassed); prefer a directory of this user's (mode 0700)",
         )
     else:
-        yield Check("ok", "directory", f"{path.parent} is not writable by others")
+        yield Finding("ok", "directory", f"{path.parent} is not writable by others")
 
 
-def _recognized(path: Path) -> Generator[Check, None, Found | None]:
+def _recognized(path: Path) -> Generator[Finding, None, Found | None]:
     """Whether the file is a cache of ours (from its header; nothing else is opened)."""
     try:
         found = examine(path)
     except OSError as exc:  # NotOurs too: left alone by every worker
-        yield Check("FAIL", "file", f"{exc}; every worker bypasses the cache while it is there")
+        yield Finding("FAIL", "file", f"{exc}; every worker bypasses the cache while it is there")
         return None
     if found is Found.EMPTY:
-        yield Check("warn", "file", f"{path} is empty; a worker makes it a cache when it opens it")
+        yield Finding(
+            "warn", "file", f"{path} is empty; a worker makes it a cache when it opens it"
+        )
         return None
     if found is Found.MARKED:
-        yield Check("ok", "header", f"{path} carries the agw-persist-cache mark")
+        yield Finding("ok", "header", f"{path} carries the agw-persist-cache mark")
     else:
-        yield Check("ok", "header", f"{path} holds only agw-persist-cache tables (no mark yet)")
+        yield Finding("ok", "header", f"{path} holds only agw-persist-cache tables (no mark yet)")
     return found
 
 
-def _opened(path_arg: str | None, path: Path) -> Iterator[Check]:
-    with open_cache(path_arg, read_only=True) as cache:
+def _opened(where: Where, path: Path) -> Iterator[Finding]:
+    with open_cache(where, read_only=True) as cache:
         stats = cache.stats()
         key_ids, key_source, key_file = cache.key_ids, cache.key_source, cache.key_file
-        key_problem = cache._shelf.key_problem
-        store_problem = cache._backend.unavailable
         # The cache's own judgement of its key (what a process warns about at its first miss).
         verdict = None if stats.disabled_reason else cache.check_keys()
-        down = cache._shelf.health.down  # the mode after every read above
-    yield _mode(down)
-    if store_problem:
-        name = "file" if DAMAGED in store_problem else "schema"
-        yield Check("FAIL", name, f"cache disabled: {store_problem}")
+    yield _mode(stats)
+    # A store that answered knows its schema: what disabled it then is the key file.
+    answered = stats.schema_version is not None
+    if stats.disabled_reason and not answered:
+        name = "file" if DAMAGED in stats.disabled_reason else "schema"
+        yield Finding("FAIL", name, f"cache disabled: {stats.disabled_reason}")
         return
-    yield Check("ok", "schema", f"version {stats.schema_version}")
+    yield Finding("ok", "schema", f"version {stats.schema_version}")
     header = files.read_private(path, 20)  # the header says (a connection could make a -wal)
     journal = "wal" if header[18:20] == b"\x02\x02" else "rollback"
     level = "ok" if journal == "wal" else "FAIL"
-    yield Check(level, "journal", f"journal_mode={journal} (want wal)")
-    where = f" in {key_file}" if key_source == "file" else ""
+    yield Finding(level, "journal", f"journal_mode={journal} (want wal)")
+    where_key = f" in {key_file}" if key_source == "file" else ""
     rows = stats.entries_system + stats.entries_user
-    if key_problem:
-        yield Check(
+    if stats.disabled_reason:
+        yield Finding(
             "FAIL",
             "key",
-            f"{key_problem}; every worker bypasses the cache. Fix or delete the key file (a "
-            f"worker makes a new one), or set {ENV_KEY}",
+            f"{stats.disabled_reason}; every worker bypasses the cache. Fix or delete the key "
+            f"file (a worker makes a new one), or set {ENV_KEY}",
         )
     elif not key_ids:
         level = "FAIL" if rows else "warn"
-        yield Check(
+        yield Finding(
             level,
             "key",
             f"no key file at {key_file} and {ENV_KEY} is not set here: rows cannot be opened "
             f"(a worker makes the key file; run doctor with the workers' {ENV_KEY})",
         )
-    elif verdict is not None and not verdict[0]:
-        yield Check(
-            "FAIL",
-            "key",
-            f"the configured key does not open this cache: {rows} rows were written under key "
-            f"ids {', '.join(verdict[1])}, this environment has {', '.join(key_ids)}; "
-            f"give every process the same {ENV_KEY}",
-        )
     else:
-        yield Check("ok", "key", f"source {key_source}{where}; key ids {', '.join(key_ids)}")
+        yield key_finding(verdict, key_ids, rows, source=f"source {key_source}{where_key}; ")
     lock_dir = files.lock_dir_of(path)
     if not lock_dir.is_dir():
-        yield Check("warn", "locks", f"lock dir {lock_dir} is missing (a worker makes it)")
+        yield Finding("warn", "locks", f"lock dir {lock_dir} is missing (a worker makes it)")
     elif not os.access(lock_dir, os.W_OK | os.X_OK):
-        yield Check("FAIL", "locks", f"lock dir {lock_dir} is not writable by {_user()}")
+        yield Finding("FAIL", "locks", f"lock dir {lock_dir} is not writable by {_user()}")
     else:
-        yield Check("ok", "locks", f"{lock_dir}")
+        yield Finding("ok", "locks", f"{lock_dir}")
 
 
-def _mode(down: Down | None) -> Check:
+def _mode(stats: CacheStats) -> Finding:
     """Healthy, or degraded: what a worker does when it cannot use the store either."""
-    if down is None:
-        return Check("ok", "mode", "healthy: the store answered; processes share their tokens")
-    return Check(
+    if stats.mode == HEALTHY:
+        return Finding("ok", "mode", "healthy: the store answered; processes share their tokens")
+    return Finding(
         "warn",
         "mode",
-        f"degraded ({down.reason}): a worker that meets this serves the tokens it "
+        f"degraded ({stats.degraded_reason}): a worker that meets this serves the tokens it "
         "holds from memory and fetches each missing one once per process until the store is "
         "back",
     )
 
 
-def run_doctor(path_arg: str | None, out: TextIO, *, mounts_file: Path) -> int:
+def run_doctor(where: Where, out: TextIO, *, mounts_file: Path) -> int:
     """Print every check, then a summary line; exit code 1 when any check failed."""
     failed = warned = 0
-    for check in _checks(path_arg, mounts_file):
+    for check in _checks(where, mounts_file):
         failed += check.level == "FAIL"
         warned += check.level == "warn"
         out.write(f"{check.level:<5} {check.name:<11} {check.detail}\n")

@@ -1,8 +1,9 @@
 """``agw-cache doctor --url``: what a Redis/Valkey operator gets wrong, one finding per line.
 
-Read-only: PING, INFO, CONFIG GET (skipped where a managed service forbids it) and a read of
-a few sealed rows to prove the configured key opens them. Every line shows the URL with its
-password replaced by ``***``; no finding ever holds a token, scope or key.
+Read-only: PING, INFO, CONFIG GET (skipped where a managed service forbids it), then the
+cache itself, opened read-only: its ``stats()`` and its key verdict (``check_keys()``, the
+same one the SQLite doctor shows). Every line shows the URL with its password replaced by
+``***``; no finding ever holds a token, scope or key.
 """
 
 from __future__ import annotations
@@ -10,35 +11,29 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
-from ._config import CacheConfig
-from ._crypto import Keyring, UnsealError, keys_from_config
-from ._log import Warnings
+from ._cli_common import Where, open_cache
+from ._errors import CacheConfigError
+from ._findings import Finding, key_finding
 
-MIN_VERSION = (6, 2)  # SET ... PXAT
-SAMPLE_ROWS = 20
+MIN_VERSION = (5, 0)
+"""What the backend's commands need: ZPOPMIN (5.0), and scripts that write after reading the
+server's TIME, replicated by their effects (the default since 5.0). Any Valkey has both."""
 _LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
-class Finding(NamedTuple):
-    """One doctor line: ``level`` is ``ok``, ``warn`` or ``FAIL``."""
-
-    level: str
-    name: str
-    detail: str
-
-
-def redis_checks(url: str, config: CacheConfig | None = None) -> Iterator[Finding]:
-    """Every check of a Redis store, in the order an operator fixes them."""
+def redis_checks(url: str, where: Where) -> Iterator[Finding]:
+    """Every check of the Redis store at ``url`` (named by ``where``), in the order an
+    operator fixes them."""
     try:
         import redis
 
-        from .backends.redis import RedisBackend, client_url, redact
+        from .backends.redis import client_url, redact
     except ImportError:
         yield Finding("FAIL", "client", "pip install 'agw-persist-cache[redis]'")
         return
-    config = config or CacheConfig()
+    config = where.config()
     shown = redact(url)
     scheme, _, rest = url.partition("://")
     host = rest.rpartition("@")[2].split("/")[0].rsplit(":", 1)[0]
@@ -82,7 +77,7 @@ def redis_checks(url: str, config: CacheConfig | None = None) -> Iterator[Findin
         return
     finally:
         client.close()
-    yield from _key_checks(url, config, RedisBackend)
+    yield from _key_checks(where, config.namespace)
 
 
 def _why(exc: BaseException) -> str:
@@ -103,7 +98,8 @@ def _server_checks(client: Any) -> Iterator[Finding]:
     version = str(info.get("valkey_version") or info.get("redis_version") or "0")
     numbers = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
     if name == "redis" and numbers < MIN_VERSION:
-        yield Finding("FAIL", "version", f"redis {version}; 6.2 or newer is needed (SET PXAT)")
+        need = ".".join(map(str, MIN_VERSION))
+        yield Finding("FAIL", "version", f"redis {version}; {need} or newer is needed (ZPOPMIN)")
     else:
         yield Finding("ok", "version", f"{name} {version}")
     role = info.get("role", "master")
@@ -178,48 +174,25 @@ def _config(client: Any, name: str) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _key_checks(url: str, config: CacheConfig, backend_type: Any) -> Iterator[Finding]:
-    from .backends.contract import GetFacts, RowsNotUnder, StorageError
-
-    explicit = keys_from_config(config)
-    if explicit is None:
-        yield Finding("FAIL", "key", "no key: set AGW_CACHE_KEY to the key every replica uses")
-        return
-    ring = Keyring(explicit.keys)
-    backend = backend_type(url, config, Warnings())
+def _key_checks(where: Where, namespace: str) -> Iterator[Finding]:
+    """The cache's own verdict on its key, and its rows, read as a replica would."""
     try:
-        facts = backend.execute(GetFacts(time.time()))
-        rows = backend.execute(RowsNotUnder("", SAMPLE_ROWS, (), 0, SAMPLE_ROWS))
-    except StorageError as exc:
-        yield Finding("FAIL", "rows", f"cannot read the cache's keys: {exc}")
+        cache = open_cache(where, read_only=True)
+    except CacheConfigError as exc:  # a shared store takes no per-host key file
+        yield Finding("FAIL", "key", str(exc))
         return
-    finally:
-        backend.close()
-    opened = 0
-    for row in rows:
-        try:
-            ring.open(row)
-            opened += 1
-        except UnsealError:
-            pass
-    kids = ", ".join(ring.kids)
-    total = facts.entries_system + facts.entries_user
-    if not rows:
-        yield Finding("ok", "key", f"key ids {kids}; no rows yet")
-    elif opened == len(rows):
-        yield Finding("ok", "key", f"key ids {kids} open {opened} of {opened} rows sampled")
-    else:
-        foreign = sorted(set(facts.key_ids_in_use) - set(ring.kids))
-        extra = f" (sealed under key ids {', '.join(foreign)})" if foreign else ""
-        yield Finding(
-            "FAIL",
-            "key",
-            f"key ids {kids} open {opened} of {len(rows)} rows sampled{extra}: every replica "
-            "must have the same AGW_CACHE_KEY",
-        )
+    with cache:
+        stats = cache.stats()
+        verdict = None if stats.disabled_reason else cache.check_keys()
+        key_ids = cache.key_ids
+    if stats.disabled_reason:
+        yield Finding("FAIL", "rows", f"cannot read the cache: {stats.disabled_reason}")
+        return
+    rows = stats.entries_system + stats.entries_user
+    yield key_finding(verdict, key_ids, rows)
     yield Finding(
         "ok",
         "rows",
-        f"{facts.entries_system} system, {facts.entries_user} user "
-        f"({facts.entries_expired} expired); {total} in namespace {config.namespace}",
+        f"{stats.entries_system} system, {stats.entries_user} user "
+        f"({stats.entries_expired} expired); {rows} in namespace {namespace}",
     )

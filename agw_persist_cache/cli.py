@@ -26,6 +26,7 @@ from ._cli_common import (
     EXIT_USAGE,
     ProblemError,
     UsageError,
+    Where,
     format_bytes,
     format_span,
     format_until,
@@ -71,6 +72,14 @@ def _write_entries(entries: Sequence[EntryInfo], now: float, out: TextIO) -> Non
     out.writelines(line + "\n" for line in table_lines(ENTRY_HEADER, rows))
 
 
+def _where(args: argparse.Namespace) -> Where:
+    """The store the command line names (``--path``/``--url`` before or after the command)."""
+    where = Where(args.path, getattr(args, "url", None), getattr(args, "namespace", None))
+    if where.path is not None and where.url is not None:
+        raise UsageError("give --path or --url, not both")
+    return where
+
+
 def _require_usable(cache: PersistentTokenCache) -> None:
     """Refuse to report on (or to claim a change to) a cache that is bypassed: an empty
     listing, or "cleared", would be a lie."""
@@ -91,7 +100,7 @@ def _problem(cache: PersistentTokenCache, disabled_reason: str | None) -> str | 
 
 def cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
     """Rows by kind (valid / expired), expiry range, file sizes, schema and key ids."""
-    with open_cache(args.path, read_only=True) as cache:
+    with open_cache(_where(args), read_only=True) as cache:
         entries = cache.list_entries()
         stats = cache.stats()  # after the listing: whatever it found is in disabled_reason
         configured = cache.key_ids
@@ -141,7 +150,7 @@ def cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_list(args: argparse.Namespace, out: TextIO) -> int:
     """One line of metadata per row, soonest expiry first."""
-    with open_cache(args.path, read_only=True) as cache:
+    with open_cache(_where(args), read_only=True) as cache:
         _require_usable(cache)
         entries = sorted(cache.list_entries(), key=lambda e: e.expires_at)
         _require_usable(cache)  # the listing itself may have found the file damaged
@@ -157,7 +166,7 @@ def cmd_list(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_clear(args: argparse.Namespace, out: TextIO) -> int:
     """Empty the tokens table for every process on the host (on Redis: of one namespace)."""
-    with open_cache(args.path) as cache:
+    with open_cache(_where(args)) as cache:
         _require_usable(cache)
         stats = cache.stats()  # counts kept by the store: no scan of every row
         before = stats.entries_system + stats.entries_user
@@ -172,7 +181,7 @@ def cmd_clear(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
     """Remove expired rows and rows over the size limits, and show which ones went."""
-    with open_cache(args.path) as cache:
+    with open_cache(_where(args)) as cache:
         _require_usable(cache)
         before = {e.digest_prefix: e for e in cache.list_entries()}
         removed = cache.prune()
@@ -234,11 +243,11 @@ def cmd_rotate_key(args: argparse.Namespace, out: TextIO) -> int:
             f"that {ENV_KEY}; re-sealing first would make every worker that knows only <old> "
             "miss every row and fetch it again (--force does it anyway). Nothing was changed"
         )
-    with open_cache(args.path) as current:
+    with open_cache(_where(args)) as current:
         old = [key for key in _current_keys(current) if key != new]
         old_ids = list(current.key_ids)
         old_hint = f" (<old>: the contents of {current.key_file})" if current.key_file else ""
-    with open_cache(args.path, keys=[new, *old]) as cache:
+    with open_cache(_where(args), keys=[new, *old]) as cache:
         _require_usable(cache)
         resealed = cache.reseal()
         _require_usable(cache)
@@ -267,7 +276,7 @@ def cmd_rotate_key(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
     """Run the health checks (see ``_doctor``)."""
-    return run_doctor(args.path, out, mounts_file=Path(args.mounts_file))
+    return run_doctor(_where(args), out, mounts_file=Path(args.mounts_file))
 
 
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
@@ -360,12 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"{args.command} takes no --path (it uses a temporary cache of its own)")
     func: Callable[[argparse.Namespace, TextIO], int] = args.func
     try:
-        if getattr(args, "url", None) is not None:  # the store every command opens
-            if args.path is not None:
-                raise UsageError("give --path or --url, not both")
-            os.environ[ENV_URL] = args.url
-        if getattr(args, "namespace", None) is not None:  # read by every CacheConfig()
-            os.environ[ENV_NAMESPACE] = args.namespace
+        if args.uses_path:
+            _where(args)  # --path with --url: a usage error before anything runs
         code = func(args, sys.stdout)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
         return code

@@ -4,6 +4,7 @@ same commands as for the file, the URL's password never printed."""
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from support.redis_server import (  # noqa: F401  # fixtures
 )
 
 from agw_persist_cache import CacheConfig, PersistentTokenCache
+from agw_persist_cache.cli import main
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -72,7 +74,7 @@ def test_doctor_checks_a_healthy_redis_and_the_key_opens_its_rows(redis_url: str
         "key",
         "rows",
     ]
-    assert "open 2 of 2 rows sampled" in result.stdout
+    assert "open the 2 rows" in result.stdout
     assert "persistence none" in " ".join(result.stdout.split())
 
 
@@ -80,7 +82,7 @@ def test_doctor_fails_on_a_foreign_key_and_on_no_key(redis_url: str) -> None:
     seed(redis_url, new_key())
     other = run_cli("doctor", "--url", redis_url, env=base_env(AGW_CACHE_KEY=new_key()))
     assert other.returncode == 1
-    assert "open 0 of 2 rows sampled" in other.stdout
+    assert "does not open this cache: 2 rows" in other.stdout
     none = run_cli("doctor", "--url", redis_url, env=base_env())
     assert none.returncode == 1
     assert "FAIL  key" in none.stdout
@@ -166,3 +168,39 @@ def test_doctor_names_a_clear_left_unfinished_and_prune_finishes_it(redis_url: s
     assert run_cli("--url", redis_url, "prune", env=env).returncode == 0
     after = run_cli("doctor", "--url", redis_url, env=env)
     assert "generation 1; no rows left by a clear()" in after.stdout, after.stdout
+
+
+def test_url_and_namespace_options_are_arguments_not_the_environment(
+    redis_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--url``/``--namespace`` win over an environment naming another store, and the
+    command leaves the environment it ran in as it found it (run in-process)."""
+    key = new_key()
+    with PersistentTokenCache(
+        url=redis_url, config=CacheConfig(keys=[key], namespace="cli-ns")
+    ) as cache:
+        for i in range(2):
+            cache.set_system_token(f"scope-{i}", "token")
+    elsewhere = tmp_path / "elsewhere.db"
+    with PersistentTokenCache(elsewhere, config=CacheConfig(keys=[key])) as cache:
+        for i in range(5):
+            cache.set_system_token(f"scope-{i}", "token")
+    monkeypatch.setenv("AGW_CACHE_KEY", key)
+    monkeypatch.setenv("AGW_CACHE_URL", f"sqlite://{elsewhere}")
+    monkeypatch.setenv("AGW_CACHE_NAMESPACE", "env-ns")
+    before = dict(os.environ)
+    assert main(["--url", redis_url, "--namespace", "cli-ns", "stats", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["backend"], doc["entries_system"], doc["path"]) == ("redis", 2, redis_url)
+    assert main(["doctor", "--url", redis_url, "--namespace", "cli-ns"]) == 0
+    out = capsys.readouterr().out
+    assert "open the 2 rows" in out and "2 in namespace cli-ns" in out, out
+    assert main(["clear", "--url", redis_url, "--namespace", "cli-ns"]) == 0
+    assert "cleared 2 rows" in capsys.readouterr().out
+    assert dict(os.environ) == before
+    assert main(["stats", "--json"]) == 0  # the environment's store: untouched by the clear
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["backend"], doc["entries_system"], doc["path"]) == ("sqlite", 5, str(elsewhere))
