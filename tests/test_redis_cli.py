@@ -204,3 +204,29 @@ def test_url_and_namespace_options_are_arguments_not_the_environment(
     assert main(["stats", "--json"]) == 0  # the environment's store: untouched by the clear
     doc = json.loads(capsys.readouterr().out)
     assert (doc["backend"], doc["entries_system"], doc["path"]) == ("sqlite", 5, str(elsewhere))
+
+
+@pytest.mark.parametrize(
+    ("info", "level"),
+    [
+        ({"redis_version": "4.0.14"}, "FAIL"),  # no ZPOPMIN, scripts replicated verbatim
+        ({"redis_version": "5.0.14"}, "ok"),  # what the backend's commands need
+        ({"redis_version": "6.0.20"}, "ok"),  # no SET PXAT: not needed either
+        ({"redis_version": "7.2.4", "valkey_version": "7.2.5"}, "ok"),
+    ],
+)
+def test_doctor_asks_for_the_version_the_commands_need(info: dict[str, str], level: str) -> None:
+    from agw_persist_cache._doctor_redis import _server_checks
+
+    class Server:  # what INFO and PING answer; the rest of the checks are not reached here
+        def ping(self) -> bool:
+            return True
+
+        def info(self) -> dict[str, str]:
+            return info
+
+    checks = _server_checks(Server())
+    next(checks)  # latency
+    found = next(checks)
+    assert (found.name, found.level) == ("version", level), found
+    assert level == "ok" or "5.0 or newer" in found.detail
