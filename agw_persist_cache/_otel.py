@@ -180,7 +180,12 @@ def reset() -> None:
 
 
 def register(cache: object) -> None:
-    """Let the observable instruments read ``cache`` (weakly: it is not kept alive)."""
+    """Let the observable instruments read ``cache`` (weakly: it is not kept alive).
+
+    The one place a cache is registered: by itself when built, or by ``instrument()``.
+    Adapters register nothing: the instruments come from the API's global provider, a
+    proxy until the application installs its own, so a provider set up after the cache was
+    built receives them (and the counts from before) with nothing registered again."""
     if _switched_off or (_instruments is None and not (_wanted() and _api_available())):
         return
     if _instruments is None:

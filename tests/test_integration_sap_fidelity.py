@@ -172,8 +172,10 @@ def test_an_unwrapped_sdk_method_is_reported_too(monkeypatch: pytest.MonkeyPatch
 
 
 async def test_drop_in_fetches_and_hits_reach_opentelemetry(
-    sap_env: SapEnv, cache: PersistentTokenCache, reader: InMemoryMetricReader
+    reader: InMemoryMetricReader, sap_env: SapEnv, cache: PersistentTokenCache
 ) -> None:
+    # The reader first: it starts from no cache at all (test_otel covers OpenTelemetry set
+    # up after a cache exists, with nothing registering the cache again).
     client = create_client(cache=cache)
     for _ in range(3):
         await client.get_system_auth()

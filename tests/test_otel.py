@@ -5,6 +5,7 @@ never carry a secret, and nothing at all without the ``[otel]`` extra."""
 from __future__ import annotations
 
 import gc
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from _core_support import new_key
 from _otel_reader import points, reader, value
 from _scripted_ias import ScriptedIas
 from _tls import USER_JWT, cache_config
@@ -122,6 +124,60 @@ def test_the_degraded_mode_and_tokens_served_from_memory_are_observed(
     assert value(found, "agw_cache.degraded", **SDK) == 1  # one of the two caches
     cache.close()
     healthy.close()
+
+
+_LATE_SET_UP = """
+import json, sys
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from _otel_reader import points, value
+from agw_persist_cache import CacheConfig, PersistentTokenCache
+from agw_persist_cache.agentgateway import AgentGatewayTokens, CustomerCredentials, IasTokenClient
+path, ias_url, key = sys.argv[1:]
+cache = PersistentTokenCache(path, config=CacheConfig(keys=[key]))
+creds = CustomerCredentials(ias_url, "agent-client", "https://gateway.example")
+tokens = AgentGatewayTokens(cache, IasTokenClient(creds, timeout=5.0))
+tokens.system_token()  # a miss and a fetch before any OpenTelemetry set-up
+reader = InMemoryMetricReader()
+metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))  # the application's, late
+tokens.system_token()
+tokens.system_token()
+cache.invalidate_system_token(tokens.scope_key)
+tokens.system_token()  # a miss and a fetch after it
+found = points(reader)
+labels = {"kind": "system", "backend": "sqlite"}
+print(json.dumps({
+    "hits": value(found, "agw_cache.hits", backend="sqlite"),
+    "misses": value(found, "agw_cache.misses", backend="sqlite"),
+    "fetches": value(found, "agw_cache.fetches", outcome="ok", **labels),
+    "rows": value(found, "agw_cache.rows", **labels),
+}))
+"""
+
+
+def test_opentelemetry_set_up_after_the_cache_was_made_sees_its_metrics(
+    tmp_path: Path, ias: ScriptedIas
+) -> None:
+    """The application installs its meter provider after the cache and its adapter exist
+    (a process of its own: the global provider is set once per process); nothing registers
+    the cache again, and its counts from before the set-up are kept."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    env.pop(_otel.ENV_SWITCH, None)
+    args = [str(tmp_path / "t.db"), ias.url, new_key()]
+    done = subprocess.run(
+        [sys.executable, "-c", _LATE_SET_UP, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    # Counters read the cache's own counts: the miss before the set-up is in them. The fetch
+    # before it went to no provider; the one after reaches the application's reader.
+    assert seen == {"hits": 2, "misses": 2, "fetches": 1, "rows": 1}
+    assert ias.hits == 2
 
 
 _WITHOUT_OTEL = """

@@ -5,7 +5,6 @@ from __future__ import annotations
 from functools import partial
 from typing import TYPE_CHECKING, Literal
 
-from .. import _otel
 from ._ias import IasTokenClient, TokenDict
 
 if TYPE_CHECKING:
@@ -29,7 +28,6 @@ class AgentGatewayTokens:
     def __init__(self, cache: PersistentTokenCache, ias_client: IasTokenClient) -> None:
         self.cache = cache
         self.ias_client = ias_client
-        _otel.register(cache)  # again: OpenTelemetry may have been set up since
 
     @property
     def scope_key(self) -> str:

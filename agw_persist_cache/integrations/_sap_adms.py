@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from agw_persist_cache import PersistentTokenCache, _otel
+from agw_persist_cache import PersistentTokenCache
 
 from ._sap_compat import TokenCache
 from ._sap_time import stored_expiry
@@ -25,7 +25,6 @@ class AdmsTokenCache(TokenCache):
 
     def __init__(self, cache: PersistentTokenCache, *, namespace: str = "default") -> None:
         self.cache = cache
-        _otel.register(cache)  # again: OpenTelemetry may have been set up since
         self._prefix = f"{_SCOPE_PREFIX}{namespace}:"
 
     def get(self, key: str) -> str | None:

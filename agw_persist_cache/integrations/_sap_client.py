@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
 
-from agw_persist_cache import FetchBackoffError, PersistentTokenCache, _otel
+from agw_persist_cache import FetchBackoffError, PersistentTokenCache
 from agw_persist_cache.agentgateway._retry import (
     TRANSIENT_STATUSES,
     retry_policy,
@@ -239,7 +239,6 @@ class PersistentAgentGatewayClient(AgentGatewayClient):
         self._token_cache = _SharedTokenCache(
             self._config, cache if cache is not None else default_cache()
         )
-        _otel.register(self._token_cache.cache)  # again: OpenTelemetry may be set up since
 
     @property
     def token_cache(self) -> PersistentTokenCache:
