@@ -46,6 +46,24 @@ def test_diagnostics_change_nothing_in_an_existing_cache(tmp_path: Path) -> None
     assert {p: p.stat().st_mtime_ns for p in path.parent.iterdir()} == before
 
 
+@pytest.mark.parametrize("how", ["--url", "AGW_CACHE_URL"])
+def test_doctor_checks_the_file_a_sqlite_url_names(tmp_path: Path, how: str) -> None:
+    """The file checked is the file the cache opens, however the URL is given."""
+    key = new_key()
+    path = tmp_path / "c" / "tokens.db"
+    with PersistentTokenCache(path, config=CacheConfig(keys=[key])) as cache:
+        cache.set_system_token("scope", "token")
+    url = f"sqlite://{path}"
+    if how == "--url":
+        result = run_cli("doctor", "--url", url, env=base_env(AGW_CACHE_KEY=key))
+    else:
+        result = run_cli("doctor", env=base_env(AGW_CACHE_KEY=key, AGW_CACHE_URL=url))
+    assert result.returncode == 0, result.stdout + result.stderr
+    source = how if how == "--url" else f"${how}"
+    assert f"{path} (from {source})" in result.stdout
+    assert "open the 1 rows" in result.stdout
+
+
 def _doctor(path: Path, **env: str) -> tuple[int, str]:
     result = run_cli("--path", str(path), "doctor", env=base_env(**env))
     assert "Traceback" not in result.stderr, result.stderr
