@@ -329,12 +329,13 @@ class PersistentTokenCache(Closing):
 
     def check_keys(self) -> KeyVerdict | None:
         """Whether the configured keys open the stored rows (and which key ids wrote them);
-        None without a usable key or without rows. One bounded read, whatever the size."""
-        return self._flights.run(_survey.key_verdict)
+        None without a usable key or without rows. One bounded read, whatever the size;
+        raises ``CacheStorageError`` if the store cannot answer."""
+        return self._flights.run(_survey.checked_keys)
 
     async def acheck_keys(self) -> KeyVerdict | None:
         """Async twin of ``check_keys``."""
-        return await self._flights.arun(_survey.key_verdict)
+        return await self._flights.arun(_survey.checked_keys)
 
     def close(self) -> None:
         """Close this process's connections (the store and other processes are unaffected)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 from ._crypto import UnsealError
+from ._errors import CacheStorageError
 from ._shelf import TokenShelf
 from ._stats import CacheStats, EntryInfo, KeyVerdict, stats_of
 from .backends.contract import (
@@ -102,6 +103,18 @@ def key_verdict(shelf: TokenShelf) -> OpFlow[KeyVerdict | None]:
     if ring is None or not found.rows:
         return None
     return KeyVerdict(*ring.opens(found))
+
+
+def checked_keys(shelf: TokenShelf) -> OpFlow[KeyVerdict | None]:
+    """:func:`key_verdict` for a caller: a store that cannot answer raises
+    ``CacheStorageError`` (the cache's own error, never the backend's)."""
+    try:
+        return (yield from key_verdict(shelf))
+    except StorageError as exc:
+        shelf.storage_failed(exc)
+        raise CacheStorageError(
+            f"cannot tell whether the keys open the stored rows: {exc} (run `agw-cache doctor`)"
+        ) from None
 
 
 def compare_keys(shelf: TokenShelf) -> OpFlow[None]:

@@ -30,6 +30,7 @@ from _core_support import (
     warnings_of,
 )
 from _core_support import open_api as open_api  # fixture, re-exported by name
+from support.store_down import unusable_path
 
 import agw_persist_cache.backends.sqlite as store_module
 from agw_persist_cache import (
@@ -37,6 +38,7 @@ from agw_persist_cache import (
     CacheStats,
     CacheStorageError,
     EntryInfo,
+    KeyVerdict,
     PersistentTokenCache,
 )
 from agw_persist_cache.backends._filelocks import KEEPS_LOCK_FILES
@@ -427,6 +429,23 @@ def test_reseal_works_in_batches_and_leaves_rows_no_key_opens(db_path: Path) -> 
         assert [cache.get_system_token(f"s{i}") for i in range(5)] == [f"t{i}" for i in range(5)]
     with PersistentTokenCache(db_path, config=make_config(keys=[foreign])) as cache:
         assert cache.get_system_token("foreign") == "foreign-token"
+
+
+async def test_check_keys_says_whether_the_keys_open_the_rows(db_path: Path) -> None:
+    mine, other = new_key(), new_key()
+    with PersistentTokenCache(db_path, config=make_config(keys=[mine])) as cache:
+        assert cache.check_keys() is None  # no rows yet
+        cache.set_system_token("scope", "token")
+        verdict = cache.check_keys()
+        assert verdict == KeyVerdict(True, cache.key_ids)
+        assert await cache.acheck_keys() == verdict
+    with PersistentTokenCache(db_path, config=make_config(keys=[other])) as stranger:
+        assert stranger.check_keys() == KeyVerdict(False, verdict.key_ids)
+    with PersistentTokenCache(db_path, config=make_config(keys=[other, mine])) as rotating:
+        assert rotating.check_keys() == KeyVerdict(True, verdict.key_ids)
+    unusable = PersistentTokenCache(unusable_path(db_path.parent), config=make_config(keys=[mine]))
+    with pytest.raises(CacheStorageError, match="cannot tell whether the keys open"):
+        unusable.check_keys()
 
 
 # -- nothing secret on disk or in logs -----------------------------------------------------------
