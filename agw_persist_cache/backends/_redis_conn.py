@@ -42,6 +42,7 @@ from redis.exceptions import InvalidResponse, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from .. import _fork
 from .._config import CacheConfig
 from .._errors import CacheConfigError
 
@@ -154,8 +155,7 @@ class Watchdog:
             with self._mutex:
                 if not self._running:
                     self._running = True
-                    name = "agw-cache-redis-deadlines"
-                    threading.Thread(target=self._run, name=name, daemon=True).start()
+                    _fork.start_thread("agw-cache-redis-deadlines", self._run)
 
     def _run(self) -> None:
         step = self.seconds / 4
