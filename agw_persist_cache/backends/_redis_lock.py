@@ -143,18 +143,18 @@ class RedisKeyLock:
 
     def acquire(self, wait: float | None) -> LockResult:
         woken = threading.Event()
-
-        def perform(step: Try | Listen | float) -> bool:
-            if isinstance(step, Try):
-                token, call = self._try_call()
-                return self._backend.run(call) and self._took(token)
-            if isinstance(step, Listen):
-                return listen()
-            found = woken.wait(step)
-            woken.clear()
-            return found
-
         with self._listening(woken.set) as listen:
+
+            def perform(step: Try | Listen | float) -> bool:
+                if isinstance(step, Try):
+                    token, call = self._try_call()
+                    return self._backend.run(call) and self._took(token)
+                if isinstance(step, Listen):
+                    return listen()
+                found = woken.wait(step)
+                woken.clear()
+                return found
+
             return drive(self._flow(wait), perform)
 
     async def aacquire(self, wait: float | None) -> LockResult:
@@ -165,21 +165,22 @@ class RedisKeyLock:
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 loop.call_soon_threadsafe(woken.set)
 
-        async def perform(step: Try | Listen | float) -> bool:
-            if isinstance(step, Try):
-                token, call = self._try_call()
-                return await self._backend.arun(call) and self._took(token)
-            if isinstance(step, Listen):
-                return listen()
-            try:
-                await asyncio.wait_for(woken.wait(), step)
-            except TimeoutError:
-                return False
-            finally:
-                woken.clear()
-            return True
-
         with self._listening(wake) as listen:
+
+            async def perform(step: Try | Listen | float) -> bool:
+                if isinstance(step, Try):
+                    token, call = self._try_call()
+                    return await self._backend.arun(call) and self._took(token)
+                if isinstance(step, Listen):
+                    return listen()
+                try:
+                    await asyncio.wait_for(woken.wait(), step)
+                except TimeoutError:
+                    return False
+                finally:
+                    woken.clear()
+                return True
+
             return await adrive(self._flow(wait), perform)
 
     def release(self) -> None:

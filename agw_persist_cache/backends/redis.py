@@ -5,7 +5,8 @@ Each operation of the contract is ONE command, mostly a Lua script, encoded with
 send it through redis-py's public API (``execute_command``; scripts through
 ``register_script``, which sends the source once to a server that does not know it):
 :meth:`RedisBackend.run` on this process's pool and :meth:`RedisBackend.arun` on this event
-loop's pool (``_redis_conn``: gates, whole-command deadlines, one pool per loop).
+loop's pool (``_redis_conn``: gates and one pool per loop; ``_redis_deadlines``:
+whole-command deadlines for threads).
 
 Never breaking the agent: every command is bounded as a whole by ``socket_timeout_seconds``,
 and a circuit breaker turns the store's failures (refused, timeout, ``NOAUTH``,
