@@ -54,7 +54,6 @@ README = PACKAGE.parent / "README.md"
 KEY = b"\x07" * 32
 
 PENDING: dict[str, str] = {
-    "_cache.py": "the refresh thread: the core's rewrite starts it through _fork.start_thread",
     "backends/sqlite.py": "the aiosqlite stop helper: the SQLite split moves it to _fork",
     "_demo.py": "the demo's simulated callers: no name in _fork.THREADS yet",
     "_demo_endpoint.py": "the demo's stand-in token endpoint: no name in _fork.THREADS yet",
