@@ -343,7 +343,7 @@ def test_a_forked_childs_redis_waiter_is_woken_by_its_own_subscription(
 
     forked = Forked(how, child)
     assert waiting.wait(90)
-    time.sleep(0.5)  # the child's waiter is waiting by now
+    time.sleep(1.5)  # the child's waiter is waiting by now (a release before would be HELD)
     held.release()
     seen = forked.result()
     assert seen["threads"] == []
