@@ -47,12 +47,18 @@ _CHILD_HOOKS: list[Callable[[], Callable[[], None] | None]] = []
 _prune_at = 64
 
 THREADS: dict[str, str] = {
-    "agw-cache-refresh": "PersistentTokenCache: one per background refresh-ahead fetch",
-    "agw-cache-lock-wait": "SQLite OFD key lock: one per waiter blocked on another process",
-    "agw-cache-aiosqlite-stop": "SQLite: closes an event loop's aiosqlite connection",
-    "agw-cache-redis-lease": "Redis key lock: renews held leases, releases for event loops",
-    "agw-cache-redis-wakeups": "Redis key lock: the pub/sub subscription that wakes waiters",
-    "agw-cache-redis-deadlines": "Redis: disconnects a command that outlived its deadline",
+    "agw-cache-refresh": "PersistentTokenCache: one per background refresh-ahead fetch of a "
+    "sync caller; ends when that fetch is stored or failed",
+    "agw-cache-lock-wait": "SQLite OFD key lock: one per acquisition waiting for a key another "
+    "descriptor holds; ends when the holder lets go",
+    "agw-cache-aiosqlite-stop": "SQLite: closes an event loop's aiosqlite connection from "
+    "outside that loop; ends when it has stopped",
+    "agw-cache-redis-lease": "Redis key lock: renews held leases and sends event loops' "
+    "releases; ends when nothing is held or queued",
+    "agw-cache-redis-wakeups": "Redis key lock: the pub/sub subscription that wakes waiters; "
+    "ends 2 s after the last waiter left",
+    "agw-cache-redis-deadlines": "Redis: disconnects a thread's command past its deadline; "
+    "ends 5 s after the last command",
 }
 """Every thread the package can start, by name, with its owner and purpose."""
 

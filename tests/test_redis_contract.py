@@ -109,11 +109,11 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         sqlite.prepare_dirs()  # the cache does this before it takes a lock
         backend = sqlite
     else:
-        from agw_persist_cache.backends import redis as driver
+        from agw_persist_cache.backends import _redis_lock
         from agw_persist_cache.backends.redis import RedisBackend
 
         # No polling within these tests: a waiter that gets the key soon was woken (pub/sub).
-        request.getfixturevalue("monkeypatch").setattr(driver, "POLL_SECONDS", 30.0)
+        request.getfixturevalue("monkeypatch").setattr(_redis_lock, "POLL_SECONDS", 30.0)
         url = request.getfixturevalue("redis_url")
         backend = RedisBackend(url, config, Warnings())
     yield Store(backend, mode)

@@ -9,8 +9,10 @@ figures (2,000 keys x 2 callers; 16 processes x 100 users)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +72,16 @@ def test_asyncio_run_from_eight_threads_keeps_every_hit(
     for k in keys:
         cache.set_system_token(k, f"tok-{k}")
     wrong: list[Any] = []
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def get(k: str) -> str | None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        return await cache.aget_system_token(k)
 
     def thread(k: str) -> None:
         for _ in range(100):
             try:
-                token = asyncio.run(cache.aget_system_token(k))
+                token = asyncio.run(get(k))
             except BaseException as exc:
                 wrong.append(exc)
             else:
@@ -91,8 +98,9 @@ def test_asyncio_run_from_eight_threads_keeps_every_hit(
     assert (stats.hits, stats.misses, stats.storage_errors) == (800, 0, 0)
     assert cache._backend.unavailable is None
     # Each loop closed its own pool at its shutdown: nothing is left open or remembered.
-    assert cache._backend._loops._wires == {}
     assert client_count(redis_server) == 1  # the threads' pool: its one idle connection
+    gc.collect()
+    assert len(loops) == 800 and [ref for ref in loops if ref() is not None] == []
     cache.close()
 
 
@@ -128,13 +136,17 @@ def test_loops_that_shut_down_close_their_pools_and_others_are_forgotten(
     redis_server: RedisServer, redis_url: str
 ) -> None:
     cache = _cache(redis_url)
+    loops = []
     for _ in range(5):
         loop = asyncio.new_event_loop()
         assert loop.run_until_complete(cache.aget_system_token("none")) is None
         loop.run_until_complete(loop.shutdown_asyncgens())  # asgiref and Runner do this
         loop.close()
-    assert cache._backend._loops._wires == {}
+        loops.append(weakref.ref(loop))
+    del loop
     assert client_count(redis_server) == 0
+    gc.collect()
+    assert [ref for ref in loops if ref() is not None] == []  # none is remembered
     cache.close()
 
 

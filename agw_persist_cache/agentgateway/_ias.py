@@ -3,7 +3,8 @@
 STANDARD mode authenticates with the binding's client certificate (mTLS); TRANSPARENT mode
 uses plain HTTPS. The request/response logic is one sans-I/O generator
 (:func:`_token_flow`) that yields the ``httpx.Request`` to send and receives the response
-(or the transport error); the sync and async methods are thin drivers around it.
+(or has the transport error thrown in); ``_steps.drive`` / ``adrive`` run it with the pooled
+client's ``send``, inside the retry policy.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from .. import _fork
 from .._closing import Closing
 from .._errors import TokenFetchError
+from .._steps import adrive, drive
 from ._credentials import CredentialsError, CustomerCredentials
 from ._retry import TRANSIENT_STATUSES, retry_policy, transient_transport_error
 
@@ -43,7 +46,7 @@ TokenDict = dict[str, Any]
 """What a fetch returns to the cache: ``access_token``, ``expires_at`` (epoch) when the
 response said ``expires_in``, and ``id_token`` when present."""
 
-_Flow = Generator[httpx.Request, "httpx.Response | httpx.HTTPError", TokenDict]
+_Flow = Generator[httpx.Request, httpx.Response, TokenDict]
 
 
 def safe_url(url: str) -> str:
@@ -108,11 +111,13 @@ def _token_flow(
     logger.debug("sending %s", what)
     sent_at = time.time()
     extensions = {"timeout": httpx.Timeout(timeout).as_dict()}
-    result = yield httpx.Request("POST", url, data=data, headers=_HEADERS, extensions=extensions)
-    if isinstance(result, httpx.HTTPError):
+    request = httpx.Request("POST", url, data=data, headers=_HEADERS, extensions=extensions)
+    try:
+        result = yield request
+    except httpx.HTTPError as exc:
         # Transport errors describe the connection (e.g. a TLS alert), not the payload.
-        detail = _scrub(str(result), secrets) or "no detail"
-        raise TokenFetchError(f"{what} failed: {type(result).__name__}: {detail}") from result
+        detail = _scrub(str(exc), secrets) or "no detail"
+        raise TokenFetchError(f"{what} failed: {type(exc).__name__}: {detail}") from exc
     status = result.status_code
     if status != 200:
         detail = _describe_body(result, secrets)
@@ -140,16 +145,6 @@ def _transient(exc: Exception) -> bool:
     if not isinstance(exc, TokenFetchError):
         return False
     return exc.status in TRANSIENT_STATUSES or transient_transport_error(exc.__cause__)
-
-
-def _finish(flow: _Flow, result: httpx.Response | httpx.HTTPError) -> TokenDict:
-    """Hand the flow its response and return what it makes of it."""
-    try:
-        flow.send(result)
-    except StopIteration as done:
-        value: TokenDict = done.value
-        return value
-    raise RuntimeError("token flow yielded more than one request")  # pragma: no cover
 
 
 def _grant_label(grant_type: str) -> str:
@@ -212,12 +207,21 @@ class IasTokenClient(Closing):
         self.credentials = credentials
         self.timeout = timeout
         self.ca_file = None if ca_file is None else os.fspath(ca_file)
+        self._reset()
+
+    def _reset(self) -> None:
+        """Fresh per-process state (at construction and in a forked child)."""
+        self._forks = _fork.forks
         self._lock = threading.Lock()
-        self._pid = os.getpid()
         self._verify: ssl.SSLContext | bool | None = None
         self._client: httpx.Client | None = None
         self._aclient: httpx.AsyncClient | None = None
         self._aloop: asyncio.AbstractEventLoop | None = None
+
+    def _check_fork(self) -> None:
+        # Clients inherited across fork hold the parent's sockets: dropped, never closed.
+        if self._forks != _fork.forks:
+            self._reset()
 
     def __repr__(self) -> str:
         mode = "mtls" if self.credentials.mtls else "transparent"
@@ -248,9 +252,10 @@ class IasTokenClient(Closing):
 
     def close(self) -> None:
         """Close the sync client (the async one needs :meth:`aclose`)."""
+        self._check_fork()
         with self._lock:
             client, self._client = self._client, None
-        if client is not None and self._pid == os.getpid():
+        if client is not None:
             client.close()
 
     async def aclose(self) -> None:
@@ -258,7 +263,7 @@ class IasTokenClient(Closing):
         self.close()
         with self._lock:
             aclient, self._aclient, self._aloop = self._aclient, None, None
-        if aclient is not None and self._pid == os.getpid():
+        if aclient is not None:
             await aclient.aclose()
 
     # -- drivers --------------------------------------------------------------------------
@@ -267,40 +272,23 @@ class IasTokenClient(Closing):
         """Run a fresh flow per attempt; a transient failure is retried (see ``_retry``)."""
         for attempt in retry_policy(on=_transient):
             with attempt:
-                flow = make_flow()
-                request = next(flow)
-                try:
-                    result: httpx.Response | httpx.HTTPError = self._sync_client().send(request)
-                except httpx.HTTPError as exc:
-                    result = exc
-                return _finish(flow, result)
+                return drive(make_flow(), self._send)
         raise AssertionError("unreachable: the last failed attempt re-raises")  # pragma: no cover
 
     async def _arun(self, make_flow: Callable[[], _Flow]) -> TokenDict:
         """Async :meth:`_run`."""
         async for attempt in retry_policy(on=_transient):
             with attempt:
-                flow = make_flow()
-                request = next(flow)
-                try:
-                    result: httpx.Response | httpx.HTTPError = await self._async_client().send(
-                        request
-                    )
-                except httpx.HTTPError as exc:
-                    result = exc
-                return _finish(flow, result)
+                return await adrive(make_flow(), self._asend)
         raise AssertionError("unreachable: the last failed attempt re-raises")  # pragma: no cover
 
-    # -- pooled clients -------------------------------------------------------------------
+    def _send(self, request: httpx.Request) -> httpx.Response:
+        return self._sync_client().send(request)
 
-    def _forget_after_fork(self) -> None:
-        """Drop clients inherited across fork without closing them (their sockets are the
-        parent's); called with the lock held."""
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            self._client = self._aclient = None
-            self._aloop = None
-            self._verify = None
+    async def _asend(self, request: httpx.Request) -> httpx.Response:
+        return await self._async_client().send(request)
+
+    # -- pooled clients -------------------------------------------------------------------
 
     def _verify_setting(self) -> ssl.SSLContext | bool:
         if self._verify is None:
@@ -322,16 +310,16 @@ class IasTokenClient(Closing):
         return self._verify
 
     def _sync_client(self) -> httpx.Client:
+        self._check_fork()
         with self._lock:
-            self._forget_after_fork()
             if self._client is None:
                 self._client = httpx.Client(verify=self._verify_setting(), timeout=self.timeout)
             return self._client
 
     def _async_client(self) -> httpx.AsyncClient:
         loop = asyncio.get_running_loop()
+        self._check_fork()
         with self._lock:
-            self._forget_after_fork()
             if self._aloop is not loop:
                 # Connections belong to the loop that opened them; a new loop needs a new
                 # pool. The old one cannot be closed from here: call aclose() per loop.

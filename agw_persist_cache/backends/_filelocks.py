@@ -35,6 +35,7 @@ from pathlib import Path
 
 import filelock
 
+from .._steps import adrive, drive
 from . import _ofdlocks
 from ._ofdlocks import OfdKeyLock, reason
 from .contract import KeyLock, LockResult
@@ -89,7 +90,8 @@ class PortableKeyLock:
         return LockResult.HELD
 
     def _attempts(self, wait: float | None) -> Generator[float, None, LockResult]:
-        """The decisions of one acquisition; yields how long to sleep between looks."""
+        """The decisions of one acquisition; yields how long to sleep between looks (run
+        by ``_steps.drive`` on ``time.sleep``, ``adrive`` on ``asyncio.sleep``)."""
         first = self._try()
         if first is not LockResult.BUSY or wait is None:
             return first
@@ -105,22 +107,10 @@ class PortableKeyLock:
         return LockResult.TIMEOUT
 
     def acquire(self, wait: float | None) -> LockResult:
-        attempts = self._attempts(wait)
-        try:
-            while True:
-                time.sleep(next(attempts))
-        except StopIteration as done:
-            result: LockResult = done.value
-            return result
+        return drive(self._attempts(wait), time.sleep)
 
     async def aacquire(self, wait: float | None) -> LockResult:
-        attempts = self._attempts(wait)
-        try:
-            while True:
-                await asyncio.sleep(next(attempts))
-        except StopIteration as done:
-            result: LockResult = done.value
-            return result
+        return await adrive(self._attempts(wait), asyncio.sleep)
 
     def release(self) -> None:
         if self._lock.is_locked:

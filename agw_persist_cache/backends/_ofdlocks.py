@@ -27,6 +27,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from .. import _fork
 from .contract import LockResult
 
 try:
@@ -51,7 +52,7 @@ def _forget_inherited() -> None:
 
 
 if SUPPORTED:
-    os.register_at_fork(after_in_child=_forget_inherited)
+    _fork.in_child(_forget_inherited)
 
 
 class _Range:
@@ -111,7 +112,7 @@ class _Waiter:
         self._callbacks: list[Callable[[], None]] = []
 
     def start(self) -> None:
-        threading.Thread(target=self._run, name="agw-cache-lock-wait", daemon=True).start()
+        _fork.start_thread("agw-cache-lock-wait", self._run)
 
     def _run(self) -> None:
         try:

@@ -9,8 +9,7 @@ behind a gate never waits: it may open as many connections as the gate lets thro
 
 A whole command is bounded by ``socket_timeout_seconds``, not each read (a server or proxy
 that drips its reply passes every socket timeout): a loop wraps it in ``asyncio.timeout``; a
-thread's connection is armed with the :class:`Watchdog`, which disconnects it when its
-command overruns, and the command fails with :class:`Overran`.
+thread's connection is armed with the ``_redis_deadlines`` watchdog.
 
 When a burst is over (nothing in flight after more than ``IDLE_CONNECTIONS`` were), the
 pool's idle connections are closed: a process keeps no more connections than it uses.
@@ -27,9 +26,8 @@ import asyncio
 import collections
 import contextlib
 import threading
-import time
 from collections.abc import AsyncGenerator, Callable
-from typing import Any, ClassVar
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import redis
@@ -44,6 +42,7 @@ from redis.retry import Retry
 
 from .._config import CacheConfig
 from .._errors import CacheConfigError
+from ._redis_deadlines import Watchdog, watched_class
 
 MAX_CONNECTIONS = 16
 """Commands (and so connections) of a process's threads in flight at once."""
@@ -51,8 +50,6 @@ MAX_LOOP_CONNECTIONS = 8
 """Commands (and so connections) of one event loop's tasks in flight at once."""
 IDLE_CONNECTIONS = 4
 """A burst above this many commands in flight closes the idle connections when it is over."""
-WATCHDOG_IDLE_SECONDS = 5.0
-"""The deadline thread ends after this long with no command in flight (and comes back)."""
 
 STORE_ERRORS: tuple[type[BaseException], ...] = (
     RedisConnectionError,  # refused, reset, NOAUTH, LOADING, MaxConnections...
@@ -64,10 +61,6 @@ STORE_ERRORS: tuple[type[BaseException], ...] = (
 """What the store's unavailability looks like; anything else is a bug and propagates."""
 
 _HOSTED = ("redis", "rediss")
-
-
-class Overran(RedisTimeoutError):
-    """A command ran past its deadline; the watchdog closed its connection."""
 
 
 def pool_options(url: str, config: CacheConfig) -> dict[str, Any]:
@@ -119,127 +112,6 @@ def check_options(pool: Any) -> None:
         raise CacheConfigError(
             f"the cache URL has an option redis-py does not take ({exc})"
         ) from None
-
-
-# -- whole-command deadlines (threads) ---------------------------------------------------------
-
-
-class Watchdog:
-    """Disconnects a thread's connection whose command outlived its deadline.
-
-    Arming and disarming are one dict operation each (atomic under the GIL; a hit must not
-    pay for a lock or a thread switch). One thread looks every quarter of ``seconds``, and
-    only while commands are being sent.
-    """
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.armed: dict[Any, float] = {}
-        self.calls = threading.local()  # .deadline: of the call this thread is making
-        self._mutex = threading.Lock()
-        self._running = False
-
-    def begin(self) -> None:
-        """This thread starts a call: its commands (a new connection's AUTH, SELECT and
-        CLIENT SETINFO included) share one deadline."""
-        self.calls.deadline = time.monotonic() + self.seconds
-
-    def end(self) -> None:
-        self.calls.deadline = None
-
-    def arm(self, conn: Any) -> None:
-        deadline = getattr(self.calls, "deadline", None)
-        self.armed[conn] = deadline or time.monotonic() + self.seconds
-        if not self._running:
-            with self._mutex:
-                if not self._running:
-                    self._running = True
-                    name = "agw-cache-redis-deadlines"
-                    threading.Thread(target=self._run, name=name, daemon=True).start()
-
-    def _run(self) -> None:
-        step = self.seconds / 4
-        quiet_since = time.monotonic()
-        while True:
-            time.sleep(step)
-            now = time.monotonic()
-            due = []
-            for conn, deadline in list(self.armed.items()):  # (one C call: a snapshot)
-                if deadline <= now:
-                    due.append((conn, deadline))
-            for conn, deadline in due:
-                current = self.armed.pop(conn, None)
-                if current is not deadline:  # its command ended, and maybe another began
-                    if current is not None:
-                        self.armed[conn] = current
-                    continue
-                # The reader fails (with whatever redis-py raises for a socket closed under
-                # it) and reports Overran instead.
-                conn.agw_overran = True
-                with contextlib.suppress(OSError):
-                    conn.disconnect()
-            if self.armed:
-                quiet_since = now
-            elif now - quiet_since > WATCHDOG_IDLE_SECONDS:
-                with self._mutex:
-                    self._running = False
-                if not self.armed:
-                    return
-                with self._mutex:  # armed just now: keep watching, unless a new watcher does
-                    if self._running:
-                        return
-                    self._running = True
-
-
-class _Watched:
-    """Mixed into a redis-py connection class: a command, from its first send to its last
-    reply (a fresh connection's AUTH/SELECT included), is armed with the watchdog."""
-
-    agw_watchdog: ClassVar[Watchdog]
-    agw_pending = 0
-    agw_overran = False
-
-    def send_packed_command(self, *args: Any, **kwargs: Any) -> None:
-        if self.agw_pending == 0:
-            self.agw_overran = False
-            self.agw_watchdog.arm(self)
-        self.agw_pending += 1
-        try:
-            super().send_packed_command(*args, **kwargs)  # type: ignore[misc]  # a mixin
-        except BaseException:
-            self._agw_failed()
-            raise
-
-    def read_response(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            reply = super().read_response(*args, **kwargs)  # type: ignore[misc]  # a mixin
-        except ResponseError:  # an answer: the command is over, the connection is fine
-            self._agw_answered()
-            raise
-        except BaseException:
-            self._agw_failed()
-            raise
-        self._agw_answered()
-        return reply
-
-    def _agw_answered(self) -> None:
-        self.agw_pending -= 1
-        if self.agw_pending <= 0:
-            self.agw_pending = 0
-            self.agw_watchdog.armed.pop(self, None)
-
-    def _agw_failed(self) -> None:
-        self.agw_pending = 0
-        self.agw_watchdog.armed.pop(self, None)
-        if self.agw_overran:
-            raise Overran(f"command took over {self.agw_watchdog.seconds:g} s") from None
-
-
-def watched_class(url: str, watchdog: Watchdog) -> type:
-    """The connection class redis-py picks for ``url`` (TCP, TLS, unix), armed by ``watchdog``."""
-    options = redis.connection.parse_url(url)  # type: ignore[no-untyped-call]  # untyped in 5.x
-    base = options.get("connection_class", redis.Connection)
-    return type(f"Watched{base.__name__}", (_Watched, base), {"agw_watchdog": watchdog})
 
 
 # -- gates -------------------------------------------------------------------------------------

@@ -1,23 +1,29 @@
-"""The Redis key lock without the backend: its waiting logic (written once for both
-drivers), and its background threads: lease renewal, releases on behalf of event loops, and
-the pub/sub subscription that wakes waiters when a key is released."""
+"""The Redis key lock: its waiting logic (one flow, run by ``_steps.drive``/``adrive``), the
+lock a backend hands out, and its background threads: lease renewal, releases on behalf of
+event loops, and the pub/sub subscription that wakes waiters when a key is released."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import queue
+import secrets
 import threading
 import time
-from collections.abc import Callable, Generator
-from typing import Any, Protocol, TypeVar, cast
+from collections.abc import Callable, Generator, Iterator
+from typing import Any, Protocol, TypeVar
 
+from .. import _fork
 from .._config import CacheConfig
+from .._steps import adrive, drive
 from ._redis_conn import STORE_ERRORS
 from ._redis_ops import Call, Codec, Layout
 from .contract import LockResult, StorageError
 
 T = TypeVar("T")
 
+POLL_SECONDS = 0.25
+"""Waiters re-try the lock this often even without a wake-up (pub/sub is best effort)."""
 LISTEN_SECONDS = 0.25
 """How often the pub/sub thread looks up from its subscription (to stop when idle)."""
 LINGER_SECONDS = 2.0
@@ -38,6 +44,15 @@ class LockHost(Protocol):
     def run(self, call: Call[T]) -> T: ...
 
     def pubsub_client(self) -> Any: ...
+
+
+class KeyLockHost(LockHost, Protocol):
+    """What a key lock needs of the backend: its calls and its threads."""
+
+    keeper: Keeper
+    wakeups: Wakeups
+
+    async def arun(self, call: Call[T]) -> T: ...
 
 
 class Try:
@@ -81,51 +96,106 @@ def lock_flow(wait: float | None, poll: float) -> LockFlow:
             return LockResult.HELD
 
 
-class Attempt:
-    """One acquisition, stepped by a driver: iterate for the lock flow's next step, set
-    ``answer``; on leaving, the wake-up is forgotten and a ``StorageError`` ends it in ERROR
-    (recorded on ``lock.error``)."""
+class RedisKeyLock:
+    """One key's lock; the :class:`~.contract.KeyLock` of the Redis backend. The store's
+    failure (``StorageError``) ends an acquisition in ERROR, recorded on ``error``."""
 
-    def __init__(
-        self, wakeups: Wakeups, hexd: str, flow: LockFlow, wake: Callable[[], None], lock: Any
-    ) -> None:
-        self.wakeups = wakeups
-        self.hexd = hexd
-        self.flow = flow
-        self.wake = wake
-        self.lock = lock
-        self.answer = False
-        self.started = False
-        self.listening = False
-        self.result = LockResult.ERROR
+    __slots__ = ("_backend", "_digest", "_hex", "_token", "error")
 
-    def __iter__(self) -> Attempt:
-        return self
+    def __init__(self, backend: KeyLockHost, digest: bytes) -> None:
+        self._backend = backend
+        self._digest = digest
+        self._hex = digest.hex()
+        self._token: str | None = None
+        self.error: str | None = None
 
-    def __next__(self) -> Try | Listen | float:
+    def _flow(self, wait: float | None) -> LockFlow:
         try:
-            if not self.started:
-                self.started = True
-                return next(self.flow)
-            return self.flow.send(self.answer)
-        except StopIteration as done:
-            self.result = cast(LockResult, done.value)
-            raise StopIteration from None
+            return (yield from lock_flow(wait, POLL_SECONDS))
+        except StorageError as exc:
+            self.error = str(exc)
+            return LockResult.ERROR
 
-    def listen(self) -> None:
-        self.listening = self.wakeups.listen(self.hexd, self.wake)
+    @contextlib.contextmanager
+    def _listening(self, wake: Callable[[], None]) -> Iterator[Callable[[], bool]]:
+        """What performs a LISTEN step; the wake-up is forgotten when the attempt ends."""
+        listened = False
 
-    def __enter__(self) -> Attempt:
-        return self
+        def listen() -> bool:
+            nonlocal listened
+            listened = self._backend.wakeups.listen(self._hex, wake)
+            return listened
 
-    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
-        if self.listening:
-            self.wakeups.forget(self.hexd, self.wake)
-        if isinstance(exc, StorageError):
-            self.lock.error = str(exc)
-            self.result = LockResult.ERROR
-            return True
-        return False
+        try:
+            yield listen
+        finally:
+            if listened:
+                self._backend.wakeups.forget(self._hex, wake)
+
+    def _try_call(self) -> tuple[str, Call[bool]]:
+        token = secrets.token_hex(16)
+        return token, self._backend.codec.lock_try(self._digest, token, self._backend.lease_ms)
+
+    def _took(self, token: str) -> bool:
+        self._token = token
+        self._backend.keeper.hold(self._backend.layout.lock(self._digest), token)
+        return True
+
+    def acquire(self, wait: float | None) -> LockResult:
+        woken = threading.Event()
+        with self._listening(woken.set) as listen:
+
+            def perform(step: Try | Listen | float) -> bool:
+                if isinstance(step, Try):
+                    token, call = self._try_call()
+                    return self._backend.run(call) and self._took(token)
+                if isinstance(step, Listen):
+                    return listen()
+                found = woken.wait(step)
+                woken.clear()
+                return found
+
+            return drive(self._flow(wait), perform)
+
+    async def aacquire(self, wait: float | None) -> LockResult:
+        loop = asyncio.get_running_loop()
+        woken = asyncio.Event()
+
+        def wake() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(woken.set)
+
+        with self._listening(wake) as listen:
+
+            async def perform(step: Try | Listen | float) -> bool:
+                if isinstance(step, Try):
+                    token, call = self._try_call()
+                    return await self._backend.arun(call) and self._took(token)
+                if isinstance(step, Listen):
+                    return listen()
+                try:
+                    await asyncio.wait_for(woken.wait(), step)
+                except TimeoutError:
+                    return False
+                finally:
+                    woken.clear()
+                return True
+
+            return await adrive(self._flow(wait), perform)
+
+    def release(self) -> None:
+        """Give the lock back: at once from a thread, through the keeper from a loop (a
+        network round trip must not block the event loop)."""
+        token, self._token = self._token, None
+        if token is None:
+            return
+        key = self._backend.layout.lock(self._digest)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            self._backend.keeper.release_now(key, token)
+        else:
+            self._backend.keeper.release_later(key, token)
 
 
 class Keeper:
@@ -149,10 +219,7 @@ class Keeper:
 
     def _start(self) -> None:
         if self._thread is None and not self._closing:
-            self._thread = threading.Thread(
-                target=self._run, name="agw-cache-redis-lease", daemon=True
-            )
-            self._thread.start()
+            self._thread = _fork.start_thread("agw-cache-redis-lease", self._run)
 
     def _forget(self, key: str, token: str) -> None:
         with self._mutex:
@@ -246,10 +313,7 @@ class Wakeups:
         with self._mutex:
             self._waiters.setdefault(hexd, []).append(wake)
             if self._thread is None and not self._closing:
-                self._thread = threading.Thread(
-                    target=self._run, name="agw-cache-redis-wakeups", daemon=True
-                )
-                self._thread.start()
+                self._thread = _fork.start_thread("agw-cache-redis-wakeups", self._run)
         return True
 
     def forget(self, hexd: str, wake: Callable[[], None]) -> None:

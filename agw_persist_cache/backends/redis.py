@@ -5,7 +5,8 @@ Each operation of the contract is ONE command, mostly a Lua script, encoded with
 send it through redis-py's public API (``execute_command``; scripts through
 ``register_script``, which sends the source once to a server that does not know it):
 :meth:`RedisBackend.run` on this process's pool and :meth:`RedisBackend.arun` on this event
-loop's pool (``_redis_conn``: gates, whole-command deadlines, one pool per loop).
+loop's pool (``_redis_conn``: gates and one pool per loop; ``_redis_deadlines``:
+whole-command deadlines for threads).
 
 Never breaking the agent: every command is bounded as a whole by ``socket_timeout_seconds``,
 and a circuit breaker turns the store's failures (refused, timeout, ``NOAUTH``,
@@ -27,8 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +39,7 @@ import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MovedError, ResponseError
 
+from .. import _fork
 from .._config import CacheConfig
 from .._log import Warnings, log
 from ._redis_conn import (
@@ -50,14 +50,12 @@ from ._redis_conn import (
     check_options,
     pool_options,
 )
-from ._redis_lock import Attempt, Keeper, Listen, Try, Wakeups, lock_flow
+from ._redis_lock import Keeper, RedisKeyLock, Wakeups
 from ._redis_ops import Call, Codec, Garbage, Layout
-from .contract import KeyLock, LockResult, Op, Read, Snapshot, StorageError
+from .contract import KeyLock, Op, Read, Snapshot, StorageError
 
 T = TypeVar("T")
 
-POLL_SECONDS = 0.25
-"""Waiters re-try the lock this often even without a wake-up (pub/sub is best effort)."""
 _FAILURES: tuple[type[BaseException], ...] = (*STORE_ERRORS, Garbage)
 _SECRET_QUERY = ("password", "username", "user", "pass")
 
@@ -273,7 +271,7 @@ class RedisBackend:
 
     def _reset(self) -> None:
         """Fresh per-process state (at construction and in a forked child)."""
-        self._pid = os.getpid()
+        self._forks = _fork.forks
         self._mutex = threading.Lock()
         self._sync: Wire | None = None
         self._loops = LoopPools(lambda: LoopWire(self._url, self._options))
@@ -281,8 +279,9 @@ class RedisBackend:
         self.wakeups = Wakeups(self)
 
     def _check_fork(self) -> None:
-        # Sockets inherited across fork belong to the parent: dropped, never used or closed.
-        if self._pid != os.getpid():
+        # Sockets inherited across fork belong to the parent: dropped, never used or closed
+        # (the threads that kept or watched them did not come along either).
+        if self._forks != _fork.forks:
             self._reset()
 
     # -- status ------------------------------------------------------------------------------
@@ -423,82 +422,3 @@ def _with_node(url: str, host: str, port: int) -> str:
     netloc = f"{userinfo}@{node}" if userinfo else node
     query = f"?{parts.query}" if parts.query else ""
     return f"{parts.scheme}://{netloc}{parts.path}{query}"
-
-
-# -- the key lock ----------------------------------------------------------------------------------
-
-
-class RedisKeyLock:
-    """One key's lock; the :class:`~.contract.KeyLock` of the Redis backend."""
-
-    __slots__ = ("_backend", "_digest", "_hex", "_token", "error")
-
-    def __init__(self, backend: RedisBackend, digest: bytes) -> None:
-        self._backend = backend
-        self._digest = digest
-        self._hex = digest.hex()
-        self._token: str | None = None
-        self.error: str | None = None
-
-    def _try_call(self) -> tuple[str, Call[bool]]:
-        token = secrets.token_hex(16)
-        return token, self._backend.codec.lock_try(self._digest, token, self._backend.lease_ms)
-
-    def _attempt(self, wait: float | None, wake: Callable[[], None]) -> Attempt:
-        return Attempt(self._backend.wakeups, self._hex, lock_flow(wait, POLL_SECONDS), wake, self)
-
-    def _took(self, token: str) -> bool:
-        self._token = token
-        self._backend.keeper.hold(self._backend.layout.lock(self._digest), token)
-        return True
-
-    def acquire(self, wait: float | None) -> LockResult:
-        woken = threading.Event()
-        with self._attempt(wait, woken.set) as attempt:
-            for step in attempt:
-                if isinstance(step, Try):
-                    token, call = self._try_call()
-                    attempt.answer = self._backend.run(call) and self._took(token)
-                elif isinstance(step, Listen):
-                    attempt.listen()
-                else:
-                    attempt.answer = woken.wait(step)
-                    woken.clear()
-        return attempt.result
-
-    async def aacquire(self, wait: float | None) -> LockResult:
-        loop = asyncio.get_running_loop()
-        woken = asyncio.Event()
-
-        def wake() -> None:
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(woken.set)
-
-        with self._attempt(wait, wake) as attempt:
-            for step in attempt:
-                if isinstance(step, Try):
-                    token, call = self._try_call()
-                    attempt.answer = await self._backend.arun(call) and self._took(token)
-                elif isinstance(step, Listen):
-                    attempt.listen()
-                else:
-                    try:
-                        attempt.answer = await asyncio.wait_for(woken.wait(), step)
-                    except TimeoutError:
-                        attempt.answer = False
-                    woken.clear()
-        return attempt.result
-
-    def release(self) -> None:
-        """Give the lock back: at once from a thread, through the keeper from a loop (a
-        network round trip must not block the event loop)."""
-        token, self._token = self._token, None
-        if token is None:
-            return
-        key = self._backend.layout.lock(self._digest)
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            self._backend.keeper.release_now(key, token)
-        else:
-            self._backend.keeper.release_later(key, token)
