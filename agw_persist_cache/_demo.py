@@ -26,7 +26,7 @@ from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from . import CacheConfig, CacheError, PersistentTokenCache
+from . import CacheConfig, CacheError, PersistentTokenCache, _fork
 from ._cli_common import EXIT_OK, EXIT_PROBLEMS, UsageError, table_lines
 from ._demo_endpoint import DemoTokenEndpoint
 
@@ -153,9 +153,7 @@ def _worker(
 
     results.put(("ready", os.getpid()))
     if go.wait(PHASE_TIMEOUT_SECONDS):
-        pool = [threading.Thread(target=caller) for _ in range(callers)]
-        for thread in pool:
-            thread.start()
+        pool = [_fork.start_thread("agw-cache-demo-caller", caller) for _ in range(callers)]
         for thread in pool:
             thread.join()
     results.put(("done", os.getpid(), latencies, fetches[0], failures))

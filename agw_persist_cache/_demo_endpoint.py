@@ -16,6 +16,8 @@ from typing import Any
 
 import jwt
 
+from . import _fork
+
 TOKEN_TTL_SECONDS = 3600
 
 
@@ -81,7 +83,7 @@ class DemoTokenEndpoint:
         return {"access_token": token, "expires_in": TOKEN_TTL_SECONDS, "token_type": "bearer"}
 
     def __enter__(self) -> DemoTokenEndpoint:
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        _fork.start_thread("agw-cache-demo-endpoint", self._server.serve_forever)
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -59,6 +59,10 @@ THREADS: dict[str, str] = {
     "ends 2 s after the last waiter left",
     "agw-cache-redis-deadlines": "Redis: disconnects a thread's command past its deadline; "
     "ends 5 s after the last command",
+    "agw-cache-demo-caller": "`agw-cache demo` only: one per simulated caller of a demo worker "
+    "process; ends when its calls are made",
+    "agw-cache-demo-endpoint": "`agw-cache demo` only: the stand-in token endpoint; ends when "
+    "the demo is over",
 }
 """Every thread the package can start, by name, with its owner and purpose."""
 

@@ -55,8 +55,6 @@ KEY = b"\x07" * 32
 
 PENDING: dict[str, str] = {
     "backends/sqlite.py": "the aiosqlite stop helper: the SQLite split moves it to _fork",
-    "_demo.py": "the demo's simulated callers: no name in _fork.THREADS yet",
-    "_demo_endpoint.py": "the demo's stand-in token endpoint: no name in _fork.THREADS yet",
 }
 """Modules that still start a thread themselves, each with the change that ends it. The
 test fails once one no longer does, so the entry cannot outlive its reason."""
