@@ -6,6 +6,7 @@ keep working while the core is missing or broken.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,7 +46,7 @@ def populate_cache(
     try:
         _bulk_fill(cache, scopes, tokens, expires_at)
         how = "one transaction of the cache's own set plans"
-    except (AttributeError, TypeError):
+    except (AttributeError, TypeError, ImportError):
         for scope, token in zip(scopes, tokens, strict=True):
             cache.set_system_token(scope, token, expires_at=expires_at)
         how = "set_system_token per row"
@@ -54,7 +55,7 @@ def populate_cache(
 
 def _bulk_fill(cache: Any, scopes: Sequence[str], tokens: Sequence[str], expires_at: float) -> None:
     from agw_persist_cache._crypto import Envelope
-    from agw_persist_cache.backends.sqlite import _INSERT
+    from agw_persist_cache.backends._sqlite_sql import INSERT
 
     ring, now, rows = cache._ring(), time.time(), []
     for scope, token in zip(scopes, tokens, strict=True):
@@ -62,13 +63,14 @@ def _bulk_fill(cache: Any, scopes: Sequence[str], tokens: Sequence[str], expires
         envelope = Envelope(token, expires_at, scope, key.uhash, {})
         kid, nonce, ct = ring.seal("system", key.digest, 0, envelope)  # generation 0: new file
         rows.append((key.digest, "system", kid, nonce, ct, expires_at, 0, now, now))
-    conn = cache._backend._borrow()
+    cache.get_system_token(scopes[0])  # the file exists, migrated, before another connection
+    conn = sqlite3.connect(cache.path, isolation_level=None)  # as another process would write
     try:
         conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(_INSERT.format(verb="OR REPLACE"), rows)
+        conn.executemany(INSERT.format(verb="OR REPLACE"), rows)
         conn.execute("COMMIT")
     finally:
-        cache._backend._give_back(conn)
+        conn.close()
     missing = [s for s in (scopes[0], scopes[-1]) if cache.get_system_token(s) is None]
     if missing:
         raise AttributeError("bulk fill did not land; the core's internals changed")

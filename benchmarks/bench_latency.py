@@ -135,8 +135,7 @@ def _forget(cache: PersistentTokenCache) -> Callable[[object], None]:
 
     def forget(_: object) -> None:
         opened.clear()
-        for conn in backend._idle:
-            conn.seen.clear()
+        backend.forget_reads()
 
     return forget
 

@@ -25,13 +25,9 @@ from agw_persist_cache import (
     FetchBackoffError,
     PersistentTokenCache,
 )
-from agw_persist_cache.backends import sqlite as sqlite_backend
-from agw_persist_cache.backends.sqlite import (
-    IDENTITY_CHECK_SECONDS,
-    POOL_IDLE,
-    QUICK_IDLE,
-    READERS,
-)
+from agw_persist_cache.backends import _sqlite_pool as pool
+from agw_persist_cache.backends._sqlite_pool import POOL_IDLE, QUICK_IDLE, READERS
+from agw_persist_cache.backends.sqlite import IDENTITY_CHECK_SECONDS
 
 SCALE = float(os.environ.get("AGW_TEST_SCALE", "1"))
 """``AGW_TEST_SCALE=5`` runs the counts the issue measures (10,000 threads, 1,000 loops)."""
@@ -103,7 +99,7 @@ def test_short_lived_threads_leave_no_descriptor_or_thread_behind(db_path: Path)
 def test_hits_of_many_threads_share_a_few_connections(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sqlite_backend, "READER_WAIT_SECONDS", 30.0)  # no waiting hit gives up
+    monkeypatch.setattr(pool, "READER_WAIT_SECONDS", 30.0)  # no waiting hit gives up
     cache = PersistentTokenCache(db_path, config=make_config())
     cache.set_system_token("scope", "token")
     start = threading.Barrier(8)
@@ -123,21 +119,43 @@ def test_hits_of_many_threads_share_a_few_connections(
     cache.close()
 
 
-def test_a_hit_opens_one_more_connection_rather_than_wait_long(db_path: Path) -> None:
-    cache = PersistentTokenCache(db_path, config=make_config())
+@pytest.mark.timeout(120)
+def test_a_hit_opens_one_more_connection_rather_than_wait_long(
+    db_path: Path, workers: Workers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every connection hits may open is out already: a hit waits a moment, then opens one.
+    monkeypatch.setattr(pool, "READERS", 0)
+    cache = PersistentTokenCache(db_path, config=make_config(busy_timeout_seconds=60))
     cache.set_system_token("scope", "token")
-    backend = cache._backend
-    assert isinstance(backend, sqlite_backend.SqliteBackend)
-    held = [backend._idle.pop()]  # as writers would hold them, in another process's lock
-    held += [backend._borrow_reader() for _ in range(READERS)]
-    assert not backend._idle
-    answers: list[str | None] = []
-    reader = threading.Thread(target=lambda: answers.append(cache.get_system_token("scope")))
-    reader.start()
-    reader.join(10)
-    assert answers == ["token"]
-    for conn in held:
-        backend._give_back(conn)
+    assert cache.get_system_token("scope") == "token"
+    opened = cache_fds(db_path, only_the_database=True)
+    writer = _writer(workers, db_path, freeze=False)  # another process holds the write lock
+    stored: list[bool] = []
+    sets = [
+        threading.Thread(target=lambda i=i: stored.append(cache.set_system_token(f"s{i}", "t")))
+        for i in range(POOL_IDLE + 2)
+    ]
+    for t in sets:
+        t.start()
+    # Each set holds a connection while it waits: those that found none idle opened one.
+    # Once no more open for a while, every idle connection is out.
+    deadline, seen, steady = time.monotonic() + 30, 0, time.monotonic()
+    while (now := cache_fds(db_path, only_the_database=True)) < opened + 2 or (
+        time.monotonic() - steady < 1.0
+    ):
+        assert time.monotonic() < deadline, "the sets never took every pooled connection"
+        if now != seen:
+            seen, steady = now, time.monotonic()
+        time.sleep(0.01)
+    started = time.monotonic()
+    assert cache.get_system_token("scope") == "token"
+    assert time.monotonic() - started < 20  # not the writers' 60 s
+    assert stored == []  # the sets were still waiting for the lock all along
+    writer.kill()
+    writer.join(10)
+    for t in sets:
+        t.join(60)
+    assert stored == [True] * (POOL_IDLE + 2)
     cache.close()
     assert cache_fds(db_path) == 0
 

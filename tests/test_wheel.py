@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent(
     import json, sys
     import agw_persist_cache as pkg
     from agw_persist_cache import CacheConfig, PersistentTokenCache
-    from agw_persist_cache.backends import sqlite as _store
+    from agw_persist_cache.backends import _sqlite_schema as _schema
     from agw_persist_cache import cli  # with doctor and demo: nothing from tests/ needed
 
     path = sys.argv[1]
@@ -35,7 +35,7 @@ SCRIPT = textwrap.dedent(
     with PersistentTokenCache(path, config=CacheConfig(keys=[b"k" * 32])) as cache:
         print(json.dumps({
             "file": pkg.__file__,
-            "migrations": str(_store.migrations_dir()),
+            "migrations": str(_schema.migrations_dir()),
             "token": cache.get_system_token("scope"),
             "fetched": fetched,
             "schema": cache.stats().schema_version,

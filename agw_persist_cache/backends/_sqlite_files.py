@@ -5,7 +5,8 @@ Every entry point looks before it creates: :func:`examine` decides *absent*, *ou
 header, before any directory, key file or lock directory is made. A FIFO, socket, device,
 directory or link is refused from its ``lstat`` alone (never opened). Only a file that
 carries our ``application_id`` in its header is provably ours, and only such a file is ever
-moved aside when it breaks (:func:`move_aside`).
+moved aside when it breaks (:func:`move_aside`). A process tells whether the path still
+names the file it uses by the file's identity (:func:`identity_of`).
 """
 
 from __future__ import annotations
@@ -74,6 +75,28 @@ def marked(path: Path) -> bool:
         return examine(path) is Found.MARKED
     except OSError:  # NotOurs too: not provably ours, never moved
         return False
+
+
+def identity_of(path: Path) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of the file at ``path`` (None if there is none): changes when
+    another process moved a damaged file aside and started a new one."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def sizes(path: Path) -> tuple[int, int]:
+    """(database bytes, WAL bytes); 0 for a file that is not there."""
+    return _size(path), _size(files.side_files_of(path)[0])
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def read_only_uri(path: Path) -> str:
