@@ -54,13 +54,10 @@ class Rows(list[Row]):
     inserted, updated or deleted (counted by the connection: no ``RETURNING`` needed)."""
 
     __slots__ = ("changes",)
-    changes: int
 
-
-def rows_of(found: Sequence[Row], changes: int = 0) -> Rows:
-    rows = Rows(found)
-    rows.changes = changes
-    return rows
+    def __init__(self, found: Sequence[Row], changes: int) -> None:
+        super().__init__(found)
+        self.changes = changes
 
 
 Plan = Generator[Stmt, Rows, T]
@@ -372,7 +369,7 @@ def perform(conn: sqlite3.Connection, stmt: Stmt) -> Rows:
     """One statement on a ``sqlite3`` connection: its rows and how many it changed."""
     before = conn.total_changes
     found = conn.execute(*stmt).fetchall()
-    return rows_of(found, conn.total_changes - before)
+    return Rows(found, conn.total_changes - before)
 
 
 def run_op(conn: sqlite3.Connection, op: Op[T]) -> T:
@@ -393,7 +390,7 @@ async def aperform(conn: aiosqlite.Connection, stmt: Stmt) -> Rows:
     try:
         before = conn.total_changes  # read from the loop's thread: no hop
         found = await conn.execute_fetchall(*stmt)
-        return rows_of(found, conn.total_changes - before)  # type: ignore[arg-type]  # aiosqlite types rows as Row
+        return Rows(found, conn.total_changes - before)  # type: ignore[arg-type]  # aiosqlite types rows as Row
     except ValueError as exc:
         raise sqlite3.OperationalError(f"aiosqlite: {exc}") from None
 
