@@ -16,7 +16,6 @@ import sqlite3
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable
 from pathlib import Path
 
 import aiosqlite
@@ -99,17 +98,15 @@ class Pool:
 
     ``idle`` is public to the backend's hit path, which pops and appends there without a call
     (``epoch`` and ``waiting`` tell it when to hand a connection to :meth:`give_back`
-    instead). ``ready`` opens (and migrates) the file before a first connection.
+    instead). The caller makes the file ready (created, migrated) before it asks for a
+    connection: a pool only opens what is there.
     """
 
-    def __init__(
-        self, path: Path, config: CacheConfig, ready: Callable[[], None], *, read_only: bool
-    ) -> None:
+    def __init__(self, path: Path, config: CacheConfig, *, read_only: bool) -> None:
         self.path = path
         self.read_only = read_only
         self._config = config
         self._pragmas = pragmas(config)
-        self._ready = ready
         self.epoch = 0  # bumped whenever the connections are dropped (file replaced)
         self.idle: deque[Conn] = deque()
         self._idle_quick: deque[Conn] = deque()
@@ -144,9 +141,7 @@ class Pool:
         try:
             return (self._idle_quick if quick else self.idle).pop()
         except IndexError:
-            pass
-        self._ready()
-        return self.connect(quick=quick)
+            return self.connect(quick=quick)
 
     def borrow_reader(self) -> Conn:
         """A connection for a hit that found none idle: a new one while fewer than
@@ -160,7 +155,6 @@ class Pool:
                 return self.idle.pop()
             self._readers += 1
         try:
-            self._ready()
             conn = self.connect()
         except BaseException:
             self._closed_reader(self.epoch)
@@ -194,7 +188,7 @@ class Pool:
             self._returned.notify()
 
     async def loop_conn(self) -> LoopConn:
-        """This event loop's connection (opened, and the file made ready, off the loop)."""
+        """This event loop's connection (opened off the loop)."""
         loop = asyncio.get_running_loop()
         state = self._loops.get(loop)
         if state is not None:
@@ -203,7 +197,6 @@ class Pool:
             if other.is_closed():  # asyncio.run() per task: release what closed loops held
                 del self._loops[other]
                 await asyncio.to_thread(stop, stale.conn)
-        await asyncio.to_thread(self._ready)
         pending = aiosqlite.connect(
             self.path, isolation_level=None, timeout=self._config.busy_timeout_seconds
         )

@@ -106,7 +106,7 @@ class SqliteBackend:
         self._ready = False
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we use
         self._next_check = self._next_write_check = 0.0
-        self._pool = Pool(self.path, self.config, self._ensure_ready, read_only=self.read_only)
+        self._pool = Pool(self.path, self.config, read_only=self.read_only)
 
     def _check_fork(self) -> None:
         if self._forks != _fork.forks:
@@ -213,6 +213,8 @@ class SqliteBackend:
         best_effort = quick(op)
         gate = _fork.enter()
         try:
+            if not self._ready:
+                self._ensure_ready()
             conn = self._pool.borrow(best_effort)
             try:
                 return self._finish(run_op(conn, op))
@@ -237,6 +239,8 @@ class SqliteBackend:
         self._check_identity(op)
         gate = _fork.enter()
         try:
+            if not self._ready:  # file work: off the loop
+                await asyncio.to_thread(self._ensure_ready)
             state = await self._pool.loop_conn()
             async with state.lock:
                 return self._finish(await arun_op(state.conn, op))
@@ -269,6 +273,8 @@ class SqliteBackend:
             try:
                 conn = pool.idle.pop()
             except IndexError:
+                if not self._ready:
+                    self._ensure_ready()
                 conn = pool.borrow_reader()
             try:
                 return read(conn, digests)
@@ -300,6 +306,8 @@ class SqliteBackend:
     # -- opening the file --------------------------------------------------------------------
 
     def _ensure_ready(self) -> None:
+        """Open the file before a first connection: create and migrate it (a worker) or
+        check it (a read-only look); ``StorageUnavailable`` while disabled."""
         if self._ready:
             return
         reason = self.unavailable
