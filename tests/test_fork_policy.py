@@ -53,13 +53,6 @@ PACKAGE = Path(agw_persist_cache.__file__).parent
 README = PACKAGE.parent / "README.md"
 KEY = b"\x07" * 32
 
-PENDING: dict[str, str] = {
-    "backends/sqlite.py": "the aiosqlite stop helper: the SQLite split moves it to _fork",
-}
-"""Modules that still start a thread themselves, each with the change that ends it. The
-test fails once one no longer does, so the entry cannot outlive its reason."""
-
-
 # -- read from the sources ---------------------------------------------------------------
 
 
@@ -94,9 +87,7 @@ def test_no_module_but_fork_starts_threads_or_registers_fork_hooks() -> None:
         calls = _own_policy_calls(path)
         if name != "_fork.py" and calls:
             offenders[name] = calls
-    assert set(offenders) - set(PENDING) == set(), offenders
-    still = set(PENDING) & set(offenders)
-    assert still == set(PENDING), f"done, drop from PENDING: {set(PENDING) - still}"
+    assert offenders == {}
     assert _own_policy_calls(PACKAGE / "_fork.py")  # the check sees a call where there is one
 
 
