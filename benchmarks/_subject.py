@@ -54,15 +54,14 @@ def populate_cache(
 
 
 def _bulk_fill(cache: Any, scopes: Sequence[str], tokens: Sequence[str], expires_at: float) -> None:
-    from agw_persist_cache._crypto import Envelope
+    from agw_persist_cache._expiry import CachedToken
     from agw_persist_cache.backends._sqlite_sql import INSERT
 
-    ring, now, rows = cache._ring(), time.time(), []
+    shelf, rows = cache._shelf, []
     for scope, token in zip(scopes, tokens, strict=True):
-        key = cache._key("system", scope, None)
-        envelope = Envelope(token, expires_at, scope, key.uhash, {})
-        kid, nonce, ct = ring.seal("system", key.digest, 0, envelope)  # generation 0: new file
-        rows.append((key.digest, "system", kid, nonce, ct, expires_at, 0, now, now))
+        key = shelf.key("system", scope, None)
+        write = shelf.seal(key, CachedToken(token, expires_at, {}), 0, None)  # 0: a new file
+        rows.append(tuple(write.row))
     cache.get_system_token(scopes[0])  # the file exists, migrated, before another connection
     conn = sqlite3.connect(cache.path, isolation_level=None)  # as another process would write
     try:
