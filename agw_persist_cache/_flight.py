@@ -130,14 +130,16 @@ class Flights:
 
     async def arun(self, flow: Callable[..., OpFlow[T]], *args: Any) -> T:
         """Async twin of :meth:`run`."""
-        if self.shelf.needs_key_file:  # read or create it off the event loop's thread
-            await asyncio.to_thread(self.shelf.ring)
+        await self._aring()
         return await self.runner.adrive(flow(self.shelf, *args))
 
     async def _akey(self, kind: str, scope_key: str, user_jwt: str | None) -> Key:
+        await self._aring()
+        return self.shelf.key(kind, scope_key, user_jwt)
+
+    async def _aring(self) -> None:
         if self.shelf.needs_key_file:  # read or create it off the event loop's thread
             await asyncio.to_thread(self.shelf.ring)
-        return self.shelf.key(kind, scope_key, user_jwt)
 
     def _look(self, key: Key, read: Callable[[Read], Snapshot | None]) -> Lookup | None:
         """The one read before any lock, judged and counted; None when ``read`` could not
@@ -171,7 +173,7 @@ class Flights:
         try:
             if seen.followup is not None:
                 yield seen.followup
-            if seen.entry is None and not shelf.keys_compared and not key.local:
+            if seen.entry is None and not shelf.keys_compared and shelf.uses_store(key):
                 yield from _survey.compare_keys(shelf)
         except StorageError as exc:
             shelf.storage_failed(exc)
