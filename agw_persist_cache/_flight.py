@@ -186,6 +186,7 @@ class Flights:
             return lookup.entry, lookup.due and self.shelf.may_refresh(key)
         entry = yield from self._fill(key, refresh=False)
         assert entry is not None  # only a refresh ends without a token
+        yield Land(entry)  # (if the fill returned early, e.g. the store had it under the lock)
         return entry, False
 
     def _fill(self, key: Key, *, refresh: bool) -> Flow[Any, CachedToken | None]:

@@ -123,8 +123,8 @@ class Runner:
 
 class _Run:
     """One flow's run: performs its steps; on leaving, gives back the locks it still holds
-    and ends the key's flight in this process if it leads one (its waiters get the result
-    when it is a token, else look again)."""
+    and ends the key's flight in this process if it still leads one (its waiters then look
+    again: a flow that has a token for them lands it with a Land step)."""
 
     __slots__ = ("fetch", "held", "leading", "result", "runner")
 
@@ -189,9 +189,6 @@ class _Run:
     def __enter__(self) -> _Run:
         return self
 
-    def __exit__(self, exc_type: object, *exc_info: object) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self._unlock()
-        result = self.result if exc_type is None else None
-        if isinstance(result, tuple):  # a get-or-fetch: (token, refresh)
-            result = result[0]
-        self._land(result if isinstance(result, CachedToken) else None)
+        self._land(None)  # a flight not landed by its flow: its waiters look again
